@@ -5,7 +5,9 @@ import pathlib
 
 import pytest
 
-_CACHE = pathlib.Path(os.environ.get("EXTKD_TEST_JAX_CACHE", pathlib.Path(__file__).resolve().parents[1] / ".jax_cache"))
+_CACHE = pathlib.Path(
+    os.environ.get("EXTKD_TEST_JAX_CACHE", pathlib.Path(__file__).resolve().parents[1] / ".jax_cache")
+)
 # Subprocesses started by tests (CLI runs, 8-device runs) inherit these and share the cache.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(_CACHE))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")

@@ -1,0 +1,85 @@
+"""The whole recipe in one place: every key a run reads, with its default.
+
+Presets import this and change what differs. Run any of them with
+        extkd train --config=configs/<preset>.py --workdir=/tmp/run --config.key=value
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    c.data = ml_collections.ConfigDict()
+    c.data.source = "npz"  # "npz" (offline folder), "tfds", or "sklearn" (bundled 8x8 digits)
+    c.data.name = "mnist"  # cifar10 | cifar100 | mnist | fashion_mnist | digits
+    c.data.dir = ""  # npz folder, or tfds data_dir ("" = tfds default)
+    c.data.val_size = 5000  # carved from train, deterministic for data.seed
+    c.data.seed = 0
+    c.data.drop_classes = ()  # labels removed from the student's transfer set
+    c.data.keep_fraction = 0.0  # fraction of each dropped class kept (0 = drop all)
+    c.data.augment = "auto"  # auto | cifar | mnist | none
+
+    c.model = ml_collections.ConfigDict()
+    c.model.name = "mlp"  # student (or the model trained by `extkd train`)
+    c.model.kwargs = ml_collections.ConfigDict()
+
+    c.teacher = ml_collections.ConfigDict()
+    c.teacher.name = ""
+    c.teacher.kwargs = ml_collections.ConfigDict()
+    c.teacher.workdir = ""  # workdir of the `extkd train` run that produced the teacher
+    c.teacher.fold_batchnorm = True
+    c.teacher.num_epochs = 0  # `reproduce`: epochs of the teacher run (0 = num_epochs)
+    c.teacher.learning_rate = 0.0  # `reproduce`: teacher learning rate (0 = optim.learning_rate)
+
+    c.loss = ml_collections.ConfigDict()
+    c.loss.name = "ce"  # ce | kd | fitnet | extended_kd | at | dkd
+    c.loss.temperature = 4.0
+    c.loss.ce_weight = 1.0
+    c.loss.kd_weight = 1.0
+    c.loss.segment_weight = 1.0  # fitnet / extended_kd MSE weight (at: the AT beta)
+    c.loss.segments = ()  # student segment indices used (empty: all; fitnet: the middle one)
+    c.loss.teacher_segments = ()  # matching teacher indices (empty: same as loss.segments)
+    c.loss.label_smoothing = 0.0
+    c.loss.at_p = 2.0
+    c.loss.dkd_alpha = 1.0
+    c.loss.dkd_beta = 8.0
+    c.loss.dkd_warmup_epochs = 0
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.learning_rate = 0.1
+    c.optim.momentum = 0.9
+    c.optim.nesterov = False
+    c.optim.weight_decay = 5e-4
+    c.optim.schedule = "cosine"  # cosine | step | constant
+    c.optim.warmup_epochs = 0
+    c.optim.decay_epochs = ()  # step schedule boundaries (epochs)
+    c.optim.decay_factor = 0.1
+
+    c.batch_size = 128
+    c.eval_batch_size = 1000
+    c.num_epochs = 10
+    c.compute_dtype = "float32"  # float32 | bfloat16 (parameters stay float32)
+    c.steps_per_dispatch = 0  # steps per compiled program; 0 = one program per epoch
+    c.checkpoint_every_epochs = 1
+    c.keep_checkpoints = 2
+    c.on_nonfinite = "stop"  # stop | skip (skip the update of a step whose loss is NaN/Inf)
+    c.progress = True  # tqdm progress bar
+
+    # `extkd reproduce`: the dark-knowledge experiment
+    c.seeds = 1  # every student is trained this many times (seeds seed, seed+1, ...)
+    c.reproduce = ml_collections.ConfigDict()
+    c.reproduce.methods = ("scratch_full", "scratch_transfer", "kd", "fitnet", "extended_kd")
+    c.reproduce.dkd = False  # add the `dkd` method
+    c.reproduce.segment_weight_grid = (0.1, 1.0)  # fitnet / extended_kd weights tried on the validation split
+    c.reproduce.bias_correction = "teacher_frequency"  # or "validation" (needs data.val_size > 0)
+
+    c.scale = ""  # a preset's named size (e.g. cifar10_drop: "cpu"); "" = the preset as written
+
+    c.distributed = ml_collections.ConfigDict()
+    c.distributed.enabled = False  # call jax.distributed.initialize (auto-detects on TPU VMs)
+    c.distributed.coordinator_address = ""
+    c.distributed.num_processes = 0
+    c.distributed.process_id = -1
+    return c

@@ -1,0 +1,45 @@
+"""Model registry: ``create_model(name, num_classes, *, rngs, dtype, **kwargs)`` and ``MODEL_NAMES``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax.numpy as jnp
+from flax import nnx
+
+from extkd_jax.models.common import SegmentModel
+from extkd_jax.models.mlp import make_mlp_factories
+from extkd_jax.models.resnet import make_resnet_factories
+from extkd_jax.models.vgg import make_vgg_factories
+from extkd_jax.models.wrn import make_wrn_factories
+
+_FACTORIES: dict[str, Callable[..., SegmentModel]] = {
+    **make_resnet_factories(),
+    **make_wrn_factories(),
+    **make_vgg_factories(),
+    **make_mlp_factories(),
+}
+
+MODEL_NAMES: tuple[str, ...] = tuple(_FACTORIES)
+
+
+def create_model(
+    name: str,
+    num_classes: int,
+    *,
+    rngs: nnx.Rngs,
+    dtype: Any = jnp.float32,
+    **kwargs: Any,
+) -> SegmentModel:
+    """Build model ``name`` with float32 parameters and compute dtype ``dtype``.
+
+    Images are NHWC (N, H, W, C); the MLP flattens its input. Extra ``kwargs`` go to the model
+    (e.g. ``hidden_sizes``/``dropout``/``input_dropout``/``input_size`` for ``mlp``, ``dropout`` for WRNs,
+    ``in_channels`` for the CNNs).
+    """
+    try:
+        factory = _FACTORIES[name]
+    except KeyError:
+        raise ValueError(f"unknown model {name!r}; known models: {', '.join(MODEL_NAMES)}") from None
+    return factory(num_classes, rngs=rngs, dtype=dtype, **kwargs)

@@ -1,0 +1,96 @@
+"""Checks a config before anything runs: every bad value is named with what was expected."""
+
+from __future__ import annotations
+
+import numbers
+
+from extkd_jax.train.objectives import LOSS_NAMES, TEACHER_LOSSES
+
+COMPUTE_DTYPES = ("float32", "bfloat16")
+SCHEDULES = ("cosine", "step", "constant")
+AUGMENT_KINDS = ("auto", "cifar", "mnist", "none")
+DATA_SOURCES = ("npz", "tfds", "sklearn")
+
+
+class ConfigError(ValueError):
+    """A config value is out of its allowed range."""
+
+
+def _number(value, name: str, *, minimum=None, strict=False, maximum=None, integer=False):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ConfigError(f"{name}={value!r}: expected a {'whole ' if integer else ''}number")
+    if integer and int(value) != value:
+        raise ConfigError(f"{name}={value!r}: expected a whole number")
+    if minimum is not None and (value <= minimum if strict else value < minimum):
+        raise ConfigError(f"{name}={value!r}: expected a value {'>' if strict else '>='} {minimum}")
+    if maximum is not None and value >= maximum:
+        raise ConfigError(f"{name}={value!r}: expected a value < {maximum}")
+
+
+def _choice(value, name: str, choices) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name}={value!r}: expected one of {tuple(choices)}")
+
+
+def check_config(config, mode: str) -> None:
+    """Raises ConfigError for the first bad value; `mode` is 'train', 'distill' or 'evaluate'."""
+    from extkd_jax.models import MODEL_NAMES
+
+    _choice(mode, "mode", ("train", "distill", "evaluate"))
+    data = config.data
+    _choice(data.source, "data.source", DATA_SOURCES)
+    _choice(data.augment, "data.augment", AUGMENT_KINDS)
+    _number(data.val_size, "data.val_size", minimum=0, integer=True)
+    _number(data.keep_fraction, "data.keep_fraction", minimum=0, maximum=1)
+    for c in data.drop_classes:
+        _number(c, "data.drop_classes entry", minimum=0, integer=True)
+
+    _choice(config.model.name, "model.name", MODEL_NAMES)
+    loss = config.loss
+    _choice(loss.name, "loss.name", LOSS_NAMES)
+    _number(loss.temperature, "loss.temperature", minimum=0, strict=True)
+    for key in ("ce_weight", "kd_weight", "dkd_alpha", "dkd_beta", "dkd_warmup_epochs"):
+        _number(loss[key], f"loss.{key}", minimum=0)
+    weights = loss.segment_weight
+    for w in weights if isinstance(weights, (tuple, list)) else (weights,):
+        _number(w, "loss.segment_weight", minimum=0)
+    _number(loss.label_smoothing, "loss.label_smoothing", minimum=0, maximum=1)
+    _number(loss.at_p, "loss.at_p", minimum=0, strict=True)
+    for key in ("segments", "teacher_segments"):
+        for i in loss[key]:
+            _number(i, f"loss.{key} entry", integer=True)
+
+    optim = config.optim
+    _number(optim.learning_rate, "optim.learning_rate", minimum=0, strict=True)
+    _number(optim.momentum, "optim.momentum", minimum=0, maximum=1)
+    _number(optim.weight_decay, "optim.weight_decay", minimum=0)
+    _number(optim.warmup_epochs, "optim.warmup_epochs", minimum=0)
+    _number(optim.decay_factor, "optim.decay_factor", minimum=0, strict=True)
+    _choice(optim.schedule, "optim.schedule", SCHEDULES)
+    for e in optim.decay_epochs:
+        _number(e, "optim.decay_epochs entry", minimum=0, strict=True)
+
+    _number(config.batch_size, "batch_size", minimum=0, strict=True, integer=True)
+    _number(config.eval_batch_size, "eval_batch_size", minimum=0, strict=True, integer=True)
+    _number(config.num_epochs, "num_epochs", minimum=0, strict=True, integer=True)
+    _number(config.steps_per_dispatch, "steps_per_dispatch", minimum=0, integer=True)
+    _number(config.checkpoint_every_epochs, "checkpoint_every_epochs", minimum=1, integer=True)
+    _number(config.keep_checkpoints, "keep_checkpoints", minimum=1, integer=True)
+    _choice(config.compute_dtype, "compute_dtype", COMPUTE_DTYPES)
+    _choice(config.on_nonfinite, "on_nonfinite", ("stop", "skip"))
+
+    if mode == "distill":
+        if loss.name not in TEACHER_LOSSES:
+            raise ConfigError(
+                f"loss.name={loss.name!r} uses no teacher; `distill` expects one of {TEACHER_LOSSES} "
+                "(use `extkd train` for a student trained alone)"
+            )
+        if not config.teacher.workdir:
+            raise ConfigError("teacher.workdir is empty: `distill` needs the workdir of a trained teacher")
+        if config.teacher.name:
+            _choice(config.teacher.name, "teacher.name", MODEL_NAMES)
+    elif mode == "train" and loss.name != "ce":
+        raise ConfigError(
+            f"loss.name={loss.name!r} needs a teacher: use `extkd distill`, or loss.name='ce' "
+            "for `extkd train`"
+        )

@@ -1,0 +1,93 @@
+"""A workdir's identity: the resolved config it was started with, and loading what it trained."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from typing import Any
+
+import ml_collections
+
+# Keys that may change between a run and its resumption without changing what is computed.
+RESUMABLE_KEYS = (
+    "progress",
+    "checkpoint_every_epochs",
+    "keep_checkpoints",
+    "steps_per_dispatch",
+    "eval_batch_size",
+    "distributed",
+    "on_nonfinite",
+    "num_epochs",
+)
+
+
+def config_to_dict(config: ml_collections.ConfigDict) -> dict:
+    return json.loads(config.to_json_best_effort())
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def check_or_write_config(
+    workdir: pathlib.Path,
+    config: ml_collections.ConfigDict,
+    *,
+    kind: str,
+    write: bool,
+    info: dict | None = None,
+) -> None:
+    """Writes `config.json` in a new workdir; in an existing one, refuses a config of another experiment.
+
+    `info` (number of classes, input shape, ...) is stored beside the config for loading the model later.
+    """
+    path = workdir / "config.json"
+    record = {"kind": kind, "config": config_to_dict(config), **(info or {})}
+    if path.exists():
+        stored = json.loads(path.read_text())
+        if stored.get("kind") != kind:
+            raise ValueError(
+                f"workdir {workdir} holds a `{stored.get('kind')}` run; this is a `{kind}` run. "
+                "Use another --workdir."
+            )
+        old, new = _flatten(stored["config"]), _flatten(record["config"])
+        differing = sorted(
+            k
+            for k in set(old) | set(new)
+            if old.get(k) != new.get(k) and k.split(".")[0] not in RESUMABLE_KEYS
+        )
+        if differing:
+            shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in differing[:6])
+            raise ValueError(
+                f"workdir {workdir} holds a different experiment ({shown}); "
+                "use another --workdir or the same config"
+            )
+    if write:
+        workdir.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(record, indent=2))
+        tmp.replace(path)
+
+
+def read_config(workdir: str | pathlib.Path) -> tuple[dict, ml_collections.ConfigDict]:
+    """(record, config) stored in a workdir; FileNotFoundError when it holds no run."""
+    path = pathlib.Path(workdir) / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: {workdir} is not the workdir of an `extkd` run")
+    stored = json.loads(path.read_text())
+    return stored, ml_collections.ConfigDict(_tuples(stored["config"]))
+
+
+def _tuples(value):
+    """JSON turns tuples into lists; configs use tuples."""
+    if isinstance(value, dict):
+        return {k: _tuples(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return tuple(_tuples(v) for v in value)
+    return value

@@ -1,0 +1,312 @@
+"""Tests for extkd_jax.data: sources, splits, class dropping, augmentation and normalisation (CPU, tiny data)."""
+
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from extkd_jax.data import (
+    AUGMENTATIONS,
+    ArrayDataset,
+    augment_batch,
+    channel_stats,
+    default_augmentation,
+    drop_classes,
+    load_split,
+    normalize,
+    prepare_datasets,
+    split_validation,
+)
+
+SHARED_MNIST = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
+
+
+def _make_ds(n=60, num_classes=5, hw=(4, 4), c=1, seed=0, name="toy"):
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, size=(n,) + hw + (c,), dtype=np.uint8)
+    labels = (np.arange(n) % num_classes).astype(np.int32)
+    return ArrayDataset(images, labels, num_classes, name)
+
+
+def _write_npz_folder(root, name="toy", parts=(7, 5), n_test=4, hw=(6, 6), channels=None, num_classes=10):
+    """Writes root/name/train_<k>.npz (one per entry of `parts`) and test.npz; returns the arrays."""
+    folder = root / name
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    shape = hw if channels is None else hw + (channels,)
+    xs, ys = [], []
+    for k, n in enumerate(parts):
+        x = rng.integers(0, 256, size=(n,) + shape, dtype=np.uint8)
+        y = rng.integers(0, num_classes, size=n).astype(np.uint8)
+        np.savez(folder / f"train_{k}.npz", x_train=x, y_train=y)
+        xs.append(x)
+        ys.append(y)
+    xt = rng.integers(0, 256, size=(n_test,) + shape, dtype=np.uint8)
+    yt = rng.integers(0, num_classes, size=n_test).astype(np.uint8)
+    np.savez(folder / "test.npz", x_test=xt, y_test=yt)
+    return np.concatenate(xs), np.concatenate(ys), xt, yt
+
+
+# ------------------------------------------------------------------------------------------------ ArrayDataset
+
+
+def test_array_dataset_validates():
+    ds = _make_ds(n=6)
+    assert len(ds) == 6 and ds.image_shape == (4, 4, 1)
+    with pytest.raises(ValueError, match="float32, expected uint8"):
+        ArrayDataset(ds.images.astype(np.float32), ds.labels, 5, "x")
+    with pytest.raises(ValueError, match="int64, expected int32"):
+        ArrayDataset(ds.images, ds.labels.astype(np.int64), 5, "x")
+    with pytest.raises(ValueError, match="4 axes"):
+        ArrayDataset(ds.images[..., 0], ds.labels, 5, "x")
+    with pytest.raises(ValueError, match=r"label 4 out of range \[0, num_classes=3\)"):
+        ArrayDataset(ds.images, ds.labels, 3, "x")
+    with pytest.raises(ValueError, match="6 images but 5 labels"):
+        ArrayDataset(ds.images, ds.labels[:5], 5, "x")
+
+
+# ------------------------------------------------------------------------------------------------------ npz
+
+
+def test_npz_loads_and_concatenates_parts_in_numeric_order(tmp_path):
+    x, y, xt, yt = _write_npz_folder(tmp_path, name="mnist", parts=(7, 5))
+    train = load_split("npz", "mnist", "train", tmp_path)
+    assert train.images.shape == (12, 6, 6, 1) and train.images.dtype == np.uint8
+    assert train.labels.dtype == np.int32 and train.num_classes == 10 and train.name == "mnist"
+    np.testing.assert_array_equal(train.images[..., 0], x)
+    np.testing.assert_array_equal(train.labels, y)
+    test = load_split("npz", "mnist", "test", str(tmp_path / "mnist"))  # the folder itself also works
+    np.testing.assert_array_equal(test.images[..., 0], xt)
+    np.testing.assert_array_equal(test.labels, yt)
+
+
+def test_npz_numeric_part_order_and_unknown_name_classes(tmp_path):
+    # 11 parts: train_10 must come after train_9 (not after train_1).
+    parts = (1,) * 11
+    x, y, _, _ = _write_npz_folder(tmp_path, name="rgb", parts=parts, hw=(3, 3), channels=3, num_classes=4)
+    train = load_split("npz", "rgb", "train", tmp_path)
+    np.testing.assert_array_equal(train.images, x)
+    assert train.image_shape == (3, 3, 3)
+    # Unknown name: num_classes is max label + 1 over every file of the folder, the same for both splits.
+    test = load_split("npz", "rgb", "test", tmp_path)
+    assert train.num_classes == test.num_classes
+
+
+def test_npz_missing_folder_and_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"nowhere.*train_0\.npz"):
+        load_split("npz", "nowhere", "train", tmp_path)
+    folder = tmp_path / "toy"
+    folder.mkdir()
+    np.savez(folder / "test.npz", x_test=np.zeros((2, 3, 3), np.uint8), y_test=np.zeros(2, np.uint8))
+    with pytest.raises(FileNotFoundError, match="train_0.npz"):
+        load_split("npz", "toy", "train", tmp_path)
+    (folder / "test.npz").unlink()
+    np.savez(folder / "train_0.npz", x_train=np.zeros((2, 3, 3), np.uint8), y_train=np.zeros(2, np.uint8))
+    with pytest.raises(FileNotFoundError, match="test.npz"):
+        load_split("npz", "toy", "test", tmp_path)
+
+
+def test_unknown_source_name_and_split():
+    with pytest.raises(ValueError, match="known sources"):
+        load_split("csv", "mnist", "train")
+    with pytest.raises(ValueError, match="known tfds names"):
+        load_split("tfds", "imagenet", "train")
+    with pytest.raises(ValueError, match="known sklearn names"):
+        load_split("sklearn", "iris", "train")
+    with pytest.raises(ValueError, match="known splits"):
+        load_split("sklearn", "digits", "validation")
+
+
+@pytest.mark.skipif(not SHARED_MNIST.is_dir(), reason="shared MNIST folder absent")
+def test_real_mnist_npz_shapes():
+    test = load_split("npz", "mnist", "test", SHARED_MNIST.parent)
+    assert test.images.shape == (10000, 28, 28, 1) and test.num_classes == 10
+    assert test.labels[:10].tolist() == [7, 2, 1, 0, 4, 1, 4, 9, 5, 9]
+
+
+# ----------------------------------------------------------------------------------------------------- tfds
+
+
+@pytest.mark.parametrize("name,shape,num_classes", [("mnist", (28, 28, 1), 10), ("cifar100", (32, 32, 3), 100)])
+def test_tfds_under_mock(name, shape, num_classes):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    # USE_CODE (what AUTO falls back to) works with data_source; USE_FILES needs metadata files that TFDS lacks.
+    with tfds.testing.mock_data(num_examples=6, policy=tfds.testing.MockPolicy.USE_CODE):
+        ds = load_split("tfds", name, "test")
+    assert ds.images.shape == (6,) + shape and ds.images.dtype == np.uint8
+    assert ds.labels.shape == (6,) and ds.labels.dtype == np.int32
+    assert ds.num_classes == num_classes and ds.name == name
+
+
+def test_tfds_not_prepared_is_file_not_found(tmp_path):
+    pytest.importorskip("tensorflow_datasets")
+    with pytest.raises(FileNotFoundError, match="not prepared in ArrayRecord"):
+        load_split("tfds", "mnist", "test", tmp_path)
+
+
+# -------------------------------------------------------------------------------------------------- sklearn
+
+
+def test_sklearn_digits():
+    train = load_split("sklearn", "digits", "train")
+    test = load_split("sklearn", "digits", "test")
+    assert train.images.shape == (1200, 8, 8, 1) and test.images.shape == (597, 8, 8, 1)
+    assert train.images.dtype == np.uint8 and int(train.images.max()) == 255 and train.num_classes == 10
+    assert set(np.unique(test.labels)) == set(range(10))
+    again = load_split("sklearn", "digits", "train")
+    np.testing.assert_array_equal(train.images, again.images)
+    np.testing.assert_array_equal(train.labels, again.labels)
+
+
+# --------------------------------------------------------------------------------------------------- splits
+
+
+def test_split_validation_deterministic_disjoint_sizes():
+    ds = _make_ds(n=50)
+    ids = np.arange(50)
+    train, val = split_validation(ds, 12, seed=3)
+    assert len(train) == 38 and len(val) == 12 and val.image_shape == ds.image_shape
+    # Identify examples by their (random, distinct) pixels.
+    key = {ds.images[i].tobytes(): i for i in ids}
+    t_ids = {key[im.tobytes()] for im in train.images}
+    v_ids = {key[im.tobytes()] for im in val.images}
+    assert not t_ids & v_ids and t_ids | v_ids == set(ids)
+    train2, val2 = split_validation(ds, 12, seed=3)
+    np.testing.assert_array_equal(val.images, val2.images)
+    np.testing.assert_array_equal(train.labels, train2.labels)
+    _, val3 = split_validation(ds, 12, seed=4)
+    assert not np.array_equal(val.images, val3.images)
+    train0, val0 = split_validation(ds, 0, seed=0)
+    assert len(val0) == 0 and val0.images.shape == (0, 4, 4, 1) and len(train0) == 50
+    with pytest.raises(ValueError, match="val_size 50"):
+        split_validation(ds, 50, seed=0)
+
+
+def test_drop_classes():
+    ds = _make_ds(n=100, num_classes=5)  # 20 per class
+    out = drop_classes(ds, (1, 3))
+    assert not np.isin(out.labels, [1, 3]).any() and len(out) == 60 and out.num_classes == 5
+    part = drop_classes(ds, (1, 3), keep_fraction=0.25, seed=7)
+    counts = part.class_counts()
+    assert counts.tolist() == [20, 5, 20, 5, 20]
+    again = drop_classes(ds, (1, 3), keep_fraction=0.25, seed=7)
+    np.testing.assert_array_equal(part.images, again.images)
+    assert drop_classes(ds, ()) is ds
+
+
+@pytest.mark.parametrize(
+    "classes,keep,match",
+    [((5,), 0.0, "class 5"), ((-1,), 0.0, "class -1"), ((2, 2), 0.0, "duplicates"), ((1,), 1.0, "keep_fraction 1.0"),
+     ((1,), -0.1, "keep_fraction -0.1"), ((0, 1, 2, 3, 4), 0.0, "every one")],
+)
+def test_drop_classes_errors(classes, keep, match):
+    with pytest.raises(ValueError, match=match):
+        drop_classes(_make_ds(n=20), classes, keep_fraction=keep)
+
+
+def test_prepare_datasets(tmp_path):
+    _write_npz_folder(tmp_path, name="mnist", parts=(40, 40), n_test=30, hw=(5, 5))
+    cfg = ml_collections.ConfigDict(
+        dict(source="npz", name="mnist", dir=str(tmp_path), val_size=10, drop_classes=(2, 7), keep_fraction=0.0, seed=0)
+    )
+    d = prepare_datasets(cfg)
+    assert len(d.train) == 70 and len(d.val) == 10 and len(d.test) == 30
+    assert d.drop_classes == (2, 7) and d.num_classes == 10
+    assert not np.isin(d.transfer.labels, [2, 7]).any()
+    assert len(d.transfer) == int((~np.isin(d.train.labels, [2, 7])).sum())
+    assert np.isin(d.train.labels, [2, 7]).any() and np.isin(d.test.labels, [2, 7]).any()
+    assert d.val.num_classes == d.test.num_classes == 10
+    # Empty transfer set is an error.
+    cfg2 = ml_collections.ConfigDict(dict(source="npz", name="one", dir=str(tmp_path), val_size=0,
+                                          drop_classes=(0,), keep_fraction=0.0, seed=0))
+    folder = tmp_path / "one"
+    folder.mkdir()
+    np.savez(folder / "train_0.npz", x_train=np.zeros((3, 2, 2), np.uint8), y_train=np.zeros(3, np.uint8))
+    np.savez(folder / "test.npz", x_test=np.zeros((2, 2, 2), np.uint8), y_test=np.array([0, 1], np.uint8))
+    with pytest.raises(ValueError, match="transfer set is empty"):
+        prepare_datasets(cfg2)
+
+
+# -------------------------------------------------------------------------------------------------- augment
+
+
+def _find_transform(orig, out, pad, allow_flip):
+    """All (dy, dx, flip) such that out == flip?(shift of zero-padded orig by crop offset (dy, dx))."""
+    h, w, _ = orig.shape
+    padded = np.pad(orig, ((pad, pad), (pad, pad), (0, 0)))
+    found = []
+    for dy in range(2 * pad + 1):
+        for dx in range(2 * pad + 1):
+            crop = padded[dy:dy + h, dx:dx + w]
+            for flip in (False, True) if allow_flip else (False,):
+                if np.array_equal(crop[:, ::-1] if flip else crop, out):
+                    found.append((dy - pad, dx - pad, flip))
+    return found
+
+
+@pytest.fixture(scope="module")
+def batch():
+    rng = np.random.default_rng(0)
+    return rng.integers(1, 256, size=(16, 8, 8, 3), dtype=np.uint8)  # no zero pixels: padding is recognisable
+
+
+def test_augment_cifar_is_shifted_flipped_copy(batch):
+    fn = jax.jit(augment_batch, static_argnames="kind")
+    offsets, flips = set(), set()
+    for seed in (0, 1):
+        out = np.asarray(fn(jax.random.key(seed), batch, kind="cifar"))
+        assert out.dtype == np.uint8 and out.shape == batch.shape
+        for i in range(len(batch)):
+            found = _find_transform(batch[i], out[i], pad=4, allow_flip=True)
+            assert len(found) == 1, (seed, i, found)
+            offsets.add(found[0][:2])
+            flips.add(found[0][2])
+    assert flips == {False, True} and len(offsets) > 5
+
+
+def test_augment_mnist_jitter_within_two_pixels(batch):
+    gray = batch[..., :1]
+    out = np.asarray(augment_batch(jax.random.key(3), gray, "mnist"))
+    assert out.dtype == np.uint8 and out.shape == gray.shape
+    shifts = set()
+    for i in range(len(gray)):
+        found = _find_transform(gray[i], out[i], pad=2, allow_flip=False)
+        assert len(found) == 1 and max(abs(found[0][0]), abs(found[0][1])) <= 2
+        shifts.add(found[0][:2])
+    assert len(shifts) > 3
+
+
+def test_augment_reproducible_and_position_based(batch):
+    key = jax.random.key(5)
+    a = np.asarray(augment_batch(key, batch, "cifar"))
+    np.testing.assert_array_equal(a, np.asarray(augment_batch(key, batch, "cifar")))
+    # Example i's result depends only on the key and its position, not on the other examples.
+    other = batch.copy()
+    other[1:] = batch[::-1][:-1]
+    b = np.asarray(augment_batch(key, other, "cifar"))
+    np.testing.assert_array_equal(a[0], b[0])
+    assert not np.array_equal(a, np.asarray(augment_batch(jax.random.key(6), batch, "cifar")))
+    np.testing.assert_array_equal(np.asarray(augment_batch(key, batch, "none")), batch)
+    with pytest.raises(ValueError, match="known kinds"):
+        augment_batch(key, batch, "rotate")
+    assert set(AUGMENTATIONS) == {"cifar", "mnist", "none"}
+    assert [default_augmentation(n) for n in ("cifar10", "cifar100", "mnist", "fashion_mnist", "digits")] == [
+        "cifar", "cifar", "mnist", "mnist", "none"]
+
+
+def test_channel_stats_and_normalize():
+    ds = _make_ds(n=10, c=3)
+    mean, std = channel_stats(ds, chunk=3)
+    x = ds.images.astype(np.float64)
+    np.testing.assert_allclose(mean, x.mean(axis=(0, 1, 2)), rtol=1e-5)
+    np.testing.assert_allclose(std, x.std(axis=(0, 1, 2)), rtol=1e-5)
+    assert mean.dtype == np.float32 and mean.shape == (3,)
+    y = jax.jit(normalize)(ds.images, mean, std)
+    assert y.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(y), (x - mean) / std, rtol=1e-5, atol=1e-5)
+    flat = np.asarray(y).reshape(-1, 3)
+    np.testing.assert_allclose(flat.mean(0), 0.0, atol=1e-4)
+    np.testing.assert_allclose(flat.std(0), 1.0, atol=1e-4)
