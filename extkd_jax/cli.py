@@ -54,6 +54,34 @@ def resolve_config_path(value: str) -> str:
     raise UsageError(f"--config={value}: no such config file; expected a path or one of the presets: {known}")
 
 
+def preset_name(args: list[str], command: str) -> str:
+    config_arg = next((a for a in args if a.startswith("--config=")), None)
+    if config_arg is None:
+        return pathlib.Path(DEFAULT_CONFIGS.get(command, "")).stem
+    return pathlib.Path(config_arg.split("=", 1)[1].partition(":")[0]).stem
+
+
+def apply_scale(config, args: list[str]) -> None:
+    """Applies `config.scales[config.scale]` (a preset's named size) except keys given on the command line."""
+    if not config.get("scale"):
+        return
+    scales = config.get("scales") or {}
+    if config.scale not in scales:
+        raise UsageError(f"--config.scale={config.scale}: expected one of {sorted(scales)} for this preset")
+    explicit = {a.split("=", 1)[0][len("--config.") :] for a in args if a.startswith("--config.")}
+
+    def merge(target, overrides, prefix):
+        for key, value in overrides.items():
+            path = f"{prefix}{key}"
+            if hasattr(value, "items"):
+                merge(target[key], value, path + ".")
+            elif path not in explicit:
+                target[key] = value
+
+    with config.unlocked():
+        merge(config, scales[config.scale], "")
+
+
 def parse_flags(command: str, args: list[str]):
     """Returns (config, workdir) from `--config=... --config.key=value --workdir=...`."""
     from absl import flags
@@ -94,6 +122,8 @@ def parse_flags(command: str, args: list[str]):
         raise UsageError(str(err).splitlines()[0]) from None
     finally:
         sys.argv = old_argv
+    if config is not None:
+        apply_scale(config, args)
     if not flag_values.workdir:
         raise UsageError(f"`extkd {command}` needs --workdir=DIR")
     return config, flag_values.workdir
@@ -134,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             from extkd_jax.experiment.reproduce import reproduce
 
-            result = reproduce(config, workdir)
+            result = reproduce(config, workdir, preset=preset_name(args, command))
     except UsageError as err:
         print(f"extkd: error: {err}", file=sys.stderr)
         return 2

@@ -22,15 +22,14 @@ from tqdm.auto import tqdm
 
 from extkd_jax.data import channel_stats, default_augmentation, prepare_datasets
 from extkd_jax.train import sharding
-from extkd_jax.train.builders import DTYPES, build_student, load_trained_model, segment_shapes
+from extkd_jax.train.builders import DTYPES, load_trained_model
 from extkd_jax.train.checkpoint import Checkpointer
 from extkd_jax.train.config_checks import check_config
 from extkd_jax.train.epoch import epoch_permutation, make_predict, make_run_steps
 from extkd_jax.train.metrics import MetricsLog, classification_summary
-from extkd_jax.train.objectives import segment_pairs
-from extkd_jax.train.optim import create_learning_rate_fn, create_optimizer
-from extkd_jax.train.state import TrainState, init_train_state, split_model
-from extkd_jax.train.steps import TeacherProgram, make_logits_fn, make_step
+from extkd_jax.train.program import build_program
+from extkd_jax.train.state import TrainState
+from extkd_jax.train.steps import make_logits_fn
 from extkd_jax.train.workdir import check_or_write_config
 
 log = logging.getLogger(__name__)
@@ -38,6 +37,17 @@ log = logging.getLogger(__name__)
 
 class NonFiniteLossError(FloatingPointError):
     """The loss became NaN or Inf with `on_nonfinite='stop'`."""
+
+
+_DATASET_CACHE: dict[str, Any] = {}
+
+
+def load_datasets(data_config):
+    """`prepare_datasets`, memoised per data config: `reproduce` trains many runs on the same data."""
+    key = json.dumps(data_config.to_dict(), sort_keys=True, default=str)
+    if key not in _DATASET_CACHE:
+        _DATASET_CACHE[key] = prepare_datasets(data_config)
+    return _DATASET_CACHE[key]
 
 
 def maybe_initialize_distributed(distributed_config) -> None:
@@ -108,7 +118,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     maybe_initialize_distributed(config.distributed)
     workdir = pathlib.Path(workdir)
     is_main = jax.process_index() == 0
-    datasets = prepare_datasets(config.data)
+    datasets = load_datasets(config.data)
     train_set = datasets.transfer
     info = {
         "num_classes": datasets.num_classes,
@@ -129,41 +139,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     )
     input_shape = (2,) + tuple(train_set.images.shape[1:])
 
-    teacher, teacher_vars, pairs, teacher_shapes = None, None, (), []
+    teacher_parts = None
     if mode == "distill":
-        teacher_parts, teacher_config = load_trained_model(
+        teacher_parts, _ = load_trained_model(
             config.teacher.workdir, compute_dtype, expected_name=config.teacher.name
         )
-        teacher = TeacherProgram(teacher_parts)
-        teacher_vars = teacher.variables
-        teacher_shapes = segment_shapes(teacher_parts, input_shape)
-    student = build_student(config, datasets.num_classes, input_shape, (), [], compute_dtype)
-    if mode == "distill":
-        student_shapes = segment_shapes(split_model(student), input_shape, attr="student")
-        pairs = segment_pairs(config.loss, len(student_shapes), len(teacher_shapes))
-        student = build_student(
-            config, datasets.num_classes, input_shape, pairs, teacher_shapes, compute_dtype
-        )
-    parts = split_model(student)
-
-    learning_rate_fn = create_learning_rate_fn(config.optim, steps_per_epoch, config.num_epochs)
-    tx = create_optimizer(config.optim, learning_rate_fn)
-    step_fn = make_step(
-        parts,
-        config.loss,
-        tx,
-        learning_rate_fn,
-        steps_per_epoch,
-        teacher,
-        pairs,
-        skip_nonfinite=config.on_nonfinite == "skip",
-    )
+    program = build_program(config, datasets.num_classes, input_shape[1:], steps_per_epoch, teacher_parts)
+    parts, step_fn, teacher_vars = program.parts, program.step_fn, program.teacher_vars
     run_steps = make_run_steps(step_fn, mesh, config.batch_size, augment_kind, mean, std, compute_dtype)
     evaluator = Evaluator(
         make_logits_fn(parts, "student"), mesh, config.eval_batch_size, mean, std, compute_dtype
     )
 
-    state = init_train_state(parts, tx)
+    state = program.init_state()
     checkpointer = Checkpointer(workdir, keep=config.keep_checkpoints)
     partial: dict[str, float] = {}
     restored = checkpointer.restore_latest(state)

@@ -93,7 +93,7 @@ def make_step(
             "loss": total,
             **parts,
             "accuracy": jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32)),
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": optax.tree.norm(grads),
             "learning_rate": jnp.asarray(learning_rate_fn(state.step), jnp.float32),
             "nonfinite": (~finite).astype(jnp.float32),
         }

@@ -1,0 +1,273 @@
+"""The training engine: device-count invariance, dispatch chunking, label dropping, resume, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh
+
+from extkd_jax.data import prepare_datasets
+from extkd_jax.train import sharding
+from extkd_jax.train.builders import build_model
+from extkd_jax.train.config_checks import ConfigError, check_config
+from extkd_jax.train.epoch import epoch_permutation, make_run_steps
+from extkd_jax.train.loop import NonFiniteLossError, train_and_evaluate
+from extkd_jax.train.metrics import read_metrics
+from extkd_jax.train.program import build_program
+from extkd_jax.train.state import split_model
+from tests.tiny import REPO_ROOT, tiny_config, write_tiny_npz
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> pathlib.Path:
+    return write_tiny_npz(tmp_path_factory.mktemp("data") / "mnist")
+
+
+def _one_device_mesh() -> Mesh:
+    return Mesh(np.asarray(jax.devices()[:1]), (sharding.DATA_AXIS,))
+
+
+def _run_epoch(config, chunks: list[int], data):
+    """Runs one epoch of `sum(chunks)` steps split into dispatches of the given sizes."""
+    mesh = _one_device_mesh()
+    images, labels = data
+    program = build_program(config, 10, images.shape[1:], steps_per_epoch=sum(chunks))
+    mean, std = np.full(1, 100.0, np.float32), np.full(1, 70.0, np.float32)
+    run_steps = make_run_steps(program.step_fn, mesh, config.batch_size, "mnist", mean, std, jnp.float32)
+    key = jax.random.key(11)
+    perm = epoch_permutation(key, len(images))
+    state = sharding.put_replicated(program.init_state(), mesh)
+    losses, start = [], 0
+    for n in chunks:
+        state, metrics = run_steps(state, None, images, labels, perm, key, jnp.int32(start), num_steps=n)
+        losses.extend(np.asarray(metrics["loss"]).tolist())
+        start += n
+    return sharding.to_host(state), np.asarray(losses)
+
+
+def test_one_program_per_epoch_equals_one_dispatch_per_step(data_dir):
+    config = tiny_config(data_dir)
+    ds = prepare_datasets(config.data)
+    data = (ds.transfer.images, ds.transfer.labels)
+    whole_state, whole_losses = _run_epoch(config, [6], data)
+    step_state, step_losses = _run_epoch(config, [1] * 6, data)
+    mixed_state, _ = _run_epoch(config, [4, 2], data)
+    np.testing.assert_allclose(whole_losses, step_losses, rtol=1e-6)
+    for a, b, c in zip(jax.tree.leaves(whole_state.params), jax.tree.leaves(step_state.params),
+                       jax.tree.leaves(mixed_state.params)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(a, c, rtol=1e-6, atol=1e-7)
+    assert int(whole_state.step) == 6
+    # the updates did something: parameters moved away from their initial values
+    init = build_program(config, 10, data[0].shape[1:], 6).parts.params
+    assert max(float(np.max(np.abs(a - b))) for a, b in
+               zip(jax.tree.leaves(whole_state.params), jax.tree.leaves(init))) > 1e-3
+
+
+def test_no_dropped_label_ever_reaches_a_training_batch(data_dir):
+    config = tiny_config(data_dir, **{"data.drop_classes": (3, 7), "batch_size": 20})
+    ds = prepare_datasets(config.data)
+    assert np.isin([3, 7], ds.test.labels).all() and np.isin([3, 7], ds.val.labels).all()
+    mesh = _one_device_mesh()
+
+    def recording_step(state, teacher_vars, x, y, key):
+        return state, {"labels": y}
+
+    run_steps = make_run_steps(recording_step, mesh, 20, "mnist", np.zeros(1, np.float32),
+                               np.ones(1, np.float32), jnp.float32)
+    steps = len(ds.transfer) // 20
+    seen = []
+    for epoch in range(3):
+        key = jax.random.fold_in(jax.random.key(0), epoch)
+        _, out = run_steps(jnp.zeros(()), None, ds.transfer.images, ds.transfer.labels,
+                           epoch_permutation(key, len(ds.transfer)), key, jnp.int32(0), num_steps=steps)
+        seen.append(np.asarray(out["labels"]).ravel())
+    seen = np.concatenate(seen)
+    assert len(seen) == 3 * steps * 20
+    assert not np.isin(seen, [3, 7]).any()
+    assert set(np.unique(seen)) == set(range(10)) - {3, 7}
+
+
+@pytest.mark.slow
+def test_eight_devices_match_one_device():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, str(REPO_ROOT / "tests/scripts/steps_on_meshes.py"), str(REPO_ROOT),
+                          "fold"], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["devices"] == 8
+    assert result["loss_diff"] <= 1e-5
+    assert result["param_diff"] <= 1e-5
+    assert result["stats_diff"] <= 1e-5
+    assert result["loss_all"][0] != result["loss_all"][-1]
+
+
+def _extkd(*args, cwd=REPO_ROOT, **popen):
+    return [sys.executable, "-m", "extkd_jax.cli", *args]
+
+
+def _config_flags(config_path, data_dir, extra=()):
+    return [f"--config={config_path}", f"--config.data.dir={data_dir}", *extra]
+
+
+@pytest.mark.slow
+def test_sigkill_mid_run_resumes_to_the_same_result(data_dir, tmp_path):
+    flags = _config_flags(REPO_ROOT / "tests/scripts/tiny_config.py", data_dir,
+                          ["--config.num_epochs=8", "--config.steps_per_dispatch=1"])
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO_ROOT))
+    full = subprocess.run(_extkd("train", *flags, f"--workdir={tmp_path / 'full'}"), env=env,
+                          capture_output=True, text=True, timeout=600, cwd=REPO_ROOT)
+    assert full.returncode == 0, full.stderr[-3000:]
+
+    killed_dir = tmp_path / "killed"
+    proc = subprocess.Popen(_extkd("train", *flags, f"--workdir={killed_dir}"), env=env, cwd=REPO_ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    rng = np.random.default_rng()
+    # kill at a random moment after the first checkpoint (epoch 1) and before the run ends
+    while time.time() < deadline and len(read_metrics(killed_dir)) < 1 and proc.poll() is None:
+        time.sleep(0.05)
+    time.sleep(rng.uniform(0.0, 0.5))
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_before_restart = len(read_metrics(killed_dir))
+    resumed = subprocess.run(_extkd("train", *flags, f"--workdir={killed_dir}"), env=env,
+                             capture_output=True, text=True, timeout=600, cwd=REPO_ROOT)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = read_metrics(tmp_path / "full"), read_metrics(killed_dir)
+    assert [r["epoch"] for r in a] == [r["epoch"] for r in b] == list(range(1, 9))
+    timing = ("epoch_time_s", "img_per_s", "wall_time_s")
+    for ra, rb in zip(a, b):
+        for k in ra:
+            if k not in timing:
+                np.testing.assert_allclose(np.asarray(ra[k], float), np.asarray(rb[k], float), rtol=1e-6,
+                                           atol=1e-7, err_msg=f"{k} at epoch {ra['epoch']}")
+    assert done_before_restart < 8, "the kill came after the run finished: the test proved nothing"
+    from extkd_jax.train.builders import latest_readable_state
+    pa, pb = latest_readable_state(tmp_path / "full"), latest_readable_state(killed_dir)
+    for x, y in zip(jax.tree.leaves(pa["params"]), jax.tree.leaves(pb["params"])):
+        np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.slow
+def test_cli_train_distill_evaluate(data_dir, tmp_path):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO_ROOT))
+    base = _config_flags(REPO_ROOT / "tests/scripts/tiny_config.py", data_dir)
+    teacher = subprocess.run(_extkd("train", *base, "--config.model.kwargs.hidden_sizes=(64,64)",
+                                    f"--workdir={tmp_path / 't'}"),
+                             env=env, capture_output=True, text=True, timeout=600, cwd=REPO_ROOT)
+    assert teacher.returncode == 0, teacher.stderr[-3000:]
+    student = subprocess.run(_extkd("distill", *base, "--config.loss.name=extended_kd",
+                                    f"--config.teacher.workdir={tmp_path / 't'}", "--config.teacher.name=mlp",
+                                    "--config.data.drop_classes=(3,)", f"--workdir={tmp_path / 's'}"),
+                             env=env, capture_output=True, text=True, timeout=600, cwd=REPO_ROOT)
+    assert student.returncode == 0, student.stderr[-3000:]
+    records = read_metrics(tmp_path / "s")
+    assert [r["epoch"] for r in records] == [1, 2, 3]
+    for key in ("train_ce", "train_kd", "train_segment", "learning_rate", "val_acc", "test_acc",
+                "test_seen_acc", "test_unseen_acc", "test_per_class_acc", "img_per_s"):
+        assert key in records[-1], key
+    assert records[-1]["test_acc"] > 0.5  # 10 classes: chance is 0.1
+    evaluation = subprocess.run(_extkd("evaluate", f"--workdir={tmp_path / 's'}"), env=env,
+                                capture_output=True, text=True, timeout=600, cwd=REPO_ROOT)
+    assert evaluation.returncode == 0, evaluation.stderr[-3000:]
+    stored = json.loads((tmp_path / "s" / "eval.json").read_text())
+    assert stored["test_acc"] == pytest.approx(records[-1]["test_acc"], abs=1e-9)
+    # a teacher of another architecture is refused with a clear message
+    wrong = subprocess.run(_extkd("distill", *base, "--config.loss.name=kd", f"--config.teacher.workdir={tmp_path / 't'}",
+                                  "--config.teacher.name=resnet20", f"--workdir={tmp_path / 'w'}"),
+                           env=env, capture_output=True, text=True, timeout=600, cwd=REPO_ROOT)
+    assert wrong.returncode == 1
+    assert "'mlp'" in wrong.stderr and "resnet20" in wrong.stderr
+
+
+def test_nonfinite_loss_stops_with_the_step_named(data_dir, tmp_path):
+    config = tiny_config(data_dir, **{"optim.learning_rate": 1e6, "num_epochs": 4,
+                                      "model.kwargs.dropout": 0.0})
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss at step \d+: .*ce"):
+        train_and_evaluate(config, tmp_path / "nan", mode="train")
+    skipped = tiny_config(data_dir, **{"optim.learning_rate": 1e6, "num_epochs": 2, "on_nonfinite": "skip",
+                                       "model.kwargs.dropout": 0.0})
+    record = train_and_evaluate(skipped, tmp_path / "skip", mode="train")
+    assert record["train_nonfinite"] > 0
+    assert np.isfinite(record["test_acc"])
+
+
+BAD_VALUES = [
+    ("loss.temperature", 0.0, "loss.temperature=0.0"),
+    ("loss.temperature", -1.0, "expected a value > 0"),
+    ("loss.kd_weight", -0.5, "loss.kd_weight=-0.5"),
+    ("loss.segment_weight", -1.0, "loss.segment_weight"),
+    ("loss.name", "hinton", "loss.name='hinton'"),
+    ("model.name", "resnet9000", "resnet9000"),
+    ("optim.learning_rate", 0.0, "optim.learning_rate"),
+    ("optim.momentum", 1.5, "optim.momentum=1.5"),
+    ("optim.schedule", "linear", "optim.schedule='linear'"),
+    ("batch_size", 0, "batch_size=0"),
+    ("num_epochs", 0, "num_epochs=0"),
+    ("compute_dtype", "float16", "compute_dtype='float16'"),
+    ("data.source", "web", "data.source='web'"),
+    ("data.augment", "mixup", "data.augment='mixup'"),
+    ("data.val_size", -1, "data.val_size=-1"),
+    ("data.keep_fraction", 1.0, "data.keep_fraction=1.0"),
+    ("on_nonfinite", "ignore", "on_nonfinite='ignore'"),
+    ("keep_checkpoints", 0, "keep_checkpoints=0"),
+]
+
+
+@pytest.mark.parametrize("key,value,message", BAD_VALUES, ids=[b[0] + "=" + str(b[1]) for b in BAD_VALUES])
+def test_bad_config_values_are_named(key, value, message, tmp_path):
+    config = tiny_config(tmp_path, **{key: value})
+    with pytest.raises(ConfigError) as err:
+        check_config(config, "train")
+    assert message in str(err.value)
+
+
+def test_mode_specific_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="needs a teacher"):
+        check_config(tiny_config(tmp_path, **{"loss.name": "kd"}), "train")
+    with pytest.raises(ConfigError, match="teacher.workdir is empty"):
+        check_config(tiny_config(tmp_path, **{"loss.name": "kd"}), "distill")
+    with pytest.raises(ConfigError, match="uses no teacher"):
+        check_config(tiny_config(tmp_path, **{"teacher.workdir": "x"}), "distill")
+
+
+def test_workdir_of_another_experiment_is_refused_and_untouched(data_dir, tmp_path):
+    config = tiny_config(data_dir, num_epochs=1)
+    train_and_evaluate(config, tmp_path / "w", mode="train")
+    before = sorted(p.relative_to(tmp_path) for p in (tmp_path / "w").rglob("*"))
+    other = tiny_config(data_dir, num_epochs=1, **{"optim.learning_rate": 0.2})
+    with pytest.raises(ValueError, match="holds a different experiment.*optim.learning_rate"):
+        train_and_evaluate(other, tmp_path / "w", mode="train")
+    assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "w").rglob("*")) == before
+
+
+CLI_ERRORS = [
+    (["frobnicate"], "unknown command 'frobnicate'"),
+    (["train", "--workdir=/tmp/x"], "needs --config"),
+    (["train", "--config=no_such_preset"], "no such config file"),
+    (["train", "--config=configs/digits_omit3.py", "--config.loss.nonsense=3", "--workdir=/tmp/x"],
+     "unknown config key"),
+    (["train", "--config=configs/digits_omit3.py", "--config.loss.temperature=hot", "--workdir=/tmp/x"],
+     "hot"),
+    (["train", "--config=configs/digits_omit3.py"], "needs --workdir"),
+]
+
+
+@pytest.mark.parametrize("args,message", CLI_ERRORS, ids=[" ".join(a[:2]) for a, _ in CLI_ERRORS])
+def test_cli_usage_errors(args, message, capsys):
+    from extkd_jax import cli
+
+    assert cli.main(args) == 2
+    assert message in capsys.readouterr().err

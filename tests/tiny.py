@@ -1,0 +1,63 @@
+"""Tiny synthetic data and configs shared by the engine tests (no download, no ../shared)."""
+
+from __future__ import annotations
+
+import pathlib
+import sys
+
+import numpy as np
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+
+def write_tiny_npz(folder: pathlib.Path, n_train: int = 400, n_test: int = 100, size: int = 8,
+                   channels: int = 1, num_classes: int = 10, seed: int = 0) -> pathlib.Path:
+    """A learnable toy dataset in the `../shared/data` format: each class is a noisy fixed pattern."""
+    rng = np.random.default_rng(seed)
+    patterns = rng.uniform(0, 255, size=(num_classes, size, size, channels))
+
+    def make(n):
+        labels = np.arange(n) % num_classes
+        rng.shuffle(labels)
+        images = patterns[labels] + rng.normal(0, 40, size=(n, size, size, channels))
+        images = np.clip(images, 0, 255).astype(np.uint8)
+        return (images[..., 0] if channels == 1 else images), labels.astype(np.uint8)
+
+    folder.mkdir(parents=True, exist_ok=True)
+    x, y = make(n_train)
+    half = n_train // 2
+    np.savez(folder / "train_0.npz", x_train=x[:half], y_train=y[:half])
+    np.savez(folder / "train_1.npz", x_train=x[half:], y_train=y[half:])
+    x, y = make(n_test)
+    np.savez(folder / "test.npz", x_test=x, y_test=y)
+    return folder
+
+
+def tiny_config(data_dir: pathlib.Path, **overrides):
+    """An MLP config on the tiny data: a few hundred steps take seconds."""
+    from configs import base
+
+    c = base.get_config()
+    c.data.source = "npz"
+    c.data.name = "mnist"
+    c.data.dir = str(data_dir)
+    c.data.val_size = 50
+    c.data.augment = "mnist"
+    c.model.name = "mlp"
+    c.model.kwargs.hidden_sizes = (32, 32)
+    c.model.kwargs.input_size = 64
+    c.model.kwargs.dropout = 0.1
+    c.batch_size = 50
+    c.eval_batch_size = 100
+    c.num_epochs = 3
+    c.optim.learning_rate = 0.05
+    c.progress = False
+    for key, value in overrides.items():
+        target = c
+        *path, last = key.split(".")
+        for p in path:
+            target = target[p]
+        target[last] = value
+    return c
