@@ -20,6 +20,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.drop_classes = ()  # labels removed from the student's transfer set
     c.data.keep_fraction = 0.0  # fraction of each dropped class kept (0 = drop all)
     c.data.augment = "auto"  # auto | cifar | mnist | none
+    c.data.placement = "auto"  # replicated | sharded (each device holds a slice) | auto (sharded if multi-host)
 
     c.model = ml_collections.ConfigDict()
     c.model.name = "mlp"  # student (or the model trained by `extkd train`)

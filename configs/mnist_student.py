@@ -18,4 +18,7 @@ def get_config():
     c.loss.temperature = 20.0
     c.loss.ce_weight = 0.1
     c.loss.kd_weight = 0.9
+    # T^2 * KL at T=20 acts like logit matching with large targets: a lower rate and a warm-up keep SGD stable
+    c.optim.learning_rate = 0.03
+    c.optim.warmup_epochs = 1
     return c

@@ -271,3 +271,20 @@ def test_cli_usage_errors(args, message, capsys):
 
     assert cli.main(args) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_sharded_placement_each_device_draws_from_its_own_slice(tmp_path):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, str(REPO_ROOT / "tests/scripts/sharded_epoch.py"), str(REPO_ROOT),
+                          str(tmp_path)], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["devices"] == 8
+    assert result["steps"] == (203 // 8) // (16 // 8)  # 12 steps of 2 examples per device
+    used = result["used"]
+    assert len(used) == len(set(used)) == 12 * 16  # no example twice in an epoch
+    assert max(used) < 200  # the 3 examples past 8 * 25 are left out
+    assert result["origin_ok"], "a device read an example outside its own shard"
+    assert result["labels_match"]
+    assert result["epochs"] == 10 and result["test_acc"] > 0.3  # 10 classes: chance is 0.1

@@ -57,10 +57,17 @@ def test_loss_matches_hand_computation(tr):
     mse = sum(np.mean((a - b) ** 2) for a, b in zip(seg_s, seg_t))  # (0.25+1)/4 + 4/2
     expected = wce * ce + wkd * T**2 * kl + wseg * mse
 
-    f64 = lambda a: torch.tensor(a, dtype=torch.float64)  # noqa: E731
+    f64 = lambda a: torch.tensor(a, dtype=torch.float64)
     got = tr.kd_loss(
-        f64(s), f64(t), [f64(a) for a in seg_s], [f64(a) for a in seg_t], torch.tensor(y),
-        temperature=T, ce_weight=wce, kd_weight=wkd, segment_weight=wseg,
+        f64(s),
+        f64(t),
+        [f64(a) for a in seg_s],
+        [f64(a) for a in seg_t],
+        torch.tensor(y),
+        temperature=T,
+        ce_weight=wce,
+        kd_weight=wkd,
+        segment_weight=wseg,
     )
     assert math.isclose(float(got), expected, rel_tol=1e-5)
     assert math.isclose(mse, 0.3125 + 2.0)
@@ -98,7 +105,16 @@ def test_kd_step_updates_student_only(tr, amp):
 def test_benchmark_torch_eager_smoke(tr):
     r = tr.benchmark_torch("eager_fp32", 2, steps=1, warmup=1, device="cpu", teacher="resnet20")
     assert "error" not in r, r
-    for key in ("mode", "batch_size", "device", "device_name", "img_per_s", "step_ms", "torch_version", "notes"):
+    for key in (
+        "mode",
+        "batch_size",
+        "device",
+        "device_name",
+        "img_per_s",
+        "step_ms",
+        "torch_version",
+        "notes",
+    ):
         assert key in r
     assert r["img_per_s"] > 0 and r["step_ms"] > 0 and r["device"] == "cpu"
 
@@ -112,3 +128,17 @@ def test_benchmark_torch_reports_compile_failure(tr, monkeypatch):
     assert "no C compiler" in r["error"]
     with pytest.raises(ValueError):
         tr.benchmark_torch("nope", 2)
+
+
+def test_calibrate_bn_matches_train_mode(tr):
+    torch.manual_seed(0)
+    model = tr.resnet20()
+    images = torch.randn(4, 3, 32, 32)
+    tr.calibrate_bn_(model.eval(), images)
+    assert not model.training and model.bn1.momentum == 0.1
+    with torch.no_grad():
+        eval_logits, eval_segments = model(images)
+        train_logits, _ = model.train()(images)
+    # Same statistics up to running_var's unbiased (n-1) normalisation.
+    torch.testing.assert_close(eval_logits, train_logits, rtol=0.1, atol=0.1)
+    assert all(0.3 < s.pow(2).mean().sqrt().item() < 10 for s in eval_segments)

@@ -40,6 +40,7 @@ def check_config(config, mode: str) -> None:
     data = config.data
     _choice(data.source, "data.source", DATA_SOURCES)
     _choice(data.augment, "data.augment", AUGMENT_KINDS)
+    _choice(data.get("placement", "auto"), "data.placement", ("auto", "replicated", "sharded"))
     _number(data.val_size, "data.val_size", minimum=0, integer=True)
     _number(data.keep_fraction, "data.keep_fraction", minimum=0, maximum=1)
     for c in data.drop_classes:

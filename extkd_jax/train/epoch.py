@@ -1,8 +1,14 @@
 """Device-resident epochs: gather, augment, normalise and step, `num_steps` steps per compiled program.
 
-The uint8 training set lives on the devices (replicated). Each epoch draws a permutation from
-`fold_in(key, epoch)`; step `s` of the epoch takes batch `perm[s*B:(s+1)*B]` and the keys `fold_in(epoch_key, s)`,
-so a run that resumes at any step repeats the uninterrupted run exactly, whatever `steps_per_dispatch` is.
+The uint8 training set lives on the devices, in one of two placements:
+
+- replicated: every device holds the whole set; each epoch draws one global permutation, and step `s` takes
+  batch `perm[s*B:(s+1)*B]`. Results do not depend on the number of devices.
+- sharded (multi-host): device d holds only its slice of the set (so each process loads only its shard) and
+  draws a permutation of its own slice; step `s` takes `B / D` local examples on every device.
+
+Keys are `fold_in(epoch_key, s)`, so a run that resumes at any step repeats the uninterrupted run exactly,
+whatever `steps_per_dispatch` is.
 """
 
 from __future__ import annotations
@@ -12,11 +18,15 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from extkd_jax.data import augment_batch, normalize
-from extkd_jax.train.sharding import batch_sharded, replicated
+from extkd_jax.train.sharding import DATA_AXIS, batch_sharded, put_replicated, replicated
 from extkd_jax.train.steps import StepFn
+
+PLACEMENTS = ("replicated", "sharded")
 
 
 def epoch_key(seed_key: jax.Array, epoch: int) -> jax.Array:
@@ -28,6 +38,54 @@ def epoch_permutation(key: jax.Array, num_examples: int) -> jax.Array:
     return jax.random.permutation(jax.random.fold_in(key, 0x5EED), num_examples)
 
 
+def _local_permutations(key: jax.Array, num_local: int):
+    """Per device: a permutation of its own `num_local` examples (inside shard_map)."""
+    device = jax.lax.axis_index(DATA_AXIS)
+    return jax.random.permutation(jax.random.fold_in(jax.random.fold_in(key, 0x5EED), device), num_local)
+
+
+class DeviceDataset:
+    """The uint8 training images and labels placed on the mesh, and their per-epoch permutations."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, mesh: Mesh, placement: str = "replicated"):
+        if placement not in PLACEMENTS:
+            raise ValueError(f"data placement {placement!r}; expected one of {PLACEMENTS}")
+        self.mesh, self.placement = mesh, placement
+        devices = mesh.devices.size
+        if placement == "sharded":
+            self.num_local = len(images) // devices  # a remainder of < D examples is left out
+            keep = self.num_local * devices
+            spec = NamedSharding(mesh, P(DATA_AXIS))
+            # each process materialises only the slices of its own devices
+            self.images = jax.make_array_from_callback((keep,) + images.shape[1:], spec, lambda i: images[i])
+            self.labels = jax.make_array_from_callback((keep,), spec, lambda i: labels[i])
+            self.num_examples = keep
+            self._perm = jax.jit(
+                jax.shard_map(
+                    lambda key: _local_permutations(key, self.num_local),
+                    mesh=mesh, in_specs=P(), out_specs=P(DATA_AXIS),
+                )
+            )
+        else:
+            self.images, self.labels = put_replicated((images, labels), mesh)
+            self.num_examples = self.num_local = len(images)
+
+    def permutation(self, key: jax.Array) -> jax.Array:
+        if self.placement == "sharded":
+            return self._perm(key)
+        return epoch_permutation(key, self.num_examples)
+
+    def steps_per_epoch(self, batch_size: int) -> int:
+        return steps_per_epoch(self.num_examples, batch_size, self.mesh.devices.size, self.placement)
+
+
+def steps_per_epoch(num_examples: int, batch_size: int, num_devices: int, placement: str) -> int:
+    """Full batches per epoch (the last partial batch is dropped)."""
+    if placement == "sharded":
+        return (num_examples // num_devices) // (batch_size // num_devices)
+    return num_examples // batch_size
+
+
 def make_run_steps(
     step_fn: StepFn,
     mesh: Mesh,
@@ -36,6 +94,7 @@ def make_run_steps(
     mean: jax.Array,
     std: jax.Array,
     compute_dtype: Any,
+    placement: str = "replicated",
 ):
     """Returns jitted `run_steps(state, teacher_vars, images, labels, perm, key, start, num_steps)`.
 
@@ -43,14 +102,28 @@ def make_run_steps(
     and per-step metrics stacked along axis 0. `state` is donated.
     """
     batch_spec = batch_sharded(mesh)
+    local_batch = batch_size // mesh.devices.size
+
+    def local_gather(perm, images, labels, s):
+        idx = jax.lax.dynamic_slice_in_dim(perm, s * local_batch, local_batch)
+        return jnp.take(images, idx, axis=0), jnp.take(labels, idx, axis=0)
+
+    sharded_gather = jax.shard_map(
+        local_gather, mesh=mesh, in_specs=(P(DATA_AXIS), P(DATA_AXIS), P(DATA_AXIS), P()),
+        out_specs=(P(DATA_AXIS), P(DATA_AXIS)),
+    )
+
+    def gather(images, labels, perm, s):
+        if placement == "sharded":
+            return sharded_gather(perm, images, labels, s)
+        idx = jax.lax.dynamic_slice_in_dim(perm, s * batch_size, batch_size)
+        idx = jax.lax.with_sharding_constraint(idx, batch_spec)
+        return jnp.take(images, idx, axis=0), jnp.take(labels, idx, axis=0)
 
     def run_steps(state, teacher_vars, images, labels, perm, key, start, num_steps):
         def body(state, i):
             s = start + i
-            idx = jax.lax.dynamic_slice_in_dim(perm, s * batch_size, batch_size)
-            idx = jax.lax.with_sharding_constraint(idx, batch_spec)
-            x = jnp.take(images, idx, axis=0)
-            y = jnp.take(labels, idx, axis=0)
+            x, y = gather(images, labels, perm, s)
             aug_key, step_key = jax.random.split(jax.random.fold_in(key, s))
             x = normalize(augment_batch(aug_key, x, augment_kind), mean, std).astype(compute_dtype)
             return step_fn(state, teacher_vars, x, y, step_key)

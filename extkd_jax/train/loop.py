@@ -25,7 +25,7 @@ from extkd_jax.train import sharding
 from extkd_jax.train.builders import DTYPES, load_trained_model
 from extkd_jax.train.checkpoint import Checkpointer
 from extkd_jax.train.config_checks import check_config
-from extkd_jax.train.epoch import epoch_permutation, make_predict, make_run_steps
+from extkd_jax.train.epoch import DeviceDataset, make_predict, make_run_steps, steps_per_epoch as count_steps
 from extkd_jax.train.metrics import MetricsLog, classification_summary
 from extkd_jax.train.program import build_program
 from extkd_jax.train.state import TrainState
@@ -48,6 +48,14 @@ def load_datasets(data_config):
     if key not in _DATASET_CACHE:
         _DATASET_CACHE[key] = prepare_datasets(data_config)
     return _DATASET_CACHE[key]
+
+
+def data_placement(data_config) -> str:
+    """`auto`: each process holds only its shard when there are several processes, else replicated."""
+    placement = data_config.get("placement", "auto")
+    if placement == "auto":
+        return "sharded" if jax.process_count() > 1 else "replicated"
+    return placement
 
 
 def maybe_initialize_distributed(distributed_config) -> None:
@@ -129,7 +137,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
 
     mesh = sharding.make_mesh()
     sharding.check_batch_divisible(config.batch_size, mesh)
-    steps_per_epoch = len(train_set) // config.batch_size
+    placement = data_placement(config.data)
+    steps_per_epoch = count_steps(len(train_set), config.batch_size, mesh.devices.size, placement)
     if steps_per_epoch == 0:
         raise ValueError(f"batch_size={config.batch_size} exceeds the {len(train_set)} training examples")
     compute_dtype = DTYPES[config.compute_dtype]
@@ -146,7 +155,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         )
     program = build_program(config, datasets.num_classes, input_shape[1:], steps_per_epoch, teacher_parts)
     parts, step_fn, teacher_vars = program.parts, program.step_fn, program.teacher_vars
-    run_steps = make_run_steps(step_fn, mesh, config.batch_size, augment_kind, mean, std, compute_dtype)
+    run_steps = make_run_steps(
+        step_fn, mesh, config.batch_size, augment_kind, mean, std, compute_dtype, placement
+    )
     evaluator = Evaluator(
         make_logits_fn(parts, "student"), mesh, config.eval_batch_size, mean, std, compute_dtype
     )
@@ -165,8 +176,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
 
     state = sharding.put_replicated(state, mesh)
     teacher_vars = sharding.put_replicated(teacher_vars, mesh) if teacher_vars is not None else None
-    images = sharding.put_replicated(train_set.images, mesh)
-    labels = sharding.put_replicated(train_set.labels, mesh)
+    device_data = DeviceDataset(train_set.images, train_set.labels, mesh, placement)
     seed_key = jax.random.fold_in(jax.random.key(config.seed), 1)
     chunk = config.steps_per_dispatch or steps_per_epoch
     last_record: dict = {}
@@ -185,7 +195,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         while step < total_steps:
             epoch = step // steps_per_epoch
             epoch_key = jax.random.fold_in(seed_key, epoch)
-            perm = epoch_permutation(epoch_key, len(train_set))
+            perm = device_data.permutation(epoch_key)
             sums = dict(partial) if partial else {}
             partial = {}
             epoch_t0, images_seen = time.time(), 0
@@ -194,7 +204,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                 num = min(chunk, steps_per_epoch - offset)
                 t0 = time.time()
                 state, step_metrics = run_steps(
-                    state, teacher_vars, images, labels, perm, epoch_key, jnp.int32(offset), num_steps=num
+                    state, teacher_vars, device_data.images, device_data.labels, perm, epoch_key, jnp.int32(offset), num_steps=num
                 )
                 step_metrics = sharding.to_host(step_metrics)
                 _check_finite(step_metrics, step, config.on_nonfinite)

@@ -1,0 +1,97 @@
+"""Multi-host data parallelism on one machine: 2 JAX processes (1 CPU device each, gloo collectives) run the
+same 3 distill steps as 1 process, with the same loss, parameters and BatchNorm statistics."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from tests.tiny import REPO_ROOT
+
+SCRIPT = REPO_ROOT / "tests/scripts/multihost_steps.py"
+TIMEOUT_S = 240
+
+
+def _env() -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # 1 CPU device per process
+    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO_ROOT))
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start(folder: pathlib.Path, name: str, *args: str) -> tuple[subprocess.Popen, pathlib.Path, pathlib.Path]:
+    """Starts the script with stdout/stderr in files (the JSON is megabytes: a pipe would fill and block)."""
+    out, err = folder / f"{name}.out", folder / f"{name}.err"
+    with out.open("w") as fo, err.open("w") as fe:
+        proc = subprocess.Popen([sys.executable, str(SCRIPT), str(REPO_ROOT), *args], env=_env(), cwd=REPO_ROOT,
+                                stdout=fo, stderr=fe, text=True)
+    return proc, out, err
+
+
+def _finish(started: list, timeout: float) -> list[str]:
+    """Waits for every process and returns their stdout; on a timeout or a failure of one, kills the others
+    (a peer would otherwise wait for it until its own timeout) so that no process outlives the test."""
+    procs = [p for p, _, _ in started]
+    deadline = time.time() + timeout
+    try:
+        while any(p.poll() is None for p in procs):
+            for i, (p, _, err) in enumerate(started):
+                if p.poll() not in (None, 0):
+                    raise RuntimeError(f"process {i} failed with status {p.returncode}:\n"
+                                       f"{err.read_text()[-4000:]}")
+            if time.time() > deadline:
+                tails = "\n".join(f"process {i}: {err.read_text()[-2000:]}" for i, (_, _, err) in enumerate(started))
+                raise TimeoutError(f"the processes did not finish within {timeout} s:\n{tails}")
+            time.sleep(0.1)
+        for i, (p, _, err) in enumerate(started):
+            assert p.returncode == 0, f"process {i} failed with status {p.returncode}:\n{err.read_text()[-4000:]}"
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return [out.read_text() for _, out, _ in started]
+
+
+def _result(stdout: str) -> dict:
+    """The JSON line (gloo also prints its own lines to stdout)."""
+    return json.loads([line for line in stdout.splitlines() if line.startswith("{")][-1])
+
+
+def _max_diff(a: list, b: list) -> float:
+    assert len(a) == len(b)
+    return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) for x, y in zip(a, b))
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process(tmp_path):
+    [single_out] = _finish([_start(tmp_path, "single", "single")], TIMEOUT_S)
+    single = _result(single_out)
+    assert single["process_count"] == 1 and single["devices"] == 1
+
+    port = _free_port()
+    outputs = _finish([_start(tmp_path, f"process{i}", str(i), "2", str(port)) for i in range(2)], TIMEOUT_S)
+    multi = _result(outputs[0])
+    assert not any(line.startswith("{") for line in outputs[1].splitlines()), "only process 0 prints results"
+    assert multi["process_count"] == 2
+    assert multi["devices"] == multi["mesh_devices"] == 2
+    assert multi["local_devices"] == 1
+    assert multi["step"] == single["step"] == 3
+
+    np.testing.assert_allclose(multi["loss"], single["loss"], rtol=0, atol=1e-5)
+    assert _max_diff(multi["params"], single["params"]) <= 1e-5
+    assert _max_diff(multi["batch_stats"], single["batch_stats"]) <= 1e-5
+    assert single["loss"][0] != single["loss"][-1]  # the steps changed the parameters
