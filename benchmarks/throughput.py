@@ -12,14 +12,16 @@ What is timed (all on random, device-resident data; compile time excluded and re
   * ``scan``: K steps in one compiled program (``num_steps=K``; what a run does with ``steps_per_dispatch=0``),
   * ``dispatch``: the ``num_steps=1`` program called K times, host never waits (pure dispatch overhead),
   * ``dispatch_sync``: as ``dispatch`` but the step metrics are fetched to the host after every call, which is
-    what ``train/loop.py`` does after each dispatch (so this is a run with ``steps_per_dispatch=1``).
+    what ``train/loop.py`` does after each dispatch (so this is a run with ``steps_per_dispatch=1``),
+  * ``noscan``: NOT a library path: the same per-step body (gather, augment, normalise, step) jitted without
+    ``lax.scan``, one step per call. It shows the cost of the scan itself (large on XLA:CPU, see README).
 
 - **torch**: ``benchmarks/torch_reference.benchmark_torch`` in modes ``eager_fp32``,
   ``eager_amp_bf16_channels_last`` and ``compile_amp_bf16`` (a failure of ``torch.compile`` is recorded).
 
 Usage::
 
-    python benchmarks/throughput.py --quick                  # CPU: batch 32,64, a few steps, < 5 min on 2 cores
+    python benchmarks/throughput.py --quick                  # CPU: batch 16,32, 2 steps, < 5 min on 2 cores
     python benchmarks/throughput.py                          # GPU: batch 256,1024, 50 steps, all 4 JAX configs
     python benchmarks/throughput.py --epoch-seconds          # + seconds per cifar10_drop epoch
     python benchmarks/throughput.py --profile /tmp/prof --dump-hlo /tmp/hlo   # where the time goes
@@ -41,6 +43,8 @@ import statistics
 import sys
 import time
 from typing import Any
+
+import numpy as np
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 BENCH_DIR = pathlib.Path(__file__).resolve().parent
@@ -66,7 +70,7 @@ JAX_CONFIGS = {  # label -> (compute_dtype, fold teacher BN)
 MAIN_CONFIG = "bf16_fold"
 BASELINE_CONFIG = "f32_nofold"
 TORCH_MODES = ("eager_fp32", "eager_amp_bf16_channels_last", "compile_amp_bf16")
-JAX_FORMS = ("scan", "dispatch", "dispatch_sync")
+JAX_FORMS = ("scan", "dispatch", "dispatch_sync", "noscan")
 
 # CIFAR-10 per-channel mean / std in pixel units (the values `channel_stats` gives on the training set).
 CIFAR_MEAN = (125.3, 123.0, 113.9)
@@ -236,24 +240,42 @@ def build_jax_bench(batch_size: int, compute_dtype: str, fold_bn: bool, num_exam
     }
 
 
-def _call(b: dict, start: int, num_steps: int):
+def make_noscan_step(step_fn, mesh, batch_size: int, augment_kind: str, mean, std, compute_dtype):
+    """Benchmark-local replica of `make_run_steps`'s per-step body, jitted WITHOUT `lax.scan`: one step per call.
+
+    Not a library code path: it shows what `num_steps=1` would cost if `run_steps` skipped the scan (on XLA:CPU a
+    convolution inside a while-loop body runs on a much slower path, jax-ml/jax#12868). Same gather, augmentation,
+    normalisation, keys, donation and output sharding as the library's `run_steps`.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from extkd_jax.data import augment_batch, normalize
+    from extkd_jax.train.sharding import batch_sharded, replicated
+
+    batch_spec = batch_sharded(mesh)
+
+    def one_step(state, teacher_vars, images, labels, perm, key, start):
+        idx = jax.lax.dynamic_slice_in_dim(perm, start * batch_size, batch_size)
+        idx = jax.lax.with_sharding_constraint(idx, batch_spec)
+        x = jnp.take(images, idx, axis=0)
+        y = jnp.take(labels, idx, axis=0)
+        aug_key, step_key = jax.random.split(jax.random.fold_in(key, start))
+        x = normalize(augment_batch(aug_key, x, augment_kind), mean, std).astype(compute_dtype)
+        state, metrics = step_fn(state, teacher_vars, x, y, step_key)
+        return state, jax.tree.map(lambda m: m[None], metrics)  # the (1,)-stacked metrics of run_steps
+
+    return jax.jit(one_step, donate_argnums=(0,), out_shardings=replicated(mesh))
+
+
+def _call(b: dict, start: int, num_steps: int, noscan: bool = False):
     jnp = b["jnp"]
-    b["state"], metrics = b["run_steps"](
-        b["state"], b["teacher_vars"], b["images"], b["labels"], b["perm"], b["key"], jnp.int32(start),
-        num_steps=num_steps,
-    )
+    args = (b["state"], b["teacher_vars"], b["images"], b["labels"], b["perm"], b["key"], jnp.int32(start))
+    if noscan:
+        b["state"], metrics = b["noscan"](*args)
+    else:
+        b["state"], metrics = b["run_steps"](*args, num_steps=num_steps)
     return metrics
-
-
-def _first_call(b: dict, num_steps: int) -> tuple[float, float, Any]:
-    """(wall seconds of the first call, JAX-reported trace+lower+compile seconds in it, metrics)."""
-    jax = b["jax"]
-    _install_compile_listener()
-    before = _compile_seconds["total"]
-    t0 = time.perf_counter()
-    metrics = _call(b, 0, num_steps)
-    jax.block_until_ready((b["state"], metrics))
-    return time.perf_counter() - t0, _compile_seconds["total"] - before, metrics
 
 
 def _row(batch_size: int, steps: int, seconds: list[float]) -> dict:
@@ -266,68 +288,74 @@ def _row(batch_size: int, steps: int, seconds: list[float]) -> dict:
     }
 
 
+def _time_form(b: dict, form: str, steps: int, reps: int, profile_dir: str | None = None) -> dict:
+    """Warm-up call (compile; its JAX-reported compile time kept), then `reps` timed repetitions of `steps` steps.
+
+    scan: one call of num_steps=steps. dispatch / noscan: `steps` calls of one step, one block at the end.
+    dispatch_sync: `steps` calls of one step, metrics fetched to the host after each (as train/loop.py does).
+    """
+    jax = b["jax"]
+    to_host = b["sharding"].to_host
+    noscan = form == "noscan"
+    k = steps if form == "scan" else 1
+    _install_compile_listener()
+    before = _compile_seconds["total"]
+    t0 = time.perf_counter()
+    metrics = _call(b, 0, k, noscan)
+    jax.block_until_ready((b["state"], metrics))
+    first_s = time.perf_counter() - t0
+    compile_s = _compile_seconds["total"] - before
+
+    def one_rep():
+        if form == "scan":
+            m = _call(b, 0, steps)
+        else:
+            for i in range(steps):
+                m = _call(b, i, 1, noscan)
+                if form == "dispatch_sync":
+                    m = to_host(m)
+        jax.block_until_ready((b["state"], m))
+        return m
+
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        metrics = one_rep()
+        times.append(time.perf_counter() - t)
+    row = {"form": form, **_row(b["batch_size"], steps, times), "compile_s": compile_s, "first_call_s": first_s,
+           "final_loss": float(to_host(metrics)["loss"][-1])}
+    if profile_dir:
+        with jax.profiler.trace(profile_dir):
+            one_rep()
+        row["profile_dir"] = str(profile_dir)
+    if not math.isfinite(row["final_loss"]):
+        row["warning"] = "non-finite loss (timing still valid: same work per step)"
+    return row
+
+
 def benchmark_jax(batch_size: int, steps: int = 20, compute_dtype: str = "bfloat16", fold_bn: bool = True,
                   forms=JAX_FORMS, reps: int = 3, seed: int = 0, profile_dir: str | None = None) -> dict:
     """Times the library's distill step at one batch size; returns {form: row} plus "setup_s".
 
-    Each form's row: img_per_s (median over `reps` timed repetitions of `steps` steps), step_ms, compile_s
-    (JAX's trace + lower + XLA compile time, from jax.monitoring), first_call_s, final_loss.
-    ``dispatch`` and ``dispatch_sync`` share one compiled program (compile reported under ``dispatch``).
+    Each form's row: img_per_s (median over `reps` timed repetitions of `steps` steps), img_per_s_best, step_ms,
+    compile_s (JAX's own trace + lower + XLA compile time of the warm-up call, from jax.monitoring; 0 when the
+    program was already compiled, e.g. dispatch_sync after dispatch), first_call_s, final_loss.
+    `profile_dir`: one extra repetition of the first form in `forms` under jax.profiler.trace.
     """
     t0 = time.perf_counter()
     num_examples = batch_size * max(steps, 1)
     b = build_jax_bench(batch_size, compute_dtype, fold_bn, num_examples, steps_per_epoch=max(steps, 1),
                         seed=seed)
-    jax = b["jax"]
-    to_host = b["sharding"].to_host
+    b["batch_size"] = batch_size
+    if "noscan" in forms:
+        p = b["program"]
+        b["noscan"] = make_noscan_step(p.step_fn, b["mesh"], batch_size, "cifar", np.asarray(CIFAR_MEAN, np.float32),
+                                       np.asarray(CIFAR_STD, np.float32), p.compute_dtype)
     out: dict[str, Any] = {"setup_s": time.perf_counter() - t0}
     common = {"batch_size": batch_size, "compute_dtype": compute_dtype, "fold_bn": bool(fold_bn),
               "steps": steps, "reps": reps}
-
-    if "scan" in forms:
-        first_s, compile_s, metrics = _first_call(b, steps)
-        times = []
-        for _ in range(reps):
-            t = time.perf_counter()
-            metrics = _call(b, 0, steps)
-            jax.block_until_ready((b["state"], metrics))
-            times.append(time.perf_counter() - t)
-        row = {**common, "form": "scan", **_row(batch_size, steps, times), "compile_s": compile_s,
-               "first_call_s": first_s, "final_loss": float(to_host(metrics)["loss"][-1])}
-        if profile_dir:
-            with jax.profiler.trace(profile_dir):
-                metrics = _call(b, 0, steps)
-                jax.block_until_ready((b["state"], metrics))
-            row["profile_dir"] = str(profile_dir)
-        out["scan"] = row
-
-    if "dispatch" in forms or "dispatch_sync" in forms:
-        first_s, compile_s, metrics = _first_call(b, 1)
-        if "dispatch" in forms:
-            times = []
-            for _ in range(reps):
-                t = time.perf_counter()
-                for i in range(steps):
-                    metrics = _call(b, i, 1)
-                jax.block_until_ready((b["state"], metrics))
-                times.append(time.perf_counter() - t)
-            out["dispatch"] = {**common, "form": "dispatch", **_row(batch_size, steps, times),
-                               "compile_s": compile_s, "first_call_s": first_s,
-                               "final_loss": float(to_host(metrics)["loss"][-1])}
-        if "dispatch_sync" in forms:
-            times = []
-            for _ in range(reps):
-                t = time.perf_counter()
-                for i in range(steps):
-                    host = to_host(_call(b, i, 1))  # as train/loop.py: metrics to the host every dispatch
-                jax.block_until_ready(b["state"])
-                times.append(time.perf_counter() - t)
-            out["dispatch_sync"] = {**common, "form": "dispatch_sync", **_row(batch_size, steps, times),
-                                    "compile_s": 0.0 if "dispatch" in forms else compile_s,
-                                    "first_call_s": first_s, "final_loss": float(host["loss"][-1])}
-    for form in JAX_FORMS:
-        if form in out and not math.isfinite(out[form]["final_loss"]):
-            out[form]["warning"] = "non-finite loss (timing still valid: same work per step)"
+    for i, form in enumerate(f for f in JAX_FORMS if f in forms):
+        out[form] = {**common, **_time_form(b, form, steps, reps, profile_dir if i == 0 else None)}
     return out
 
 
@@ -354,7 +382,10 @@ def cifar10_drop_shape() -> dict:
         transfer = int(round(train * (10 - n_drop * (1.0 - keep)) / 10))
         return {"source": str(path.relative_to(REPO)), "student": c.model.name,
                 "teacher": c.teacher.name or "resnet56", "batch_size": int(c.batch_size),
-                "transfer_images": transfer, "compute_dtype": c.compute_dtype,
+                "transfer_images": transfer, "transfer_images_note": "approx.: (50000 - val_size) x kept fraction",
+                "compute_dtype": c.compute_dtype,
+                "note": "preset shapes (models, batch, epoch length, dtype, BN folding); the step timed is this "
+                        "benchmark's extended_kd step, not the preset's loss weights",
                 "fold_bn": bool(c.teacher.fold_batchnorm), "student_kwargs": dict(c.model.kwargs),
                 "teacher_kwargs": dict(c.teacher.kwargs), "scale": getattr(c, "scale", "")}
     except Exception as e:  # noqa: BLE001
@@ -369,34 +400,37 @@ def epoch_seconds(shape: dict, measured: dict, direct: bool, seed: int = 0) -> d
     steps_per_epoch = shape["transfer_images"] // shape["batch_size"]
     res = {**shape, "steps_per_epoch": steps_per_epoch}
     if direct:
-        import jax
-
         b = build_jax_bench(shape["batch_size"], shape["compute_dtype"], shape["fold_bn"],
                             shape["transfer_images"], steps_per_epoch, seed=seed, student=shape["student"],
                             teacher=shape["teacher"], student_kwargs=shape["student_kwargs"],
                             teacher_kwargs=shape["teacher_kwargs"])
-        first_s, compile_s, _ = _first_call(b, steps_per_epoch)
-        t = time.perf_counter()
-        metrics = _call(b, 0, steps_per_epoch)
-        jax.block_until_ready((b["state"], metrics))
-        sec = time.perf_counter() - t
-        res.update({"method": "measured (one epoch = one scan program, after a warm-up epoch)",
-                    "epoch_s": sec, "compile_s": compile_s, "first_epoch_s": first_s,
-                    "img_per_s": steps_per_epoch * shape["batch_size"] / sec})
+        b["batch_size"] = shape["batch_size"]
+        row = _time_form(b, "scan", steps_per_epoch, reps=1)
+        res.update({"method": "measured (one epoch = one scan program of steps_per_epoch steps, after a warm-up epoch)",
+                    "epoch_s": row["timed_calls_s"][0], "compile_s": row["compile_s"],
+                    "first_epoch_s": row["first_call_s"], "img_per_s": row["img_per_s"]})
         return res
     label = ("bf16" if shape["compute_dtype"] == "bfloat16" else "f32") + ("_fold" if shape["fold_bn"] else "_nofold")
-    rows = [r for r in measured.get(label, {}).values() if "scan" in r]
-    if not rows:
-        res.update({"method": f"not available (config {label} not measured)", "epoch_s": None})
+    used = label if any("scan" in r for r in measured.get(label, {}).values()) else next(
+        (lab for lab, per in measured.items() if any("scan" in r for r in per.values())), None)
+    if used is None:
+        res.update({"method": "not available (no jax scan measurement)", "epoch_s": None})
         return res
-    best = max(rows, key=lambda r: r["scan"]["batch_size"])["scan"]
+    if used != label:
+        res["config_note"] = f"preset config {label} not measured; derived from {used} instead"
+    label = used
+    rows = [r for r in measured[label].values() if "scan" in r]
+    largest = max(rows, key=lambda r: r["scan"]["batch_size"])
+    best = largest["scan"]
     step_s = shape["batch_size"] / best["img_per_s"]
     res.update({
-        "method": (f"derived: steps_per_epoch x step time, step time = batch {shape['batch_size']} / img/s of "
-                   f"jax scan {label} at batch {best['batch_size']} (not measured at the preset batch)"),
+        "method": (f"derived, not measured: steps_per_epoch x step time, step time = batch {shape['batch_size']} / "
+                   f"img/s of jax scan {label} at batch {best['batch_size']} (assumes img/s constant in batch)"),
         "epoch_s": steps_per_epoch * step_s, "step_s": step_s, "from_batch_size": best["batch_size"],
         "img_per_s": best["img_per_s"],
     })
+    if "noscan" in largest:
+        res["epoch_s_noscan"] = steps_per_epoch * shape["batch_size"] / largest["noscan"]["img_per_s"]
     return res
 
 
@@ -430,7 +464,7 @@ def host_info() -> dict:
         import torch
 
         info["torch"] = torch.__version__
-        info["torch_threads"] = torch.get_num_threads()
+        info["torch_default_threads"] = torch.get_num_threads()
         info["torch_cuda"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     except Exception:  # noqa: BLE001
         info["torch"] = None
@@ -549,19 +583,24 @@ def format_markdown(rows: list[dict], rat: dict, batch_sizes: list[int]) -> str:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true",
-                   help="CPU-friendly: batch 32,64, 3 steps, 1 rep, configs bf16_fold,f32_nofold (< 5 min, 2 cores)")
-    p.add_argument("--batch-sizes", default=None, help="comma-separated; default 256,1024 (--quick: 32,64)")
+                   help="CPU-friendly (< 5 min on 2 cores): batch 16,32, 2 steps, 1 rep, configs bf16_fold,f32_nofold, "
+                        "forms scan,dispatch,noscan, no torch.compile (unless --torch-compile)")
+    p.add_argument("--batch-sizes", default=None, help="comma-separated; default 256,1024 (--quick: 16,32)")
     p.add_argument("--steps", type=int, default=None,
-                   help="steps per timed repetition (scan length K, dispatch count K); default 50 (--quick: 3)")
+                   help="steps per timed repetition (scan length K, dispatch count K); default 50 (--quick: 2)")
     p.add_argument("--reps", type=int, default=None, help="timed repetitions, median reported; default 3 (--quick: 1)")
     p.add_argument("--warmup", type=int, default=None, help="torch warm-up steps; default 5 (--quick: 2)")
     p.add_argument("--configs", default=None,
                    help=f"JAX configs among {','.join(JAX_CONFIGS)}; default all (--quick: bf16_fold,f32_nofold)")
-    p.add_argument("--forms", default=",".join(JAX_FORMS), help=f"JAX forms among {','.join(JAX_FORMS)}")
+    p.add_argument("--forms", default=None,
+                   help=f"JAX forms among {','.join(JAX_FORMS)}; default all (--quick: scan,dispatch,noscan)")
     p.add_argument("--torch-modes", default=None, help=f"among {','.join(TORCH_MODES)}; default all")
     p.add_argument("--skip-torch", action="store_true", help="time only the JAX step")
     p.add_argument("--skip-torch-compile", action="store_true",
                    help="skip torch.compile (recorded as skipped in the JSON and table)")
+    p.add_argument("--torch-compile", action="store_true", help="with --quick: do time torch.compile")
+    p.add_argument("--torch-threads", type=int, default=None,
+                   help="torch.set_num_threads; 0 = torch's default. Default: torch's (--quick: 1, see README)")
     p.add_argument("--epoch-seconds", action="store_true",
                    help="seconds per cifar10_drop epoch (derived from the step time with --quick, else measured)")
     p.add_argument("--profile", default=None, metavar="DIR",
@@ -572,12 +611,21 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="JSON path; default benchmarks/results/throughput_<platform>_<YYYYMMDD>[_quick].json")
     args = p.parse_args(argv)
     q = args.quick
-    args.batch_sizes = [int(x) for x in (args.batch_sizes or ("32,64" if q else "256,1024")).split(",") if x]
-    args.steps = args.steps or (3 if q else 50)
+    args.batch_sizes = [int(x) for x in (args.batch_sizes or ("16,32" if q else "256,1024")).split(",") if x]
+    args.steps = args.steps or (2 if q else 50)
+    if args.torch_threads is None:
+        args.torch_threads = 1 if q else 0
     args.reps = args.reps or (1 if q else 3)
     args.warmup = args.warmup if args.warmup is not None else (2 if q else 5)
     args.configs = [x for x in (args.configs or ("bf16_fold,f32_nofold" if q else ",".join(JAX_CONFIGS))).split(",") if x]
-    args.forms = [x for x in args.forms.split(",") if x]
+    args.forms = [x for x in (args.forms or ("scan,dispatch,noscan" if q else ",".join(JAX_FORMS))).split(",") if x]
+    args.compile_skip_reason = None
+    if args.skip_torch_compile:
+        args.compile_skip_reason = "skipped (--skip-torch-compile)"
+    elif q and not args.torch_compile:
+        args.skip_torch_compile = True
+        args.compile_skip_reason = ("skipped (--quick): on the 2-core CPU VM torch.compile's first step took 77 s "
+                                    "(B=16) and 107 s (B=32); pass --torch-compile to include it")
     args.torch_modes = [x for x in (args.torch_modes or ",".join(TORCH_MODES)).split(",") if x]
     for name, given, known in (("--configs", args.configs, JAX_CONFIGS), ("--forms", args.forms, JAX_FORMS),
                                ("--torch-modes", args.torch_modes, TORCH_MODES)):
@@ -627,6 +675,10 @@ def main(argv=None) -> dict:
     if not args.skip_torch:
         try:
             import torch_reference as tr
+            if args.torch_threads:
+                import torch
+
+                torch.set_num_threads(args.torch_threads)
         except Exception as e:  # noqa: BLE001 - torch missing
             tr = None
             torch_error = f"{type(e).__name__}: {e}"
@@ -637,7 +689,7 @@ def main(argv=None) -> dict:
                 if tr is None:
                     r = {"mode": mode, "batch_size": bs, "error": torch_error}
                 elif mode.startswith("compile") and args.skip_torch_compile:
-                    r = {"mode": mode, "batch_size": bs, "skipped": "--skip-torch-compile"}
+                    r = {"mode": mode, "batch_size": bs, "skipped": args.compile_skip_reason}
                 else:
                     r = tr.benchmark_torch(mode, bs, steps=args.steps, warmup=args.warmup)
                     r.update(_flops(r.get("img_per_s"), ceiling))
@@ -660,6 +712,8 @@ def main(argv=None) -> dict:
     table = format_table(rows, rat, args.batch_sizes)
     print()
     print(table)
+    if args.compile_skip_reason and not args.skip_torch:
+        print(f"\ntorch compile_amp_bf16: {args.compile_skip_reason}")
     if ceiling:
         print(f"\nceiling ({ceiling['name']}): {ceiling['bf16_dense_tflops']} TFLOP/s bf16 dense, "
               f"{ceiling['hbm_tb_s']} TB/s HBM; achieved TFLOP/s = img/s x {FLOP_PER_IMAGE / 1e9} GFLOP / 1e12")
@@ -678,6 +732,14 @@ def main(argv=None) -> dict:
             "torch_warmup": args.warmup, "configs": args.configs, "forms": args.forms,
             "torch_modes": [] if args.skip_torch else args.torch_modes,
             "skip_torch": args.skip_torch, "skip_torch_compile": args.skip_torch_compile,
+            "torch_compile_skip_reason": args.compile_skip_reason,
+            "torch_threads": args.torch_threads or "torch default",
+            "forms_note": {
+                "scan": "library make_run_steps, num_steps=K: K steps in one program (lax.scan)",
+                "dispatch": "library make_run_steps, num_steps=1, called K times, one block at the end",
+                "dispatch_sync": "as dispatch, metrics fetched to the host after every call (train/loop.py)",
+                "noscan": "benchmark-local: make_run_steps's body jitted without lax.scan, called K times",
+            },
             "teacher": "resnet56", "student": "resnet20", "input": [32, 32, 3], "num_classes": 10,
             "loss": "extended_kd: CE + T^2 KL (T=4) + 3-segment MSE, weights 1/1/1",
             "optimizer": "SGD momentum 0.9, weight decay 5e-4", "augment": "cifar (jax only; torch: none)",

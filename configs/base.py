@@ -17,6 +17,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.dir = ""  # npz folder, or tfds data_dir ("" = tfds default)
     c.data.val_size = 5000  # carved from train, deterministic for data.seed
     c.data.seed = 0
+    c.data.max_train_examples = 0  # 0 = the whole training split; else a fixed random subset (small budgets)
     c.data.drop_classes = ()  # labels removed from the student's transfer set
     c.data.keep_fraction = 0.0  # fraction of each dropped class kept (0 = drop all)
     c.data.augment = "auto"  # auto | cifar | mnist | none

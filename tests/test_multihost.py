@@ -1,5 +1,7 @@
 """Multi-host data parallelism on one machine: 2 JAX processes (1 CPU device each, gloo collectives) run the
-same 3 distill steps as 1 process, with the same loss, parameters and BatchNorm statistics."""
+same 3 distill steps as 1 process, with the same loss, parameters and BatchNorm statistics, in both data
+placements (replicated: compared with 1 device; sharded: compared with 1 process of 2 devices, since which
+examples a step takes depends on the number of devices, not of processes)."""
 
 from __future__ import annotations
 
@@ -20,9 +22,11 @@ SCRIPT = REPO_ROOT / "tests/scripts/multihost_steps.py"
 TIMEOUT_S = 240
 
 
-def _env() -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # 1 CPU device per process
+def _env(devices: int = 1) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO_ROOT))
+    if devices > 1:
+        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     return env
 
 
@@ -32,11 +36,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start(folder: pathlib.Path, name: str, *args: str) -> tuple[subprocess.Popen, pathlib.Path, pathlib.Path]:
+def _start(folder: pathlib.Path, name: str, *args: str, devices: int = 1):
     """Starts the script with stdout/stderr in files (the JSON is megabytes: a pipe would fill and block)."""
     out, err = folder / f"{name}.out", folder / f"{name}.err"
     with out.open("w") as fo, err.open("w") as fe:
-        proc = subprocess.Popen([sys.executable, str(SCRIPT), str(REPO_ROOT), *args], env=_env(), cwd=REPO_ROOT,
+        proc = subprocess.Popen([sys.executable, str(SCRIPT), str(REPO_ROOT), *args], env=_env(devices), cwd=REPO_ROOT,
                                 stdout=fo, stderr=fe, text=True)
     return proc, out, err
 
@@ -78,20 +82,26 @@ def _max_diff(a: list, b: list) -> float:
 
 @pytest.mark.slow
 def test_two_processes_match_one_process(tmp_path):
-    [single_out] = _finish([_start(tmp_path, "single", "single")], TIMEOUT_S)
+    # one process with 2 CPU devices: the replicated placement runs on 1 of them, the sharded one on both
+    [single_out] = _finish([_start(tmp_path, "single", "single", devices=2)], TIMEOUT_S)
     single = _result(single_out)
-    assert single["process_count"] == 1 and single["devices"] == 1
+    assert single["process_count"] == 1 and single["devices"] == 2
+    assert single["replicated"]["mesh_devices"] == 1 and single["sharded"]["mesh_devices"] == 2
 
     port = _free_port()
     outputs = _finish([_start(tmp_path, f"process{i}", str(i), "2", str(port)) for i in range(2)], TIMEOUT_S)
     multi = _result(outputs[0])
     assert not any(line.startswith("{") for line in outputs[1].splitlines()), "only process 0 prints results"
-    assert multi["process_count"] == 2
-    assert multi["devices"] == multi["mesh_devices"] == 2
-    assert multi["local_devices"] == 1
-    assert multi["step"] == single["step"] == 3
+    assert multi["process_count"] == 2 and multi["devices"] == 2 and multi["local_devices"] == 1
 
-    np.testing.assert_allclose(multi["loss"], single["loss"], rtol=0, atol=1e-5)
-    assert _max_diff(multi["params"], single["params"]) <= 1e-5
-    assert _max_diff(multi["batch_stats"], single["batch_stats"]) <= 1e-5
-    assert single["loss"][0] != single["loss"][-1]  # the steps changed the parameters
+    for placement in ("replicated", "sharded"):
+        a, b = multi[placement], single[placement]
+        assert a["mesh_devices"] == 2
+        assert a["step"] == b["step"] == 3
+        assert a["steps_per_epoch"] == b["steps_per_epoch"] == 4
+        np.testing.assert_allclose(a["loss"], b["loss"], rtol=0, atol=1e-5, err_msg=placement)
+        assert _max_diff(a["params"], b["params"]) <= 1e-5, placement
+        assert _max_diff(a["batch_stats"], b["batch_stats"]) <= 1e-5, placement
+        assert b["loss"][0] != b["loss"][-1]  # the steps changed the parameters
+    # the two placements draw different batches: the sharded comparison is not the replicated one again
+    assert single["replicated"]["loss"] != single["sharded"]["loss"]

@@ -5,11 +5,14 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 
+import numpy as np
+
 from extkd_jax.data.dataset import ArrayDataset
 from extkd_jax.data.sources import load_split
 from extkd_jax.data.splits import drop_classes, split_validation
 
-_DEFAULTS = {"dir": None, "val_size": 0, "drop_classes": (), "keep_fraction": 0.0, "seed": 0}
+_DEFAULTS = {"dir": None, "val_size": 0, "drop_classes": (), "keep_fraction": 0.0, "seed": 0,
+             "max_train_examples": 0}
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -46,7 +49,8 @@ def _get(config, key: str, required: bool = False):
 def prepare_datasets(data_config) -> Datasets:
     """Loads and splits the data described by `data_config` (a ConfigDict, a mapping or any attribute object).
 
-    Keys: source, name, dir, val_size, drop_classes (tuple of labels), keep_fraction, seed.
+    Keys: source, name, dir, val_size, drop_classes (tuple of labels), keep_fraction, seed, and
+    max_train_examples (0 = all; else a fixed random subset of the training split, taken before val).
     """
     source = _get(data_config, "source", required=True)
     name = _get(data_config, "name", required=True)
@@ -60,6 +64,12 @@ def prepare_datasets(data_config) -> Datasets:
         raise ValueError(f"{name!r}: train images {full_train.image_shape} but test images {test.image_shape}")
     if full_train.num_classes != test.num_classes:
         raise ValueError(f"{name!r}: train has {full_train.num_classes} classes but test {test.num_classes}")
+    limit = int(_get(data_config, "max_train_examples") or 0)
+    if limit < 0:
+        raise ValueError(f"data.max_train_examples={limit}: expected 0 (all) or a positive count")
+    if 0 < limit < len(full_train):  # a fixed random subset, for small-compute runs
+        subset = np.sort(np.random.default_rng([seed, 0x5B5E7]).permutation(len(full_train))[:limit])
+        full_train = full_train.select(subset)
     train, val = split_validation(full_train, _get(data_config, "val_size"), seed)
     transfer = drop_classes(train, dropped, _get(data_config, "keep_fraction"), seed)
     dropped = tuple(int(c) for c in dropped)  # validated as ints by drop_classes

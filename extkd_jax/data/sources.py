@@ -104,7 +104,8 @@ def _split_files(folder: pathlib.Path, split: str) -> list[pathlib.Path]:
 
 def _read_member(npz, path: pathlib.Path, key: str) -> np.ndarray:
     if key not in npz.files:
-        raise KeyError(f"{path} has no array {key!r}; it holds {sorted(npz.files)}")
+        # ValueError (not KeyError): a bad input file, reported like the other data errors
+        raise ValueError(f"{path} has no array {key!r}; it holds {sorted(npz.files)}")
     return npz[key]
 
 
@@ -128,12 +129,21 @@ def _npz_num_classes(name: str, folder: pathlib.Path) -> int:
 def _load_npz(name: str, split: str, data_dir) -> ArrayDataset:
     folder = npz_folder(name, data_dir)
     images, labels = [], []
+    num_classes = _npz_num_classes(name, folder)
     for path in _split_files(folder, split):
         with np.load(path) as npz:
             x = _read_member(npz, path, f"x_{split}")
             y = _read_member(npz, path, f"y_{split}")
-        images.append(_as_nhwc_uint8(x, str(path)))
-        labels.append(_as_int32_labels(y, str(path)))
+        x, y = _as_nhwc_uint8(x, str(path)), _as_int32_labels(y, str(path))
+        if x.shape[0] != y.shape[0]:
+            raise ValueError(f"{path}: {x.shape[0]} images but {y.shape[0]} labels, expected the same number")
+        if y.size and int(y.max()) >= num_classes:
+            raise ValueError(
+                f"{path}: label {int(y.max())} out of range [0, {num_classes}) for dataset {name!r} "
+                f"({num_classes} classes)"
+            )
+        images.append(x)
+        labels.append(y)
     shapes = {im.shape[1:] for im in images}
     if len(shapes) > 1:
         raise ValueError(f"npz dataset {name!r} {split}: parts have different image shapes {sorted(shapes)}")
@@ -141,7 +151,7 @@ def _load_npz(name: str, split: str, data_dir) -> ArrayDataset:
     y = labels[0] if len(labels) == 1 else np.concatenate(labels)
     if x.shape[0] != y.shape[0]:
         raise ValueError(f"npz dataset {name!r} {split}: {x.shape[0]} images but {y.shape[0]} labels")
-    return ArrayDataset(x, y, _npz_num_classes(name, folder), name)
+    return ArrayDataset(x, y, num_classes, name)
 
 
 def _as_nhwc_uint8(x: np.ndarray, where: str) -> np.ndarray:
@@ -162,7 +172,9 @@ def _as_int32_labels(y: np.ndarray, where: str) -> np.ndarray:
     if not np.issubdtype(y.dtype, np.integer):
         raise ValueError(f"{where}: labels dtype {y.dtype}, expected an integer dtype")
     if y.size and (int(y.min()) < 0 or int(y.max()) > np.iinfo(np.int32).max):
-        raise ValueError(f"{where}: labels range [{int(y.min())}, {int(y.max())}] is not valid for int32 class ids")
+        raise ValueError(
+            f"{where}: labels range [{int(y.min())}, {int(y.max())}], expected class ids in [0, 2**31)"
+        )
     return y.astype(np.int32)
 
 

@@ -42,4 +42,12 @@ def create_model(
         factory = _FACTORIES[name]
     except KeyError:
         raise ValueError(f"unknown model {name!r}; known models: {', '.join(MODEL_NAMES)}") from None
-    return factory(num_classes, rngs=rngs, dtype=dtype, **kwargs)
+    try:
+        return factory(num_classes, rngs=rngs, dtype=dtype, **kwargs)
+    except TypeError as err:  # a misspelt or foreign keyword (model.kwargs / teacher.kwargs)
+        if "keyword argument" not in str(err):
+            raise
+        raise ValueError(
+            f"model {name!r} does not accept the keyword arguments {sorted(kwargs)} ({err}); "
+            "check model.kwargs (or teacher.kwargs)"
+        ) from None

@@ -2,7 +2,7 @@
 
 Orbax writes each checkpoint into a temporary directory and renames it when complete, so a checkpoint is never
 half-written. Restoring tries the newest step first and falls back to older ones, with a warning, when a step
-cannot be read (a partial or corrupted directory).
+cannot be read (a partial or corrupted directory); a later save of that step replaces the unreadable one.
 """
 
 from __future__ import annotations
@@ -23,17 +23,24 @@ class Checkpointer:
 
     def __init__(self, workdir: str | pathlib.Path, keep: int = 2):
         self.directory = pathlib.Path(workdir).absolute() / "checkpoints"
+        # cleanup_tmp_directories: a `<step>.orbax-checkpoint-tmp-*` directory left by a run killed mid-save is
+        # deleted when the next run starts (one trainer per workdir, so no save of another run is in flight)
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=True, enable_async_checkpointing=False
+            max_to_keep=keep, create=True, enable_async_checkpointing=False, cleanup_tmp_directories=True
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self.unreadable: set[int] = set()  # steps restore_latest could not read: save() replaces them
 
     def all_steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
 
     def save(self, step: int, state: Any, meta: dict) -> None:
         if step in self.manager.all_steps():
-            return
+            if step not in self.unreadable:
+                return
+            log.warning("replacing the unreadable checkpoint step %d in %s", step, self.directory)
+            self.manager.delete(step)
+            self.unreadable.discard(step)
         self.manager.save(
             step,
             args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
@@ -54,9 +61,11 @@ class Checkpointer:
                 )
                 return restored["state"], dict(restored["meta"])
             except Exception as err:  # a truncated or corrupt checkpoint: try the one before
+                self.unreadable.add(step)
+                reason = (str(err).strip().splitlines() or [""])[0][:200]
                 warnings.warn(
                     f"checkpoint step {step} in {self.directory} could not be restored "
-                    f"({type(err).__name__}: {str(err)[:200]}); falling back to an older one"
+                    f"({type(err).__name__}: {reason}); falling back to an older one"
                 )
         return None
 

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import logging
 import pathlib
 from typing import Any
 
 import ml_collections
+
+log = logging.getLogger(__name__)
 
 # Keys that may change between a run and its resumption without changing what is computed.
 RESUMABLE_KEYS = (
@@ -43,13 +46,21 @@ def check_or_write_config(
     write: bool,
     info: dict | None = None,
 ) -> None:
-    """Writes `config.json` in a new workdir; in an existing one, refuses a config of another experiment.
+    """Writes `config.json` in a new workdir; in an existing one, refuses a config of another experiment
+    (unless the workdir holds no result yet: a run that stopped before its first checkpoint).
 
     `info` (number of classes, input shape, ...) is stored beside the config for loading the model later.
     """
+    if workdir.exists() and not workdir.is_dir():
+        raise ValueError(f"workdir {workdir} is a file; expected a directory (new or of the same run)")
     path = workdir / "config.json"
     record = {"kind": kind, "config": config_to_dict(config), **(info or {})}
-    if path.exists():
+    if path.exists() and not _started(workdir):
+        # No result yet: a run that stopped before its first checkpoint or metrics record (a bad input found
+        # after the config was written, a NaN in the first epoch). Its config is replaced, so that rerunning
+        # with the input corrected is not refused.
+        log.info("workdir %s holds no result yet: its config.json is replaced", workdir)
+    elif path.exists():
         stored = json.loads(path.read_text())
         if stored.get("kind") != kind:
             raise ValueError(
@@ -73,6 +84,20 @@ def check_or_write_config(
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(record, indent=2))
         tmp.replace(path)
+
+
+def _started(workdir: pathlib.Path) -> bool:
+    """Whether a workdir holds results: anything besides its config, an empty `checkpoints` folder (created
+    before the first step) and an empty metrics log."""
+    for p in workdir.iterdir():
+        if p.name in ("config.json", "config.tmp"):
+            continue
+        if p.name == "checkpoints" and p.is_dir() and not any(p.iterdir()):
+            continue
+        if p.name == "metrics.jsonl" and p.is_file() and p.stat().st_size == 0:
+            continue
+        return True
+    return False
 
 
 def read_config(workdir: str | pathlib.Path) -> tuple[dict, ml_collections.ConfigDict]:
