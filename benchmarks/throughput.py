@@ -7,7 +7,7 @@ What is timed (all on random, device-resident data; compile time excluded and re
   ``model.name='resnet20'``, ``loss.name='extended_kd'`` = CE + T^2 KL (T=4) + 3-segment MSE with connectors,
   SGD momentum 0.9 + weight decay 5e-4, teacher ``resnet56`` with or without BatchNorm folding), driven by
   ``extkd_jax.train.epoch.make_run_steps`` (gather from a uint8 device-resident set, 'cifar' augmentation,
-  normalisation, step) in three forms:
+  normalisation, step) in these forms:
 
   * ``scan``: K steps in one compiled program (``num_steps=K``; what a run does with ``steps_per_dispatch=0``),
   * ``dispatch``: the ``num_steps=1`` program called K times, host never waits (pure dispatch overhead),
@@ -21,7 +21,7 @@ What is timed (all on random, device-resident data; compile time excluded and re
 
 Usage::
 
-    python benchmarks/throughput.py --quick                  # CPU: batch 16,32, 2 steps, < 5 min on 2 cores
+    python benchmarks/throughput.py --quick                  # CPU: batch 8,16, 2 steps, < 5 min on 2 cores
     python benchmarks/throughput.py                          # GPU: batch 256,1024, 50 steps, all 4 JAX configs
     python benchmarks/throughput.py --epoch-seconds          # + seconds per cifar10_drop epoch
     python benchmarks/throughput.py --profile /tmp/prof --dump-hlo /tmp/hlo   # where the time goes
@@ -67,8 +67,7 @@ JAX_CONFIGS = {  # label -> (compute_dtype, fold teacher BN)
     "bf16_nofold": ("bfloat16", False),
     "f32_fold": ("float32", True),
 }
-MAIN_CONFIG = "bf16_fold"
-BASELINE_CONFIG = "f32_nofold"
+MAIN_CONFIG = "bf16_fold"  # the recommended configuration; f32_nofold is the plain baseline
 TORCH_MODES = ("eager_fp32", "eager_amp_bf16_channels_last", "compile_amp_bf16")
 JAX_FORMS = ("scan", "dispatch", "dispatch_sync", "noscan")
 
@@ -116,8 +115,13 @@ def _install_compile_listener() -> None:
 # --------------------------------------------------------------------------------------------------- JAX side
 
 
-def make_config(compute_dtype: str, fold_batchnorm: bool, batch_size: int, student: str = "resnet20",
-                teacher: str = "resnet56"):
+def make_config(
+    compute_dtype: str,
+    fold_batchnorm: bool,
+    batch_size: int,
+    student: str = "resnet20",
+    teacher: str = "resnet56",
+):
     """The library config of the benchmarked distillation (configs/base.py + the extended_kd recipe)."""
     _ensure_paths()
     from configs import base
@@ -170,43 +174,71 @@ def _calibrated_teacher(name: str, kwargs, num_classes: int, seed: int, compute_
 
     from extkd_jax.data import normalize
     from extkd_jax.train.builders import DTYPES, build_model
-    from extkd_jax.train.state import split_model
+    from extkd_jax.train.state import ModelParts, split_model
 
     dtype = DTYPES[compute_dtype]
-    model = build_model(name, kwargs or {}, num_classes, seed, dtype)
-    graphdef, state = nnx.split(model)
+    parts = split_model(build_model(name, kwargs or {}, num_classes, seed, dtype))
 
     @jax.jit
-    def calibrated(state, images):
-        m = nnx.merge(graphdef, state)
+    def calibrated(params, batch_stats, images):
+        m = parts.merge(params, batch_stats)
         calibrate_teacher_bn(m, normalize(images, CIFAR_MEAN, CIFAR_STD).astype(dtype))
-        return nnx.state(m)
+        return nnx.state(m, nnx.BatchStat).to_pure_dict()
 
-    nnx.update(model, calibrated(state, images_uint8))
-    return split_model(model)
+    stats = calibrated(parts.params, parts.batch_stats, images_uint8)
+    return ModelParts(parts.graphdef, parts.params, stats, parts.other)
 
 
-def build_program_cached(compute_dtype: str, fold_bn: bool, steps_per_epoch: int, calib_images, seed: int = 0,
-                         student: str = "resnet20", teacher: str = "resnet56", student_kwargs=None,
-                         teacher_kwargs=None, num_classes: int = 10):
+def build_program_cached(
+    compute_dtype: str,
+    fold_bn: bool,
+    steps_per_epoch: int,
+    calib_images,
+    seed: int = 0,
+    student: str = "resnet20",
+    teacher: str = "resnet56",
+    student_kwargs=None,
+    teacher_kwargs=None,
+    num_classes: int = 10,
+):
     """`build_program` of the benchmarked config; cached (the program does not depend on the batch size)."""
     from extkd_jax.train.program import build_program
 
-    key = (compute_dtype, bool(fold_bn), steps_per_epoch, seed, student, teacher,
-           repr(sorted((student_kwargs or {}).items())), repr(sorted((teacher_kwargs or {}).items())), num_classes)
+    key = (
+        compute_dtype,
+        bool(fold_bn),
+        steps_per_epoch,
+        seed,
+        student,
+        teacher,
+        repr(sorted((student_kwargs or {}).items())),
+        repr(sorted((teacher_kwargs or {}).items())),
+        num_classes,
+    )
     if key not in _PROGRAM_CACHE:
         c = make_config(compute_dtype, fold_bn, calib_images.shape[0], student, teacher)
         if student_kwargs:
             c.model.kwargs = dict(student_kwargs)
-        teacher_parts = _calibrated_teacher(teacher, teacher_kwargs, num_classes, seed + 100, compute_dtype,
-                                            calib_images)
+        teacher_parts = _calibrated_teacher(
+            teacher, teacher_kwargs, num_classes, seed + 100, compute_dtype, calib_images
+        )
         _PROGRAM_CACHE[key] = build_program(c, num_classes, (32, 32, 3), steps_per_epoch, teacher_parts)
     return _PROGRAM_CACHE[key]
 
 
-def build_jax_bench(batch_size: int, compute_dtype: str, fold_bn: bool, num_examples: int,
-                    steps_per_epoch: int, seed: int = 0, student: str = "resnet20", teacher: str = "resnet56",
-                    student_kwargs=None, teacher_kwargs=None, num_classes: int = 10) -> dict:
+def build_jax_bench(
+    batch_size: int,
+    compute_dtype: str,
+    fold_bn: bool,
+    num_examples: int,
+    steps_per_epoch: int,
+    seed: int = 0,
+    student: str = "resnet20",
+    teacher: str = "resnet56",
+    student_kwargs=None,
+    teacher_kwargs=None,
+    num_classes: int = 10,
+) -> dict:
     """Everything one configuration's timing needs: program, jitted run_steps and device-resident data."""
     _ensure_paths()
     import jax
@@ -221,8 +253,18 @@ def build_jax_bench(batch_size: int, compute_dtype: str, fold_bn: bool, num_exam
     rng = np.random.default_rng(seed)
     host_images = rng.integers(0, 256, size=(num_examples, 32, 32, 3), dtype=np.uint8)
     host_labels = rng.integers(0, num_classes, size=(num_examples,), dtype=np.int32)
-    program = build_program_cached(compute_dtype, fold_bn, steps_per_epoch, host_images[:min(256, num_examples)],
-                                   seed, student, teacher, student_kwargs, teacher_kwargs, num_classes)
+    program = build_program_cached(
+        compute_dtype,
+        fold_bn,
+        steps_per_epoch,
+        host_images[: min(256, num_examples)],
+        seed,
+        student,
+        teacher,
+        student_kwargs,
+        teacher_kwargs,
+        num_classes,
+    )
     mean = np.asarray(CIFAR_MEAN, np.float32)
     std = np.asarray(CIFAR_STD, np.float32)
     run_steps = make_run_steps(program.step_fn, mesh, batch_size, "cifar", mean, std, program.compute_dtype)
@@ -234,9 +276,18 @@ def build_jax_bench(batch_size: int, compute_dtype: str, fold_bn: bool, num_exam
     perm = epoch_permutation(key, num_examples)
     jax.block_until_ready((state, teacher_vars, images, labels, perm))
     return {
-        "run_steps": run_steps, "state": state, "teacher_vars": teacher_vars, "images": images,
-        "labels": labels, "perm": perm, "key": key, "program": program, "jnp": jnp, "jax": jax,
-        "sharding": sharding, "mesh": mesh,
+        "run_steps": run_steps,
+        "state": state,
+        "teacher_vars": teacher_vars,
+        "images": images,
+        "labels": labels,
+        "perm": perm,
+        "key": key,
+        "program": program,
+        "jnp": jnp,
+        "jax": jax,
+        "sharding": sharding,
+        "mesh": mesh,
     }
 
 
@@ -322,8 +373,13 @@ def _time_form(b: dict, form: str, steps: int, reps: int, profile_dir: str | Non
         t = time.perf_counter()
         metrics = one_rep()
         times.append(time.perf_counter() - t)
-    row = {"form": form, **_row(b["batch_size"], steps, times), "compile_s": compile_s, "first_call_s": first_s,
-           "final_loss": float(to_host(metrics)["loss"][-1])}
+    row = {
+        "form": form,
+        **_row(b["batch_size"], steps, times),
+        "compile_s": compile_s,
+        "first_call_s": first_s,
+        "final_loss": float(to_host(metrics)["loss"][-1]),
+    }
     if profile_dir:
         with jax.profiler.trace(profile_dir):
             one_rep()
@@ -333,8 +389,16 @@ def _time_form(b: dict, form: str, steps: int, reps: int, profile_dir: str | Non
     return row
 
 
-def benchmark_jax(batch_size: int, steps: int = 20, compute_dtype: str = "bfloat16", fold_bn: bool = True,
-                  forms=JAX_FORMS, reps: int = 3, seed: int = 0, profile_dir: str | None = None) -> dict:
+def benchmark_jax(
+    batch_size: int,
+    steps: int = 20,
+    compute_dtype: str = "bfloat16",
+    fold_bn: bool = True,
+    forms=JAX_FORMS,
+    reps: int = 3,
+    seed: int = 0,
+    profile_dir: str | None = None,
+) -> dict:
     """Times the library's distill step at one batch size; returns {form: row} plus "setup_s".
 
     Each form's row: img_per_s (median over `reps` timed repetitions of `steps` steps), img_per_s_best, step_ms,
@@ -344,16 +408,29 @@ def benchmark_jax(batch_size: int, steps: int = 20, compute_dtype: str = "bfloat
     """
     t0 = time.perf_counter()
     num_examples = batch_size * max(steps, 1)
-    b = build_jax_bench(batch_size, compute_dtype, fold_bn, num_examples, steps_per_epoch=max(steps, 1),
-                        seed=seed)
+    b = build_jax_bench(
+        batch_size, compute_dtype, fold_bn, num_examples, steps_per_epoch=max(steps, 1), seed=seed
+    )
     b["batch_size"] = batch_size
     if "noscan" in forms:
         p = b["program"]
-        b["noscan"] = make_noscan_step(p.step_fn, b["mesh"], batch_size, "cifar", np.asarray(CIFAR_MEAN, np.float32),
-                                       np.asarray(CIFAR_STD, np.float32), p.compute_dtype)
+        b["noscan"] = make_noscan_step(
+            p.step_fn,
+            b["mesh"],
+            batch_size,
+            "cifar",
+            np.asarray(CIFAR_MEAN, np.float32),
+            np.asarray(CIFAR_STD, np.float32),
+            p.compute_dtype,
+        )
     out: dict[str, Any] = {"setup_s": time.perf_counter() - t0}
-    common = {"batch_size": batch_size, "compute_dtype": compute_dtype, "fold_bn": bool(fold_bn),
-              "steps": steps, "reps": reps}
+    common = {
+        "batch_size": batch_size,
+        "compute_dtype": compute_dtype,
+        "fold_bn": bool(fold_bn),
+        "steps": steps,
+        "reps": reps,
+    }
     for i, form in enumerate(f for f in JAX_FORMS if f in forms):
         out[form] = {**common, **_time_form(b, form, steps, reps, profile_dir if i == 0 else None)}
     return out
@@ -365,9 +442,17 @@ def benchmark_jax(batch_size: int, steps: int = 20, compute_dtype: str = "bfloat
 def cifar10_drop_shape() -> dict:
     """The cifar10_drop preset's epoch shape (configs/cifar10_drop.py when it exists), else the fallback."""
     path = REPO / "configs" / "cifar10_drop.py"
-    fallback = {"source": "fallback (configs/cifar10_drop.py absent)", "student": "resnet20",
-                "teacher": "resnet56", "batch_size": 512, "transfer_images": 40500,
-                "compute_dtype": "bfloat16", "fold_bn": True, "student_kwargs": {}, "teacher_kwargs": {}}
+    fallback = {
+        "source": "fallback (configs/cifar10_drop.py absent)",
+        "student": "resnet20",
+        "teacher": "resnet56",
+        "batch_size": 512,
+        "transfer_images": 40500,
+        "compute_dtype": "bfloat16",
+        "fold_bn": True,
+        "student_kwargs": {},
+        "teacher_kwargs": {},
+    }
     if not path.exists():
         return fallback
     try:
@@ -379,15 +464,22 @@ def cifar10_drop_shape() -> dict:
         train = 50000 - int(c.data.val_size)
         n_drop = len(tuple(c.data.drop_classes))
         keep = float(c.data.keep_fraction)
-        transfer = int(round(train * (10 - n_drop * (1.0 - keep)) / 10))
-        return {"source": str(path.relative_to(REPO)), "student": c.model.name,
-                "teacher": c.teacher.name or "resnet56", "batch_size": int(c.batch_size),
-                "transfer_images": transfer, "transfer_images_note": "approx.: (50000 - val_size) x kept fraction",
-                "compute_dtype": c.compute_dtype,
-                "note": "preset shapes (models, batch, epoch length, dtype, BN folding); the step timed is this "
-                        "benchmark's extended_kd step, not the preset's loss weights",
-                "fold_bn": bool(c.teacher.fold_batchnorm), "student_kwargs": dict(c.model.kwargs),
-                "teacher_kwargs": dict(c.teacher.kwargs), "scale": getattr(c, "scale", "")}
+        transfer = round(train * (10 - n_drop * (1.0 - keep)) / 10)
+        return {
+            "source": str(path.relative_to(REPO)),
+            "student": c.model.name,
+            "teacher": c.teacher.name or "resnet56",
+            "batch_size": int(c.batch_size),
+            "transfer_images": transfer,
+            "transfer_images_note": "approx.: (50000 - val_size) x kept fraction",
+            "compute_dtype": c.compute_dtype,
+            "note": "preset shapes (models, batch, epoch length, dtype, BN folding); the step timed is this "
+            "benchmark's extended_kd step, not the preset's loss weights",
+            "fold_bn": bool(c.teacher.fold_batchnorm),
+            "student_kwargs": dict(c.model.kwargs),
+            "teacher_kwargs": dict(c.teacher.kwargs),
+            "scale": getattr(c, "scale", ""),
+        }
     except Exception as e:  # noqa: BLE001
         fallback["source"] = f"fallback (reading {path.name} failed: {type(e).__name__}: {e})"
         return fallback
@@ -400,19 +492,38 @@ def epoch_seconds(shape: dict, measured: dict, direct: bool, seed: int = 0) -> d
     steps_per_epoch = shape["transfer_images"] // shape["batch_size"]
     res = {**shape, "steps_per_epoch": steps_per_epoch}
     if direct:
-        b = build_jax_bench(shape["batch_size"], shape["compute_dtype"], shape["fold_bn"],
-                            shape["transfer_images"], steps_per_epoch, seed=seed, student=shape["student"],
-                            teacher=shape["teacher"], student_kwargs=shape["student_kwargs"],
-                            teacher_kwargs=shape["teacher_kwargs"])
+        b = build_jax_bench(
+            shape["batch_size"],
+            shape["compute_dtype"],
+            shape["fold_bn"],
+            shape["transfer_images"],
+            steps_per_epoch,
+            seed=seed,
+            student=shape["student"],
+            teacher=shape["teacher"],
+            student_kwargs=shape["student_kwargs"],
+            teacher_kwargs=shape["teacher_kwargs"],
+        )
         b["batch_size"] = shape["batch_size"]
         row = _time_form(b, "scan", steps_per_epoch, reps=1)
-        res.update({"method": "measured (one epoch = one scan program of steps_per_epoch steps, after a warm-up epoch)",
-                    "epoch_s": row["timed_calls_s"][0], "compile_s": row["compile_s"],
-                    "first_epoch_s": row["first_call_s"], "img_per_s": row["img_per_s"]})
+        res.update(
+            {
+                "method": "measured (one epoch = one scan program of steps_per_epoch steps, after a warm-up epoch)",
+                "epoch_s": row["timed_calls_s"][0],
+                "compile_s": row["compile_s"],
+                "first_epoch_s": row["first_call_s"],
+                "img_per_s": row["img_per_s"],
+            }
+        )
         return res
-    label = ("bf16" if shape["compute_dtype"] == "bfloat16" else "f32") + ("_fold" if shape["fold_bn"] else "_nofold")
-    used = label if any("scan" in r for r in measured.get(label, {}).values()) else next(
-        (lab for lab, per in measured.items() if any("scan" in r for r in per.values())), None)
+    label = ("bf16" if shape["compute_dtype"] == "bfloat16" else "f32") + (
+        "_fold" if shape["fold_bn"] else "_nofold"
+    )
+    used = (
+        label
+        if any("scan" in r for r in measured.get(label, {}).values())
+        else next((lab for lab, per in measured.items() if any("scan" in r for r in per.values())), None)
+    )
     if used is None:
         res.update({"method": "not available (no jax scan measurement)", "epoch_s": None})
         return res
@@ -423,12 +534,18 @@ def epoch_seconds(shape: dict, measured: dict, direct: bool, seed: int = 0) -> d
     largest = max(rows, key=lambda r: r["scan"]["batch_size"])
     best = largest["scan"]
     step_s = shape["batch_size"] / best["img_per_s"]
-    res.update({
-        "method": (f"derived, not measured: steps_per_epoch x step time, step time = batch {shape['batch_size']} / "
-                   f"img/s of jax scan {label} at batch {best['batch_size']} (assumes img/s constant in batch)"),
-        "epoch_s": steps_per_epoch * step_s, "step_s": step_s, "from_batch_size": best["batch_size"],
-        "img_per_s": best["img_per_s"],
-    })
+    res.update(
+        {
+            "method": (
+                f"derived, not measured: steps_per_epoch x step time, step time = batch {shape['batch_size']} / "
+                f"img/s of jax scan {label} at batch {best['batch_size']} (assumes img/s constant in batch)"
+            ),
+            "epoch_s": steps_per_epoch * step_s,
+            "step_s": step_s,
+            "from_batch_size": best["batch_size"],
+            "img_per_s": best["img_per_s"],
+        }
+    )
     if "noscan" in largest:
         res["epoch_s_noscan"] = steps_per_epoch * shape["batch_size"] / largest["noscan"]["img_per_s"]
     return res
@@ -504,8 +621,16 @@ def build_rows(jax_results: dict, torch_results: dict, batch_sizes: list[int]) -
                 if r is None and bs in per_batch and "error" in per_batch[bs]:
                     notes[bs] = "error"
             if any(v is not None for v in vals.values()) or notes:
-                rows.append({"name": f"jax {form} {label}", "kind": "jax", "config": label, "form": form,
-                             "values": vals, "notes": notes})
+                rows.append(
+                    {
+                        "name": f"jax {form} {label}",
+                        "kind": "jax",
+                        "config": label,
+                        "form": form,
+                        "values": vals,
+                        "notes": notes,
+                    }
+                )
     for mode, per_batch in torch_results.items():
         vals, notes = {}, {}
         for bs in batch_sizes:
@@ -529,10 +654,16 @@ def ratios(rows: list[dict], batch_sizes: list[int]) -> dict:
         if r["kind"] != "jax":
             continue
         entry = {}
-        for key, mode in (("vs_torch_compile_amp", "compile_amp_bf16"), ("vs_torch_eager_fp32", "eager_fp32")):
+        for key, mode in (
+            ("vs_torch_compile_amp", "compile_amp_bf16"),
+            ("vs_torch_eager_fp32", "eager_fp32"),
+        ):
             entry[key] = {
-                bs: (r["values"][bs] / ref[mode][bs]
-                     if r["values"].get(bs) and ref.get(mode, {}).get(bs) else None)
+                bs: (
+                    r["values"][bs] / ref[mode][bs]
+                    if r["values"].get(bs) and ref.get(mode, {}).get(bs)
+                    else None
+                )
                 for bs in batch_sizes
             }
         out[r["name"]] = entry
@@ -550,12 +681,16 @@ def format_table(rows: list[dict], rat: dict, batch_sizes: list[int]) -> str:
             v = r["values"].get(bs)
             cells.append(f"{v:>12.1f}" if v is not None else f"{r['notes'].get(bs, '-'):>12}")
         lines.append(f"{r['name']:<{w}} " + " ".join(cells))
-    for key, title in (("vs_torch_compile_amp", "ours / torch.compile AMP"),
-                       ("vs_torch_eager_fp32", "ours / torch eager fp32")):
+    for key, title in (
+        ("vs_torch_compile_amp", "ours / torch.compile AMP"),
+        ("vs_torch_eager_fp32", "ours / torch eager fp32"),
+    ):
         lines += ["", f"{title:<{w}} " + " ".join(f"{'B=' + str(b):>12}" for b in batch_sizes)]
         for name, entry in rat.items():
-            cells = [f"{entry[key][bs]:>12.2f}" if entry[key][bs] is not None else f"{'n/a':>12}"
-                     for bs in batch_sizes]
+            cells = [
+                f"{entry[key][bs]:>12.2f}" if entry[key][bs] is not None else f"{'n/a':>12}"
+                for bs in batch_sizes
+            ]
             lines.append(f"{name:<{w}} " + " ".join(cells))
     return "\n".join(lines)
 
@@ -564,13 +699,20 @@ def format_markdown(rows: list[dict], rat: dict, batch_sizes: list[int]) -> str:
     head = "| implementation / mode | " + " | ".join(f"B={b} img/s" for b in batch_sizes) + " |"
     lines = [head, "|" + "---|" * (len(batch_sizes) + 1)]
     for r in rows:
-        cells = [f"{r['values'][bs]:.1f}" if r["values"].get(bs) is not None else r["notes"].get(bs, "-")
-                 for bs in batch_sizes]
+        cells = [
+            f"{r['values'][bs]:.1f}" if r["values"].get(bs) is not None else r["notes"].get(bs, "-")
+            for bs in batch_sizes
+        ]
         lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
-    for key, title in (("vs_torch_compile_amp", "ours / torch.compile AMP"),
-                       ("vs_torch_eager_fp32", "ours / torch eager fp32")):
-        lines += ["", f"| {title} | " + " | ".join(f"B={b}" for b in batch_sizes) + " |",
-                  "|" + "---|" * (len(batch_sizes) + 1)]
+    for key, title in (
+        ("vs_torch_compile_amp", "ours / torch.compile AMP"),
+        ("vs_torch_eager_fp32", "ours / torch eager fp32"),
+    ):
+        lines += [
+            "",
+            f"| {title} | " + " | ".join(f"B={b}" for b in batch_sizes) + " |",
+            "|" + "---|" * (len(batch_sizes) + 1),
+        ]
         for name, entry in rat.items():
             cells = [f"{entry[key][bs]:.2f}" if entry[key][bs] is not None else "n/a" for bs in batch_sizes]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
@@ -582,53 +724,96 @@ def format_markdown(rows: list[dict], rat: dict, batch_sizes: list[int]) -> str:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true",
-                   help="CPU-friendly (< 5 min on 2 cores): batch 16,32, 2 steps, 1 rep, configs bf16_fold,f32_nofold, "
-                        "forms scan,dispatch,noscan, no torch.compile (unless --torch-compile)")
-    p.add_argument("--batch-sizes", default=None, help="comma-separated; default 256,1024 (--quick: 16,32)")
-    p.add_argument("--steps", type=int, default=None,
-                   help="steps per timed repetition (scan length K, dispatch count K); default 50 (--quick: 2)")
-    p.add_argument("--reps", type=int, default=None, help="timed repetitions, median reported; default 3 (--quick: 1)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="CPU-friendly (< 5 min on 2 cores): batch 8,16, 2 steps, 1 rep, configs bf16_fold,f32_nofold, "
+        "forms scan,dispatch,noscan, no torch.compile (unless --torch-compile)",
+    )
+    p.add_argument("--batch-sizes", default=None, help="comma-separated; default 256,1024 (--quick: 8,16)")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="steps per timed repetition (scan length K, dispatch count K); default 50 (--quick: 2)",
+    )
+    p.add_argument(
+        "--reps", type=int, default=None, help="timed repetitions, median reported; default 3 (--quick: 1)"
+    )
     p.add_argument("--warmup", type=int, default=None, help="torch warm-up steps; default 5 (--quick: 2)")
-    p.add_argument("--configs", default=None,
-                   help=f"JAX configs among {','.join(JAX_CONFIGS)}; default all (--quick: bf16_fold,f32_nofold)")
-    p.add_argument("--forms", default=None,
-                   help=f"JAX forms among {','.join(JAX_FORMS)}; default all (--quick: scan,dispatch,noscan)")
+    p.add_argument(
+        "--configs",
+        default=None,
+        help=f"JAX configs among {','.join(JAX_CONFIGS)}; default all (--quick: bf16_fold,f32_nofold)",
+    )
+    p.add_argument(
+        "--forms",
+        default=None,
+        help=f"JAX forms among {','.join(JAX_FORMS)}; default all (--quick: scan,dispatch,noscan)",
+    )
     p.add_argument("--torch-modes", default=None, help=f"among {','.join(TORCH_MODES)}; default all")
     p.add_argument("--skip-torch", action="store_true", help="time only the JAX step")
-    p.add_argument("--skip-torch-compile", action="store_true",
-                   help="skip torch.compile (recorded as skipped in the JSON and table)")
+    p.add_argument(
+        "--skip-torch-compile",
+        action="store_true",
+        help="skip torch.compile (recorded as skipped in the JSON and table)",
+    )
     p.add_argument("--torch-compile", action="store_true", help="with --quick: do time torch.compile")
-    p.add_argument("--torch-threads", type=int, default=None,
-                   help="torch.set_num_threads; 0 = torch's default. Default: torch's (--quick: 1, see README)")
-    p.add_argument("--epoch-seconds", action="store_true",
-                   help="seconds per cifar10_drop epoch (derived from the step time with --quick, else measured)")
-    p.add_argument("--profile", default=None, metavar="DIR",
-                   help="jax.profiler.trace one extra timed scan call of the main config (first batch size)")
-    p.add_argument("--dump-hlo", default=None, metavar="DIR", help="sets XLA_FLAGS=--xla_dump_to=DIR before jax import")
+    p.add_argument(
+        "--torch-threads",
+        type=int,
+        default=None,
+        help="torch.set_num_threads; 0 = torch's default. Default: torch's (--quick: 1, see README)",
+    )
+    p.add_argument(
+        "--epoch-seconds",
+        action="store_true",
+        help="seconds per cifar10_drop epoch (derived from the step time with --quick, else measured)",
+    )
+    p.add_argument(
+        "--profile",
+        default=None,
+        metavar="DIR",
+        help="jax.profiler.trace one extra timed scan call of the main config (first batch size)",
+    )
+    p.add_argument(
+        "--dump-hlo", default=None, metavar="DIR", help="sets XLA_FLAGS=--xla_dump_to=DIR before jax import"
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None,
-                   help="JSON path; default benchmarks/results/throughput_<platform>_<YYYYMMDD>[_quick].json")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="JSON path; default benchmarks/results/throughput_<platform>_<YYYYMMDD>[_quick].json",
+    )
     args = p.parse_args(argv)
     q = args.quick
-    args.batch_sizes = [int(x) for x in (args.batch_sizes or ("16,32" if q else "256,1024")).split(",") if x]
+    args.batch_sizes = [int(x) for x in (args.batch_sizes or ("8,16" if q else "256,1024")).split(",") if x]
     args.steps = args.steps or (2 if q else 50)
     if args.torch_threads is None:
         args.torch_threads = 1 if q else 0
     args.reps = args.reps or (1 if q else 3)
     args.warmup = args.warmup if args.warmup is not None else (2 if q else 5)
-    args.configs = [x for x in (args.configs or ("bf16_fold,f32_nofold" if q else ",".join(JAX_CONFIGS))).split(",") if x]
-    args.forms = [x for x in (args.forms or ("scan,dispatch,noscan" if q else ",".join(JAX_FORMS))).split(",") if x]
+    args.configs = [
+        x for x in (args.configs or ("bf16_fold,f32_nofold" if q else ",".join(JAX_CONFIGS))).split(",") if x
+    ]
+    args.forms = [
+        x for x in (args.forms or ("scan,dispatch,noscan" if q else ",".join(JAX_FORMS))).split(",") if x
+    ]
     args.compile_skip_reason = None
     if args.skip_torch_compile:
         args.compile_skip_reason = "skipped (--skip-torch-compile)"
     elif q and not args.torch_compile:
         args.skip_torch_compile = True
-        args.compile_skip_reason = ("skipped (--quick): on the 2-core CPU VM torch.compile's first step took 77 s "
-                                    "(B=16) and 107 s (B=32); pass --torch-compile to include it")
+        args.compile_skip_reason = (
+            "skipped (--quick): on the 2-core CPU VM torch.compile's first step took 77 s "
+            "(B=16) and 107 s (B=32); pass --torch-compile to include it"
+        )
     args.torch_modes = [x for x in (args.torch_modes or ",".join(TORCH_MODES)).split(",") if x]
-    for name, given, known in (("--configs", args.configs, JAX_CONFIGS), ("--forms", args.forms, JAX_FORMS),
-                               ("--torch-modes", args.torch_modes, TORCH_MODES)):
+    for name, given, known in (
+        ("--configs", args.configs, JAX_CONFIGS),
+        ("--forms", args.forms, JAX_FORMS),
+        ("--torch-modes", args.torch_modes, TORCH_MODES),
+    ):
         bad = [x for x in given if x not in known]
         if bad:
             p.error(f"{name}: unknown {bad}; expected some of {tuple(known)}")
@@ -640,16 +825,19 @@ def main(argv=None) -> dict:
     if args.dump_hlo:  # must precede the first jax import
         if "jax" in sys.modules:
             print("warning: jax already imported; --dump-hlo may not take effect", file=sys.stderr)
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={args.dump_hlo}").strip()
+        os.environ["XLA_FLAGS"] = (
+            os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={args.dump_hlo}"
+        ).strip()
     _ensure_paths()
-    import jax
-
-    _install_compile_listener()
+    _install_compile_listener()  # first jax import
     run_t0 = time.perf_counter()
     info = host_info()
     ceiling = ceiling_for(info["device_kind"])
-    print(f"device: {info['platform']} {info['device_kind']} x{info['num_devices']}, cpus={info['cpu_count']}, "
-          f"jax {info['jax']}, flax {info['flax']}, torch {info.get('torch')}", flush=True)
+    print(
+        f"device: {info['platform']} {info['device_kind']} x{info['num_devices']}, cpus={info['cpu_count']}, "
+        f"jax {info['jax']}, flax {info['flax']}, torch {info.get('torch')}",
+        flush=True,
+    )
 
     jax_results: dict[str, dict[int, dict]] = {}
     for label in args.configs:
@@ -659,13 +847,24 @@ def main(argv=None) -> dict:
             prof = args.profile if (args.profile and label == args.configs[0] and i == 0) else None
             t = time.perf_counter()
             try:
-                res = benchmark_jax(bs, args.steps, dtype, fold, forms=args.forms, reps=args.reps,
-                                    seed=args.seed, profile_dir=prof)
+                res = benchmark_jax(
+                    bs,
+                    args.steps,
+                    dtype,
+                    fold,
+                    forms=args.forms,
+                    reps=args.reps,
+                    seed=args.seed,
+                    profile_dir=prof,
+                )
             except Exception as e:  # noqa: BLE001 - e.g. out of memory at a large batch: record and go on
                 res = {"error": f"{type(e).__name__}: {e}"[:2000]}
             jax_results[label][bs] = res
-            summary = ", ".join(f"{f} {res[f]['img_per_s']:.1f} img/s (compile {res[f]['compile_s']:.1f}s)"
-                                for f in JAX_FORMS if f in res) or res.get("error", "")
+            summary = ", ".join(
+                f"{f} {res[f]['img_per_s']:.1f} img/s (compile {res[f]['compile_s']:.1f}s)"
+                for f in JAX_FORMS
+                if f in res
+            ) or res.get("error", "")
             print(f"jax {label} B={bs}: {summary}  [{time.perf_counter() - t:.0f}s]", flush=True)
             for f in JAX_FORMS:
                 if f in res:
@@ -675,6 +874,7 @@ def main(argv=None) -> dict:
     if not args.skip_torch:
         try:
             import torch_reference as tr
+
             if args.torch_threads:
                 import torch
 
@@ -694,8 +894,11 @@ def main(argv=None) -> dict:
                     r = tr.benchmark_torch(mode, bs, steps=args.steps, warmup=args.warmup)
                     r.update(_flops(r.get("img_per_s"), ceiling))
                 torch_results[mode][bs] = r
-                what = (f"{r['img_per_s']:.1f} img/s (first step {r['first_step_s']:.1f}s)" if "img_per_s" in r
-                        else r.get("error", r.get("skipped", "")))[:300]
+                what = (
+                    f"{r['img_per_s']:.1f} img/s (first step {r['first_step_s']:.1f}s)"
+                    if "img_per_s" in r
+                    else r.get("error", r.get("skipped", ""))
+                )[:300]
                 print(f"torch {mode} B={bs}: {what}  [{time.perf_counter() - t:.0f}s]", flush=True)
 
     epoch = None
@@ -705,7 +908,10 @@ def main(argv=None) -> dict:
             epoch = epoch_seconds(shape, jax_results, direct=not args.quick, seed=args.seed)
         except Exception as e:  # noqa: BLE001
             epoch = {**shape, "error": f"{type(e).__name__}: {e}"[:2000]}
-        print(f"cifar10_drop epoch: {epoch.get('epoch_s')} s ({epoch.get('method', epoch.get('error'))})", flush=True)
+        print(
+            f"cifar10_drop epoch: {epoch.get('epoch_s')} s ({epoch.get('method', epoch.get('error'))})",
+            flush=True,
+        )
 
     rows = build_rows(jax_results, torch_results, args.batch_sizes)
     rat = ratios(rows, args.batch_sizes)
@@ -715,23 +921,33 @@ def main(argv=None) -> dict:
     if args.compile_skip_reason and not args.skip_torch:
         print(f"\ntorch compile_amp_bf16: {args.compile_skip_reason}")
     if ceiling:
-        print(f"\nceiling ({ceiling['name']}): {ceiling['bf16_dense_tflops']} TFLOP/s bf16 dense, "
-              f"{ceiling['hbm_tb_s']} TB/s HBM; achieved TFLOP/s = img/s x {FLOP_PER_IMAGE / 1e9} GFLOP / 1e12")
+        print(
+            f"\nceiling ({ceiling['name']}): {ceiling['bf16_dense_tflops']} TFLOP/s bf16 dense, "
+            f"{ceiling['hbm_tb_s']} TB/s HBM; achieved TFLOP/s = img/s x {FLOP_PER_IMAGE / 1e9} GFLOP / 1e12"
+        )
     else:
         print(f"\nceiling: unknown for device_kind {info['device_kind']!r}")
 
     info["loadavg_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     result = {
         "date": now.isoformat(timespec="seconds"),
-        "command": " ".join([os.path.relpath(sys.argv[0], REPO) if sys.argv and sys.argv[0] else "throughput.py"]
-                            + (argv if argv is not None else sys.argv[1:])),
+        "command": " ".join(
+            [os.path.relpath(sys.argv[0], REPO) if sys.argv and sys.argv[0] else "throughput.py"]
+            + (argv if argv is not None else sys.argv[1:])
+        ),
         "host": info,
         "settings": {
-            "quick": args.quick, "batch_sizes": args.batch_sizes, "steps": args.steps, "reps": args.reps,
-            "torch_warmup": args.warmup, "configs": args.configs, "forms": args.forms,
+            "quick": args.quick,
+            "batch_sizes": args.batch_sizes,
+            "steps": args.steps,
+            "reps": args.reps,
+            "torch_warmup": args.warmup,
+            "configs": args.configs,
+            "forms": args.forms,
             "torch_modes": [] if args.skip_torch else args.torch_modes,
-            "skip_torch": args.skip_torch, "skip_torch_compile": args.skip_torch_compile,
+            "skip_torch": args.skip_torch,
+            "skip_torch_compile": args.skip_torch_compile,
             "torch_compile_skip_reason": args.compile_skip_reason,
             "torch_threads": args.torch_threads or "torch default",
             "forms_note": {
@@ -740,24 +956,43 @@ def main(argv=None) -> dict:
                 "dispatch_sync": "as dispatch, metrics fetched to the host after every call (train/loop.py)",
                 "noscan": "benchmark-local: make_run_steps's body jitted without lax.scan, called K times",
             },
-            "teacher": "resnet56", "student": "resnet20", "input": [32, 32, 3], "num_classes": 10,
+            "teacher": "resnet56",
+            "student": "resnet20",
+            "input": [32, 32, 3],
+            "num_classes": 10,
             "loss": "extended_kd: CE + T^2 KL (T=4) + 3-segment MSE, weights 1/1/1",
-            "optimizer": "SGD momentum 0.9, weight decay 5e-4", "augment": "cifar (jax only; torch: none)",
+            "optimizer": "SGD momentum 0.9, weight decay 5e-4",
+            "augment": "cifar (jax only; torch: none)",
             "teacher_bn": "calibrated on one random batch (both sides)",
         },
         "flop_per_image": FLOP_PER_IMAGE,
         "ceiling": ceiling or "unknown",
         "jax": {label: {str(bs): r for bs, r in per.items()} for label, per in jax_results.items()},
         "torch": {mode: {str(bs): r for bs, r in per.items()} for mode, per in torch_results.items()},
-        "table": [{**r, "values": {str(k): v for k, v in r["values"].items()},
-                   "notes": {str(k): v for k, v in r["notes"].items()}} for r in rows],
-        "ratios": {name: {k: {str(bs): v for bs, v in d.items()} for k, d in e.items()} for name, e in rat.items()},
+        "table": [
+            {
+                **r,
+                "values": {str(k): v for k, v in r["values"].items()},
+                "notes": {str(k): v for k, v in r["notes"].items()},
+            }
+            for r in rows
+        ],
+        "ratios": {
+            name: {k: {str(bs): v for bs, v in d.items()} for k, d in e.items()} for name, e in rat.items()
+        },
         "table_markdown": format_markdown(rows, rat, args.batch_sizes),
         "epoch_seconds": epoch,
         "wall_s": time.perf_counter() - run_t0,
     }
-    out = pathlib.Path(args.out) if args.out else (
-        BENCH_DIR / "results" / f"throughput_{info['platform']}_{now:%Y%m%d}{'_quick' if args.quick else ''}.json")
+    out = (
+        pathlib.Path(args.out)
+        if args.out
+        else (
+            BENCH_DIR
+            / "results"
+            / f"throughput_{info['platform']}_{now:%Y%m%d}{'_quick' if args.quick else ''}.json"
+        )
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2, default=str) + "\n")
     print(f"\nwrote {out} (total {result['wall_s']:.0f}s)")

@@ -63,7 +63,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval_batch_size = 1000
     c.num_epochs = 10
     c.compute_dtype = "float32"  # float32 | bfloat16 (parameters stay float32)
-    c.steps_per_dispatch = 0  # steps per compiled program; 0 = one program per epoch
+    c.steps_per_dispatch = 0  # steps per compiled program; 0 = auto: the epoch on GPU/TPU, 1 on CPU
     c.checkpoint_every_epochs = 1
     c.keep_checkpoints = 2
     c.on_nonfinite = "stop"  # stop | skip (skip the update of a step whose loss is NaN/Inf)

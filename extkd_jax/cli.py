@@ -82,6 +82,21 @@ def apply_scale(config, args: list[str]) -> None:
         merge(config, scales[config.scale], "")
 
 
+def _check_config_file(path: str) -> None:
+    """Loads the config file once to turn a broken file into a clear message (config_flags would trace back)."""
+    import importlib.util
+
+    file = path.partition(":")[0]
+    spec = importlib.util.spec_from_file_location("extkd_config_check", file)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as err:
+        raise UsageError(f"--config={file} could not be loaded: {type(err).__name__}: {err}") from None
+    if not callable(getattr(module, "get_config", None)):
+        raise UsageError(f"--config={file} defines no get_config() function")
+
+
 def parse_flags(command: str, args: list[str]):
     """Returns (config, workdir) from `--config=... --config.key=value --workdir=...`."""
     from absl import flags
@@ -98,6 +113,12 @@ def parse_flags(command: str, args: list[str]):
             f"--config={resolve_config_path(config_arg.split('=', 1)[1])}" if a is config_arg else a
             for a in args
         ]
+    # presets import `configs.base`: make the repository's configs package importable from any directory
+    if str(CONFIG_DIR.parent) not in sys.path:
+        sys.path.insert(0, str(CONFIG_DIR.parent))
+    config_path = next((a.split("=", 1)[1] for a in args if a.startswith("--config=")), None)
+    if config_path:
+        _check_config_file(config_path)
     flag_values = flags.FlagValues()
     flags.DEFINE_string(
         "workdir", None, "directory of the run (resumed if it exists)", flag_values=flag_values

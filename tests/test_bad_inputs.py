@@ -17,7 +17,6 @@ import pytest
 from flax import nnx
 
 from extkd_jax import cli, losses
-from extkd_jax.data import prepare_datasets
 from extkd_jax.experiment.reproduce import reproduce
 from extkd_jax.models import create_model
 from extkd_jax.train.config_checks import ConfigError
@@ -302,8 +301,6 @@ def test_teacher_workdir_without_checkpoint(data_dir, teacher, tmp_path):
     assert sorted(p.name for p in unfinished.iterdir()) == ["config.json"]  # nothing created there
 
 
-@pytest.mark.xfail(strict=True, reason="loop.py: train_and_evaluate does not compare the teacher's num_classes "
-                   "(config.json) with the data's; the error comes later from kd_kl, naming only logit shapes")
 def test_teacher_of_another_number_of_classes(teacher, tmp_path):
     folder = write_tiny_npz(tmp_path / "data" / "toy", num_classes=5)
     config = _distill(folder, teacher, **{"data.name": "toy", "loss.name": "kd"})
@@ -311,8 +308,6 @@ def test_teacher_of_another_number_of_classes(teacher, tmp_path):
             "10 classes", "5 classes", str(teacher))
 
 
-@pytest.mark.xfail(strict=True, reason="loop.py: the teacher's input shape (config.json input_shape) is not "
-                   "compared with the data's; the MLP error then advises 'pass input_size=100 to create_model'")
 def test_teacher_of_another_input_shape(teacher, tmp_path):
     folder = write_tiny_npz(tmp_path / "data" / "mnist", size=10)
     config = _distill(folder, teacher, **{"loss.name": "kd", "model.kwargs.input_size": 100})
@@ -320,12 +315,10 @@ def test_teacher_of_another_input_shape(teacher, tmp_path):
             "8, 8, 1", "10, 10, 1", str(teacher))
 
 
-@pytest.mark.xfail(strict=True, reason="builders.py load_trained_model: a teacher.workdir that is a file is "
-                   "reported as 'does not exist'")
 def test_teacher_workdir_that_is_a_file(data_dir, teacher, tmp_path):
     config = _distill(data_dir, teacher / "config.json")
     refused((FileNotFoundError, ValueError), lambda: train_and_evaluate(config, tmp_path / "run", mode="distill"),
-            "is not a directory")
+            "is a file, not a directory")
 
 
 # ----------------------------------------------------------------------------------------------------- workdirs
@@ -369,7 +362,7 @@ def test_batch_not_divisible_by_the_device_count(data_dir, tmp_path):
     )
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
                PYTHONPATH=str(REPO_ROOT))
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120, check=False,
                          cwd=REPO_ROOT)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "REFUSED: batch_size=20 is not divisible by the 8 devices of the mesh; use a multiple of 8" in out.stdout
@@ -430,8 +423,6 @@ def test_cli_config_path_in_a_missing_folder(tmp_path, capsys):
     assert "mnist_teacher" in err  # the presets are listed
 
 
-@pytest.mark.xfail(strict=True, reason="cli.py parse_flags: a config file without get_config() is reported as "
-                   "'unknown config key (module ... has no attribute get_config)'")
 def test_cli_config_file_without_get_config(tmp_path, capsys):
     path = tmp_path / "not_a_config.py"
     path.write_text("x = 1\n")
@@ -440,8 +431,6 @@ def test_cli_config_file_without_get_config(tmp_path, capsys):
     assert "get_config" in err and "unknown config key" not in err
 
 
-@pytest.mark.xfail(strict=True, reason="cli.py parse_flags: a config file that does not parse raises SyntaxError "
-                   "with a traceback instead of a usage error (exit status 2)")
 def test_cli_config_file_with_a_syntax_error(tmp_path, capsys):
     path = tmp_path / "broken.py"
     path.write_text("def get_config(:\n")

@@ -74,7 +74,7 @@ def test_sigterm_writes_a_checkpoint_exits_1_and_the_rerun_matches_an_uninterrup
 
     def run(workdir):
         return subprocess.run(_extkd("train", *flags, f"--workdir={workdir}"), env=env, cwd=REPO_ROOT,
-                              capture_output=True, text=True, timeout=300)
+                              capture_output=True, text=True, timeout=300, check=False)
 
     full = run(tmp_path / "full")
     assert full.returncode == 0, full.stderr[-3000:]
@@ -112,9 +112,6 @@ def test_sigterm_writes_a_checkpoint_exits_1_and_the_rerun_matches_an_uninterrup
 
     resumed = run(workdir)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    if step % STEPS_PER_EPOCH == 0 and step > boundary:
-        # SIGTERM landed on the last step of an epoch, before its record: see the boundary test below
-        pytest.xfail("SIGTERM at an epoch boundary loses that epoch's record (loop.py)")
     assert_same_records(read_metrics(tmp_path / "full"), read_metrics(workdir))
 
 
@@ -149,15 +146,7 @@ def uninterrupted(data_dir, tmp_path_factory) -> list[dict]:
     "dispatch",
     [
         10,
-        pytest.param(
-            STEPS_PER_EPOCH,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="loop.py: a SIGTERM seen after the last dispatch of an epoch saves the checkpoint before "
-                "that epoch's record is written, with the epoch's sums as partial_sums: the resumed run never "
-                "writes that record and folds those sums into the next epoch's averages",
-            ),
-        ),
+        STEPS_PER_EPOCH,
     ],
     ids=["mid_epoch", "epoch_boundary"],
 )

@@ -16,7 +16,7 @@ import time
 import numpy as np
 import pytest
 
-from tests.tiny import REPO_ROOT
+from tests.tiny import REPO_ROOT, write_tiny_npz
 
 SCRIPT = REPO_ROOT / "tests/scripts/multihost_steps.py"
 TIMEOUT_S = 240
@@ -83,13 +83,13 @@ def _max_diff(a: list, b: list) -> float:
 @pytest.mark.slow
 def test_two_processes_match_one_process(tmp_path):
     # one process with 2 CPU devices: the replicated placement runs on 1 of them, the sharded one on both
-    [single_out] = _finish([_start(tmp_path, "single", "single", devices=2)], TIMEOUT_S)
+    [single_out] = _finish([_start(tmp_path, "single", "steps", "single", devices=2)], TIMEOUT_S)
     single = _result(single_out)
     assert single["process_count"] == 1 and single["devices"] == 2
     assert single["replicated"]["mesh_devices"] == 1 and single["sharded"]["mesh_devices"] == 2
 
     port = _free_port()
-    outputs = _finish([_start(tmp_path, f"process{i}", str(i), "2", str(port)) for i in range(2)], TIMEOUT_S)
+    outputs = _finish([_start(tmp_path, f"process{i}", "steps", f"{i}/2/{port}") for i in range(2)], TIMEOUT_S)
     multi = _result(outputs[0])
     assert not any(line.startswith("{") for line in outputs[1].splitlines()), "only process 0 prints results"
     assert multi["process_count"] == 2 and multi["devices"] == 2 and multi["local_devices"] == 1
@@ -105,3 +105,42 @@ def test_two_processes_match_one_process(tmp_path):
         assert b["loss"][0] != b["loss"][-1]  # the steps changed the parameters
     # the two placements draw different batches: the sharded comparison is not the replicated one again
     assert single["replicated"]["loss"] != single["sharded"]["loss"]
+
+
+TIMING = ("epoch_time_s", "img_per_s", "wall_time_s")
+
+
+def _same_records(a: list[dict], b: list[dict]) -> None:
+    assert [r["epoch"] for r in a] == [r["epoch"] for r in b]
+    for ra, rb in zip(a, b):
+        for k in ra:
+            if k not in TIMING:
+                np.testing.assert_allclose(np.asarray(rb[k], float), np.asarray(ra[k], float), rtol=1e-5,
+                                           atol=1e-6, err_msg=f"{k} at epoch {ra['epoch']}")
+
+
+@pytest.mark.slow
+def test_two_process_training_checkpoints_and_resumes_like_one_process(tmp_path):
+    """`train_and_evaluate` on 2 processes (sharded data, orbax checkpoints written by both, metrics by process 0),
+    stopped after epoch 1 and resumed to epoch 2, gives the records of 1 process with 2 devices."""
+    data_dir = write_tiny_npz(tmp_path / "data" / "mnist")
+    single_dir, multi_dir = tmp_path / "single_run", tmp_path / "multi_run"
+    [out] = _finish([_start(tmp_path, "train_single", "train", "single", str(single_dir), str(data_dir), "2",
+                            devices=2)], TIMEOUT_S)
+    single = _result(out)
+    assert [r["epoch"] for r in single["records"]] == [1, 2]
+
+    for epochs in (1, 2):  # the second launch resumes from the first one's checkpoint
+        port = _free_port()
+        outputs = _finish([_start(tmp_path, f"train{epochs}_{i}", "train", f"{i}/2/{port}", str(multi_dir),
+                                  str(data_dir), str(epochs)) for i in range(2)], TIMEOUT_S)
+        multi = _result(outputs[0])
+        assert multi["process_count"] == 2 and multi["devices"] == 2
+        assert multi["returned"]["epoch"] == epochs
+        if epochs == 1:
+            first_epoch_line = (multi_dir / "metrics.jsonl").read_text().splitlines()[0]
+    # resumed, not restarted: epoch 1's record (with its timings) was kept as the first launch wrote it
+    assert (multi_dir / "metrics.jsonl").read_text().splitlines()[0] == first_epoch_line
+    assert sorted(int(p.name) for p in (multi_dir / "checkpoints").iterdir()) == [7, 14]
+    assert len((multi_dir / "metrics.jsonl").read_text().splitlines()) == 2  # process 0 wrote, once per epoch
+    _same_records(single["records"], multi["records"])

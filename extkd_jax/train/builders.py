@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pathlib
+import warnings
 from typing import Any
 
 import jax
@@ -83,8 +84,12 @@ def latest_readable_state(workdir: pathlib.Path) -> dict:
                 return manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))[
                     "state"
                 ]
-            except Exception:  # fall back to the previous checkpoint
-                continue
+            except Exception as err:  # fall back to the previous checkpoint
+                warnings.warn(
+                    f"checkpoint step {step} in {directory} could not be restored "
+                    f"({type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}); "
+                    "falling back to an older one"
+                )
     finally:
         manager.close()
     raise FileNotFoundError(f"no readable checkpoint under {directory}")
@@ -93,6 +98,8 @@ def latest_readable_state(workdir: pathlib.Path) -> dict:
 def load_trained_model(workdir: str | pathlib.Path, dtype=jnp.float32, expected_name: str = ""):
     """(ModelParts of the trained model, its config) from the workdir of an `extkd train`/`distill` run."""
     workdir = pathlib.Path(workdir)
+    if workdir.exists() and not workdir.is_dir():
+        raise ValueError(f"workdir {workdir} is a file, not a directory")
     if not workdir.is_dir():
         raise FileNotFoundError(f"workdir {workdir} does not exist")
     record, config = read_config(workdir)

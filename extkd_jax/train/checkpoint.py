@@ -60,7 +60,7 @@ class Checkpointer:
                     ),
                 )
                 return restored["state"], dict(restored["meta"])
-            except Exception as err:  # a truncated or corrupt checkpoint: try the one before
+            except Exception as err:  # noqa: BLE001 - a truncated or corrupt checkpoint: try the one before
                 self.unreadable.add(step)
                 reason = (str(err).strip().splitlines() or [""])[0][:200]
                 warnings.warn(

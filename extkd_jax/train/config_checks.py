@@ -47,8 +47,9 @@ def check_config(config, mode: str) -> None:
         _number(c, "data.drop_classes entry", minimum=0, integer=True)
     repeated = sorted({c for c in data.drop_classes if tuple(data.drop_classes).count(c) > 1})
     if repeated:
-        raise ConfigError(f"data.drop_classes={tuple(data.drop_classes)!r}: expected distinct classes, "
-                          f"{repeated} repeated")
+        raise ConfigError(
+            f"data.drop_classes={tuple(data.drop_classes)!r}: expected distinct classes, {repeated} repeated"
+        )
 
     _choice(config.model.name, "model.name", MODEL_NAMES)
     loss = config.loss

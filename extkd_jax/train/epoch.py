@@ -63,7 +63,9 @@ class DeviceDataset:
             self._perm = jax.jit(
                 jax.shard_map(
                     lambda key: _local_permutations(key, self.num_local),
-                    mesh=mesh, in_specs=P(), out_specs=P(DATA_AXIS),
+                    mesh=mesh,
+                    in_specs=P(),
+                    out_specs=P(DATA_AXIS),
                 )
             )
         else:
@@ -77,6 +79,12 @@ class DeviceDataset:
 
     def steps_per_epoch(self, batch_size: int) -> int:
         return steps_per_epoch(self.num_examples, batch_size, self.mesh.devices.size, self.placement)
+
+
+def default_steps_per_dispatch(steps_per_epoch: int) -> int:
+    """One compiled program per epoch on accelerators; one step per dispatch on CPU, where XLA runs the
+    convolution gradients 10-50x slower inside a loop (jax-ml/jax#12868; measured in benchmarks/)."""
+    return 1 if jax.default_backend() == "cpu" else steps_per_epoch
 
 
 def steps_per_epoch(num_examples: int, batch_size: int, num_devices: int, placement: str) -> int:
@@ -109,7 +117,9 @@ def make_run_steps(
         return jnp.take(images, idx, axis=0), jnp.take(labels, idx, axis=0)
 
     sharded_gather = jax.shard_map(
-        local_gather, mesh=mesh, in_specs=(P(DATA_AXIS), P(DATA_AXIS), P(DATA_AXIS), P()),
+        local_gather,
+        mesh=mesh,
+        in_specs=(P(DATA_AXIS), P(DATA_AXIS), P(DATA_AXIS), P()),
         out_specs=(P(DATA_AXIS), P(DATA_AXIS)),
     )
 
@@ -120,13 +130,19 @@ def make_run_steps(
         idx = jax.lax.with_sharding_constraint(idx, batch_spec)
         return jnp.take(images, idx, axis=0), jnp.take(labels, idx, axis=0)
 
+    def one_step(state, teacher_vars, images, labels, perm, key, s):
+        x, y = gather(images, labels, perm, s)
+        aug_key, step_key = jax.random.split(jax.random.fold_in(key, s))
+        x = normalize(augment_batch(aug_key, x, augment_kind), mean, std).astype(compute_dtype)
+        return step_fn(state, teacher_vars, x, y, step_key)
+
     def run_steps(state, teacher_vars, images, labels, perm, key, start, num_steps):
+        if num_steps == 1:  # no loop: XLA:CPU runs conv gradients much slower inside one (jax#12868)
+            state, metrics = one_step(state, teacher_vars, images, labels, perm, key, start)
+            return state, jax.tree.map(lambda m: m[None], metrics)
+
         def body(state, i):
-            s = start + i
-            x, y = gather(images, labels, perm, s)
-            aug_key, step_key = jax.random.split(jax.random.fold_in(key, s))
-            x = normalize(augment_batch(aug_key, x, augment_kind), mean, std).astype(compute_dtype)
-            return step_fn(state, teacher_vars, x, y, step_key)
+            return one_step(state, teacher_vars, images, labels, perm, key, start + i)
 
         return jax.lax.scan(body, state, jnp.arange(num_steps, dtype=jnp.int32))
 

@@ -25,12 +25,18 @@ from extkd_jax.train import sharding
 from extkd_jax.train.builders import DTYPES, load_trained_model
 from extkd_jax.train.checkpoint import Checkpointer
 from extkd_jax.train.config_checks import check_config
-from extkd_jax.train.epoch import DeviceDataset, make_predict, make_run_steps, steps_per_epoch as count_steps
+from extkd_jax.train.epoch import (
+    DeviceDataset,
+    default_steps_per_dispatch,
+    make_predict,
+    make_run_steps,
+    steps_per_epoch as count_steps,
+)
 from extkd_jax.train.metrics import MetricsLog, classification_summary
 from extkd_jax.train.program import build_program
 from extkd_jax.train.state import TrainState
 from extkd_jax.train.steps import make_logits_fn
-from extkd_jax.train.workdir import check_or_write_config
+from extkd_jax.train.workdir import check_or_write_config, read_config
 
 log = logging.getLogger(__name__)
 
@@ -128,13 +134,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     is_main = jax.process_index() == 0
     datasets = load_datasets(config.data)
     train_set = datasets.transfer
-    info = {
-        "num_classes": datasets.num_classes,
-        "input_shape": list(train_set.images.shape[1:]),
-        "drop_classes": list(datasets.drop_classes),
-    }
-    check_or_write_config(workdir, config, kind=mode, write=is_main, info=info)
-
     mesh = sharding.make_mesh()
     sharding.check_batch_divisible(config.batch_size, mesh)
     placement = data_placement(config.data)
@@ -146,14 +145,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     augment_kind = (
         default_augmentation(config.data.name) if config.data.augment == "auto" else config.data.augment
     )
-    input_shape = (2,) + tuple(train_set.images.shape[1:])
+    input_shape = tuple(train_set.images.shape[1:])
 
     teacher_parts = None
     if mode == "distill":
         teacher_parts, _ = load_trained_model(
             config.teacher.workdir, compute_dtype, expected_name=config.teacher.name
         )
-    program = build_program(config, datasets.num_classes, input_shape[1:], steps_per_epoch, teacher_parts)
+        teacher_record, _ = read_config(config.teacher.workdir)
+        _check_teacher_fits(config.teacher.workdir, teacher_record, datasets.num_classes, input_shape)
+    program = build_program(config, datasets.num_classes, input_shape, steps_per_epoch, teacher_parts)
+    # written only once every check that can refuse the run has passed: a refused start leaves nothing
+    info = {
+        "num_classes": datasets.num_classes,
+        "input_shape": list(input_shape),
+        "drop_classes": list(datasets.drop_classes),
+    }
+    check_or_write_config(workdir, config, kind=mode, write=is_main, info=info)
     parts, step_fn, teacher_vars = program.parts, program.step_fn, program.teacher_vars
     run_steps = make_run_steps(
         step_fn, mesh, config.batch_size, augment_kind, mean, std, compute_dtype, placement
@@ -178,7 +186,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     teacher_vars = sharding.put_replicated(teacher_vars, mesh) if teacher_vars is not None else None
     device_data = DeviceDataset(train_set.images, train_set.labels, mesh, placement)
     seed_key = jax.random.fold_in(jax.random.key(config.seed), 1)
-    chunk = config.steps_per_dispatch or steps_per_epoch
+    chunk = config.steps_per_dispatch or default_steps_per_dispatch(steps_per_epoch)
     last_record: dict = {}
     run_start = time.time()
     bar = tqdm(
@@ -204,7 +212,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                 num = min(chunk, steps_per_epoch - offset)
                 t0 = time.time()
                 state, step_metrics = run_steps(
-                    state, teacher_vars, device_data.images, device_data.labels, perm, epoch_key, jnp.int32(offset), num_steps=num
+                    state,
+                    teacher_vars,
+                    device_data.images,
+                    device_data.labels,
+                    perm,
+                    epoch_key,
+                    jnp.int32(offset),
+                    num_steps=num,
                 )
                 step_metrics = sharding.to_host(step_metrics)
                 _check_finite(step_metrics, step, config.on_nonfinite)
@@ -217,17 +232,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                 rate = num * config.batch_size / max(time.time() - t0, 1e-9)
                 bar.update(num)
                 bar.set_postfix(epoch=epoch + 1, loss=f"{step_metrics['loss'][-1]:.4f}", img_s=f"{rate:,.0f}")
-                if sigterm["set"] and step < total_steps:
-                    checkpointer.save(
-                        step, sharding.to_host(state), {"partial_sums": sums, "reason": "SIGTERM"}
-                    )
-                    bar.close()
-                    log.warning(
-                        "SIGTERM: checkpoint at step %d written; rerun the same command to resume", step
-                    )
-                    raise SystemExit(
-                        f"preempted (SIGTERM): checkpoint at step {step} written in {workdir}; "
-                        "rerun the same command to resume"
+                if step < (epoch + 1) * steps_per_epoch and _preempted(sigterm):
+                    _stop(
+                        checkpointer, step, state, {"partial_sums": sums, "reason": "SIGTERM"}, workdir, bar
                     )
             epoch_time = time.time() - epoch_t0
             record = _epoch_record(
@@ -238,6 +245,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
             last_record = record
             if (epoch + 1) % config.checkpoint_every_epochs == 0 or step == total_steps:
                 checkpointer.save(step, sharding.to_host(state), {"epoch": epoch + 1})
+            if step < total_steps and _preempted(sigterm):
+                _stop(checkpointer, step, state, {"epoch": epoch + 1, "reason": "SIGTERM"}, workdir, bar)
     bar.close()
     checkpointer.close()
     if not last_record:  # already complete: report the stored result
@@ -246,6 +255,38 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         records = read_metrics(workdir)
         last_record = records[-1] if records else {}
     return last_record
+
+
+def _preempted(sigterm: dict) -> bool:
+    """Whether any process got SIGTERM: all processes must agree, or a checkpoint barrier would deadlock."""
+    stop = bool(sigterm["set"])
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        stop = bool(np.max(multihost_utils.process_allgather(np.int32(stop))))
+    return stop
+
+
+def _stop(checkpointer: Checkpointer, step: int, state, meta: dict, workdir, bar) -> None:
+    """Writes the preemption checkpoint (a no-op if this step is already saved) and exits."""
+    checkpointer.save(step, sharding.to_host(state), meta)
+    checkpointer.close()
+    bar.close()
+    log.warning("SIGTERM: checkpoint at step %d written; rerun the same command to resume", step)
+    raise SystemExit(
+        f"preempted (SIGTERM): checkpoint at step {step} written in {workdir}; rerun the same command to resume"
+    )
+
+
+def _check_teacher_fits(teacher_workdir, teacher_record: dict, num_classes: int, input_shape) -> None:
+    """The teacher must predict the same classes from the same images as the student."""
+    teacher_classes = teacher_record.get("num_classes")
+    teacher_shape = tuple(teacher_record.get("input_shape") or ())
+    if teacher_classes != num_classes or (teacher_shape and teacher_shape != tuple(input_shape)):
+        raise ValueError(
+            f"teacher.workdir={teacher_workdir} holds a model of {teacher_classes} classes on inputs "
+            f"{teacher_shape}; the data has {num_classes} classes and inputs {tuple(input_shape)}"
+        )
 
 
 def _check_finite(step_metrics: dict, first_step: int, policy: str) -> None:

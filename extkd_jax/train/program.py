@@ -66,7 +66,13 @@ def build_program(
     learning_rate_fn = create_learning_rate_fn(config.optim, steps_per_epoch, config.num_epochs)
     tx = create_optimizer(config.optim, learning_rate_fn)
     step_fn = make_step(
-        parts, config.loss, tx, learning_rate_fn, steps_per_epoch, teacher, pairs,
+        parts,
+        config.loss,
+        tx,
+        learning_rate_fn,
+        steps_per_epoch,
+        teacher,
+        pairs,
         skip_nonfinite=config.on_nonfinite == "skip",
     )
     return Program(parts, teacher, pairs, tx, learning_rate_fn, step_fn, compute_dtype)

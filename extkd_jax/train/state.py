@@ -51,7 +51,7 @@ class ModelParts:
 
 def split_model(model: nnx.Module) -> ModelParts:
     graphdef, params, batch_stats, other = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
-    return ModelParts(graphdef, params.to_pure_dict(), batch_stats.to_pure_dict(), other)
+    return ModelParts(graphdef, nnx.to_pure_dict(params), nnx.to_pure_dict(batch_stats), other)
 
 
 def init_train_state(parts: ModelParts, tx) -> TrainState:

@@ -45,7 +45,7 @@ def _student_forward(student_parts: ModelParts, params, batch_stats, images, key
         train_view.student, images, train=True, rngs=nnx.Rngs(dropout=key)
     )
     mapped = [train_view.connectors[j](segments[s]) for j, (s, _) in enumerate(pairs)]
-    new_stats = nnx.state(model, nnx.BatchStat).to_pure_dict()
+    new_stats = nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
     return logits, mapped, new_stats
 
 

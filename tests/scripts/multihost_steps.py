@@ -1,14 +1,20 @@
-"""Runs 3 distill steps (resnet8 teacher -> resnet8 student, extended_kd) as tests/scripts/steps_on_meshes.py does,
-in both data placements, and prints the results as JSON (process 0 only).
+"""Data parallelism over several JAX processes on one machine (CPU collectives over gloo). Started by
+tests/test_multihost.py; prints its results as JSON from process 0 only.
 
-    python multihost_steps.py REPO_ROOT single
-    python multihost_steps.py REPO_ROOT PROCESS_ID NUM_PROCESSES COORDINATOR_PORT
+    python multihost_steps.py REPO_ROOT steps PROCESSES
+    python multihost_steps.py REPO_ROOT train PROCESSES WORKDIR DATA_DIR EPOCHS
 
-The second form starts JAX's multi-process runtime on this machine (CPU collectives over gloo), so with 2
-processes of 1 CPU device each the mesh has 2 devices on 2 processes; both placements run on that mesh.
-In the first form (one process) the replicated placement runs on a 1-device mesh (its result does not depend on
-the number of devices) and the sharded placement on the mesh of every local device (its batches depend on the
-number of devices: run it with as many devices as the multi-process run has). Started by tests/test_multihost.py.
+PROCESSES is `single` (one process, however many local devices) or `ID/COUNT/PORT` (process ID of COUNT, the
+coordinator on 127.0.0.1:PORT). With 2 processes of 1 CPU device each the mesh has 2 devices on 2 processes.
+
+`steps`: 3 distill steps (resnet8 teacher -> resnet8 student, extended_kd) as tests/scripts/steps_on_meshes.py
+runs them, in both data placements. In one process the replicated placement runs on a 1-device mesh (its result
+does not depend on the number of devices) and the sharded placement on every local device (its batches depend on
+the number of devices: give the single process as many devices as the multi-process run has).
+
+`train`: `train_and_evaluate` of the tiny MLP with data.placement='sharded' (what `auto` picks on several
+processes) and a constant learning rate, started through config.distributed as `extkd train` would be; prints
+what it returned and the metrics records of the workdir.
 """
 
 import json
@@ -16,43 +22,48 @@ import sys
 
 import jax
 
-REPO_ROOT, MODE = sys.argv[1], sys.argv[2]
-if MODE != "single":
-    process_id, num_processes, port = int(MODE), int(sys.argv[3]), int(sys.argv[4])
+REPO_ROOT, TASK, PROCESSES = sys.argv[1], sys.argv[2], sys.argv[3]
+SINGLE = PROCESSES == "single"
+if not SINGLE:
+    process_id, num_processes, port = (int(v) for v in PROCESSES.split("/"))
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(
-        coordinator_address=f"127.0.0.1:{port}",
-        num_processes=num_processes,
-        process_id=process_id,
-        initialization_timeout=120,
-        heartbeat_timeout_seconds=30,
-        shutdown_timeout_seconds=30,
-    )
+    if TASK == "steps":  # `train` starts the runtime through config.distributed
+        jax.distributed.initialize(
+            coordinator_address=f"127.0.0.1:{port}",
+            num_processes=num_processes,
+            process_id=process_id,
+            initialization_timeout=120,
+            heartbeat_timeout_seconds=30,
+            shutdown_timeout_seconds=30,
+        )
 
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from jax.sharding import Mesh  # noqa: E402
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
 
 sys.path.insert(0, REPO_ROOT)
-from tests.tiny import tiny_config  # noqa: E402
-
-from extkd_jax.train import sharding  # noqa: E402
-from extkd_jax.train.builders import build_model  # noqa: E402
-from extkd_jax.train.epoch import DeviceDataset, make_run_steps  # noqa: E402
-from extkd_jax.train.program import build_program  # noqa: E402
-from extkd_jax.train.state import split_model  # noqa: E402
-
-config = tiny_config(".", **{"model.name": "resnet8", "loss.name": "extended_kd", "batch_size": 16,
-                             "data.augment": "cifar", "teacher.fold_batchnorm": True})
-config.model.kwargs = {}
-teacher = split_model(build_model("resnet8", {}, 10, seed=5, dtype=jnp.float32))
-rng = np.random.default_rng(0)
-images = rng.integers(0, 256, size=(64, 8, 8, 3), dtype=np.uint8)
-labels = rng.integers(0, 10, size=(64,)).astype(np.int32)
-mean, std = np.full(3, 120.0, np.float32), np.full(3, 60.0, np.float32)
+from extkd_jax.train import sharding
+from extkd_jax.train.builders import build_model
+from extkd_jax.train.epoch import DeviceDataset, make_run_steps
+from extkd_jax.train.program import build_program
+from extkd_jax.train.state import split_model
+from tests.tiny import tiny_config
 
 
-def run(mesh, placement):
+def steps_setup():
+    config = tiny_config(".", **{"model.name": "resnet8", "loss.name": "extended_kd", "batch_size": 16,
+                                 "data.augment": "cifar", "teacher.fold_batchnorm": True})
+    config.model.kwargs = {}
+    teacher = split_model(build_model("resnet8", {}, 10, seed=5, dtype=jnp.float32))
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(64, 8, 8, 3), dtype=np.uint8)
+    labels = rng.integers(0, 10, size=(64,)).astype(np.int32)
+    return config, teacher, images, labels
+
+
+def run_steps_on(mesh, placement: str) -> dict:
+    config, teacher, images, labels = steps_setup()
+    mean, std = np.full(3, 120.0, np.float32), np.full(3, 60.0, np.float32)
     sharding.check_batch_divisible(16, mesh)
     program = build_program(config, 10, (8, 8, 3), steps_per_epoch=4, teacher_parts=teacher)
     run_steps = make_run_steps(program.step_fn, mesh, 16, "cifar", mean, std, jnp.float32, placement)
@@ -74,13 +85,35 @@ def run(mesh, placement):
     }
 
 
-everything = sharding.make_mesh()
-one_device = Mesh(np.asarray(jax.devices()[:1]), (sharding.DATA_AXIS,))
-results = {
-    "replicated": run(one_device if MODE == "single" else everything, "replicated"),
-    "sharded": run(everything, "sharded"),
-}
+def steps_task() -> dict:
+    everything = sharding.make_mesh()
+    one_device = Mesh(np.asarray(jax.devices()[:1]), (sharding.DATA_AXIS,))
+    return {
+        "replicated": run_steps_on(one_device if SINGLE else everything, "replicated"),
+        "sharded": run_steps_on(everything, "sharded"),
+    }
+
+
+def train_task(workdir: str, data_dir: str, epochs: int) -> dict:
+    from extkd_jax.train.loop import train_and_evaluate
+    from extkd_jax.train.metrics import read_metrics
+
+    # a constant learning rate: a run resumed with more epochs then matches one started with them
+    overrides = {"num_epochs": epochs, "data.placement": "sharded", "optim.schedule": "constant"}
+    if not SINGLE:
+        overrides.update({"distributed.enabled": True, "distributed.coordinator_address": f"127.0.0.1:{port}",
+                          "distributed.num_processes": num_processes, "distributed.process_id": process_id})
+    record = train_and_evaluate(tiny_config(data_dir, **overrides), workdir, mode="train")
+    return {"returned": record, "records": read_metrics(workdir)}
+
+
+if TASK == "steps":
+    result = steps_task()
+elif TASK == "train":
+    result = train_task(sys.argv[4], sys.argv[5], int(sys.argv[6]))
+else:
+    raise SystemExit(f"unknown task {TASK!r}; expected steps or train")
 if jax.process_index() == 0:
     print(json.dumps({"process_count": jax.process_count(), "devices": jax.device_count(),
-                      "local_devices": jax.local_device_count(), **results}))
+                      "local_devices": jax.local_device_count(), **result}))
 sys.stdout.flush()
