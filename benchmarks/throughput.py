@@ -9,12 +9,15 @@ What is timed (all on random, device-resident data; compile time excluded and re
   ``extkd_jax.train.epoch.make_run_steps`` (gather from a uint8 device-resident set, 'cifar' augmentation,
   normalisation, step) in these forms:
 
-  * ``scan``: K steps in one compiled program (``num_steps=K``; what a run does with ``steps_per_dispatch=0``),
-  * ``dispatch``: the ``num_steps=1`` program called K times, host never waits (pure dispatch overhead),
+  * ``scan``: K steps in one compiled program (``num_steps=K``, a ``lax.scan``): the accelerator default,
+  * ``dispatch``: the ``num_steps=1`` program (one step, no loop) called K times, host never waits: the
+    library's no-loop path and the CPU default (XLA:CPU runs conv gradients much slower in a loop, see README),
   * ``dispatch_sync``: as ``dispatch`` but the step metrics are fetched to the host after every call, which is
-    what ``train/loop.py`` does after each dispatch (so this is a run with ``steps_per_dispatch=1``),
-  * ``noscan``: NOT a library path: the same per-step body (gather, augment, normalise, step) jitted without
-    ``lax.scan``, one step per call. It shows the cost of the scan itself (large on XLA:CPU, see README).
+    what ``train/loop.py`` does after each dispatch (so this is a run with ``steps_per_dispatch=1``,
+    i.e. what a CPU run does by default).
+
+  ``scan`` and ``dispatch`` are both reported so that the per-platform default (``steps_per_dispatch=0``:
+  ``default_steps_per_dispatch`` in ``extkd_jax/train/epoch.py``) can be checked on each platform.
 
 - **torch**: ``benchmarks/torch_reference.benchmark_torch`` in modes ``eager_fp32``,
   ``eager_amp_bf16_channels_last`` and ``compile_amp_bf16`` (a failure of ``torch.compile`` is recorded).
@@ -44,8 +47,6 @@ import sys
 import time
 from typing import Any
 
-import numpy as np
-
 REPO = pathlib.Path(__file__).resolve().parents[1]
 BENCH_DIR = pathlib.Path(__file__).resolve().parent
 
@@ -69,7 +70,7 @@ JAX_CONFIGS = {  # label -> (compute_dtype, fold teacher BN)
 }
 MAIN_CONFIG = "bf16_fold"  # the recommended configuration; f32_nofold is the plain baseline
 TORCH_MODES = ("eager_fp32", "eager_amp_bf16_channels_last", "compile_amp_bf16")
-JAX_FORMS = ("scan", "dispatch", "dispatch_sync", "noscan")
+JAX_FORMS = ("scan", "dispatch", "dispatch_sync")
 
 # CIFAR-10 per-channel mean / std in pixel units (the values `channel_stats` gives on the training set).
 CIFAR_MEAN = (125.3, 123.0, 113.9)
@@ -291,41 +292,10 @@ def build_jax_bench(
     }
 
 
-def make_noscan_step(step_fn, mesh, batch_size: int, augment_kind: str, mean, std, compute_dtype):
-    """Benchmark-local replica of `make_run_steps`'s per-step body, jitted WITHOUT `lax.scan`: one step per call.
-
-    Not a library code path: it shows what `num_steps=1` would cost if `run_steps` skipped the scan (on XLA:CPU a
-    convolution inside a while-loop body runs on a much slower path, jax-ml/jax#12868). Same gather, augmentation,
-    normalisation, keys, donation and output sharding as the library's `run_steps`.
-    """
-    import jax
-    import jax.numpy as jnp
-
-    from extkd_jax.data import augment_batch, normalize
-    from extkd_jax.train.sharding import batch_sharded, replicated
-
-    batch_spec = batch_sharded(mesh)
-
-    def one_step(state, teacher_vars, images, labels, perm, key, start):
-        idx = jax.lax.dynamic_slice_in_dim(perm, start * batch_size, batch_size)
-        idx = jax.lax.with_sharding_constraint(idx, batch_spec)
-        x = jnp.take(images, idx, axis=0)
-        y = jnp.take(labels, idx, axis=0)
-        aug_key, step_key = jax.random.split(jax.random.fold_in(key, start))
-        x = normalize(augment_batch(aug_key, x, augment_kind), mean, std).astype(compute_dtype)
-        state, metrics = step_fn(state, teacher_vars, x, y, step_key)
-        return state, jax.tree.map(lambda m: m[None], metrics)  # the (1,)-stacked metrics of run_steps
-
-    return jax.jit(one_step, donate_argnums=(0,), out_shardings=replicated(mesh))
-
-
-def _call(b: dict, start: int, num_steps: int, noscan: bool = False):
+def _call(b: dict, start: int, num_steps: int):
     jnp = b["jnp"]
     args = (b["state"], b["teacher_vars"], b["images"], b["labels"], b["perm"], b["key"], jnp.int32(start))
-    if noscan:
-        b["state"], metrics = b["noscan"](*args)
-    else:
-        b["state"], metrics = b["run_steps"](*args, num_steps=num_steps)
+    b["state"], metrics = b["run_steps"](*args, num_steps=num_steps)
     return metrics
 
 
@@ -342,17 +312,16 @@ def _row(batch_size: int, steps: int, seconds: list[float]) -> dict:
 def _time_form(b: dict, form: str, steps: int, reps: int, profile_dir: str | None = None) -> dict:
     """Warm-up call (compile; its JAX-reported compile time kept), then `reps` timed repetitions of `steps` steps.
 
-    scan: one call of num_steps=steps. dispatch / noscan: `steps` calls of one step, one block at the end.
+    scan: one call of num_steps=steps. dispatch: `steps` calls of num_steps=1 (no loop), one block at the end.
     dispatch_sync: `steps` calls of one step, metrics fetched to the host after each (as train/loop.py does).
     """
     jax = b["jax"]
     to_host = b["sharding"].to_host
-    noscan = form == "noscan"
     k = steps if form == "scan" else 1
     _install_compile_listener()
     before = _compile_seconds["total"]
     t0 = time.perf_counter()
-    metrics = _call(b, 0, k, noscan)
+    metrics = _call(b, 0, k)
     jax.block_until_ready((b["state"], metrics))
     first_s = time.perf_counter() - t0
     compile_s = _compile_seconds["total"] - before
@@ -362,7 +331,7 @@ def _time_form(b: dict, form: str, steps: int, reps: int, profile_dir: str | Non
             m = _call(b, 0, steps)
         else:
             for i in range(steps):
-                m = _call(b, i, 1, noscan)
+                m = _call(b, i, 1)
                 if form == "dispatch_sync":
                     m = to_host(m)
         jax.block_until_ready((b["state"], m))
@@ -412,17 +381,6 @@ def benchmark_jax(
         batch_size, compute_dtype, fold_bn, num_examples, steps_per_epoch=max(steps, 1), seed=seed
     )
     b["batch_size"] = batch_size
-    if "noscan" in forms:
-        p = b["program"]
-        b["noscan"] = make_noscan_step(
-            p.step_fn,
-            b["mesh"],
-            batch_size,
-            "cifar",
-            np.asarray(CIFAR_MEAN, np.float32),
-            np.asarray(CIFAR_STD, np.float32),
-            p.compute_dtype,
-        )
     out: dict[str, Any] = {"setup_s": time.perf_counter() - t0}
     common = {
         "batch_size": batch_size,
@@ -546,8 +504,8 @@ def epoch_seconds(shape: dict, measured: dict, direct: bool, seed: int = 0) -> d
             "img_per_s": best["img_per_s"],
         }
     )
-    if "noscan" in largest:
-        res["epoch_s_noscan"] = steps_per_epoch * shape["batch_size"] / largest["noscan"]["img_per_s"]
+    if "dispatch" in largest:  # the CPU default (num_steps=1, no loop), same scaling
+        res["epoch_s_dispatch"] = steps_per_epoch * shape["batch_size"] / largest["dispatch"]["img_per_s"]
     return res
 
 
@@ -728,7 +686,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--quick",
         action="store_true",
         help="CPU-friendly (< 5 min on 2 cores): batch 8,16, 2 steps, 1 rep, configs bf16_fold,f32_nofold, "
-        "forms scan,dispatch,noscan, no torch.compile (unless --torch-compile)",
+        "forms scan,dispatch, no torch.compile (unless --torch-compile)",
     )
     p.add_argument("--batch-sizes", default=None, help="comma-separated; default 256,1024 (--quick: 8,16)")
     p.add_argument(
@@ -749,7 +707,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--forms",
         default=None,
-        help=f"JAX forms among {','.join(JAX_FORMS)}; default all (--quick: scan,dispatch,noscan)",
+        help=f"JAX forms among {','.join(JAX_FORMS)}; default all (--quick: scan,dispatch)",
     )
     p.add_argument("--torch-modes", default=None, help=f"among {','.join(TORCH_MODES)}; default all")
     p.add_argument("--skip-torch", action="store_true", help="time only the JAX step")
@@ -796,9 +754,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.configs = [
         x for x in (args.configs or ("bf16_fold,f32_nofold" if q else ",".join(JAX_CONFIGS))).split(",") if x
     ]
-    args.forms = [
-        x for x in (args.forms or ("scan,dispatch,noscan" if q else ",".join(JAX_FORMS))).split(",") if x
-    ]
+    args.forms = [x for x in (args.forms or ("scan,dispatch" if q else ",".join(JAX_FORMS))).split(",") if x]
     args.compile_skip_reason = None
     if args.skip_torch_compile:
         args.compile_skip_reason = "skipped (--skip-torch-compile)"
@@ -951,10 +907,13 @@ def main(argv=None) -> dict:
             "torch_compile_skip_reason": args.compile_skip_reason,
             "torch_threads": args.torch_threads or "torch default",
             "forms_note": {
-                "scan": "library make_run_steps, num_steps=K: K steps in one program (lax.scan)",
-                "dispatch": "library make_run_steps, num_steps=1, called K times, one block at the end",
+                "scan": "library make_run_steps, num_steps=K: K steps in one program (lax.scan); "
+                "the accelerator default",
+                "dispatch": "library make_run_steps, num_steps=1 (the no-loop path, no lax.scan), called K "
+                "times, one block at the end; the CPU default",
                 "dispatch_sync": "as dispatch, metrics fetched to the host after every call (train/loop.py)",
-                "noscan": "benchmark-local: make_run_steps's body jitted without lax.scan, called K times",
+                "defaults": "steps_per_dispatch=0 picks dispatch on CPU and scan elsewhere "
+                "(default_steps_per_dispatch); both are reported so the default can be checked per platform",
             },
             "teacher": "resnet56",
             "student": "resnet20",

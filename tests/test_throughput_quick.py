@@ -21,6 +21,8 @@ def test_quick_defaults_and_ceilings(tp):
     args = tp.parse_args(["--quick"])
     assert args.batch_sizes == [8, 16] and args.steps == 2 and args.skip_torch_compile
     assert "quick" in args.compile_skip_reason
+    assert args.forms == ["scan", "dispatch"]
+    assert tp.JAX_FORMS == ("scan", "dispatch", "dispatch_sync")
     assert tp.parse_args([]).batch_sizes == [256, 1024]
     assert tp.ceiling_for("NVIDIA H100 80GB HBM3")["hbm_tb_s"] == 3.35
     assert tp.ceiling_for("NVIDIA H200")["hbm_tb_s"] == 4.8
@@ -40,6 +42,17 @@ def test_table_and_ratios(tp):
     assert rat["jax scan bf16_fold"]["vs_torch_compile_amp"][8] is None
     table = tp.format_table(rows, rat, [8])
     assert "skipped" in table and "3.00" in table
+
+
+def test_epoch_seconds_derived(tp):
+    shape = {"batch_size": 512, "transfer_images": 40500, "compute_dtype": "bfloat16", "fold_bn": True}
+    measured = {
+        "bf16_fold": {16: {"scan": {"img_per_s": 10.0, "batch_size": 16}, "dispatch": {"img_per_s": 100.0}}}
+    }
+    r = tp.epoch_seconds(shape, measured, direct=False)
+    assert r["steps_per_epoch"] == 79
+    assert r["epoch_s"] == pytest.approx(79 * 512 / 10.0)
+    assert r["epoch_s_dispatch"] == pytest.approx(79 * 512 / 100.0)
 
 
 @pytest.mark.slow
