@@ -164,7 +164,7 @@ def test_sigkill_mid_run_resumes_to_the_same_result(data_dir, tmp_path):
 def test_cli_train_distill_evaluate(data_dir, tmp_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO_ROOT))
     base = _config_flags(REPO_ROOT / "tests/scripts/tiny_config.py", data_dir,
-                         ["--config.optim.learning_rate=0.3", "--config.num_epochs=6"])
+                         ["--config.optim.learning_rate=0.3", "--config.num_epochs=6", "--config.batch_size=25"])
     teacher = subprocess.run(_extkd("train", *base, "--config.model.kwargs.hidden_sizes=(64,64)",
                                     f"--workdir={tmp_path / 't'}"),
                              env=env, capture_output=True, text=True, timeout=600, cwd=REPO_ROOT)
@@ -179,7 +179,8 @@ def test_cli_train_distill_evaluate(data_dir, tmp_path):
     for key in ("train_ce", "train_kd", "train_segment", "learning_rate", "val_acc", "test_acc",
                 "test_seen_acc", "test_unseen_acc", "test_per_class_acc", "img_per_s"):
         assert key in records[-1], key
-    assert records[-1]["test_acc"] > 0.3  # 10 classes: chance is 0.1
+    assert records[-1]["train_loss"] < 0.8 * records[0]["train_loss"]  # it learned
+    assert records[-1]["test_acc"] > 0.2  # 10 classes: chance is 0.1
     evaluation = subprocess.run(_extkd("evaluate", f"--workdir={tmp_path / 's'}"), env=env,
                                 capture_output=True, text=True, timeout=600, cwd=REPO_ROOT)
     assert evaluation.returncode == 0, evaluation.stderr[-3000:]
