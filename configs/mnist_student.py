@@ -21,4 +21,5 @@ def get_config():
     # T^2 * KL at T=20 acts like logit matching with large targets: a lower rate and a warm-up keep SGD stable
     c.optim.learning_rate = 0.03
     c.optim.warmup_epochs = 1
+    c.num_epochs = 30
     return c
