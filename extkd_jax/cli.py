@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as err:
         print(f"extkd: error: {err}", file=sys.stderr)
         return 2
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, FloatingPointError) as err:
         print(f"extkd {command}: error: {err}", file=sys.stderr)
         return 1
     summary = {k: v for k, v in result.items() if not isinstance(v, (list, dict))}

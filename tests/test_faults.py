@@ -26,6 +26,9 @@ from extkd_jax.train.metrics import read_metrics
 from extkd_jax.train.program import build_program
 from tests.tiny import REPO_ROOT, tiny_config, write_tiny_npz
 
+# runs that are later extended use a constant rate: num_epochs may change on resume only then
+CONSTANT = {"optim.schedule": "constant"}
+
 TIMING = ("epoch_time_s", "img_per_s", "wall_time_s")
 STEPS_PER_EPOCH = 7  # tiny data: 400 train - 50 val = 350 examples, batch 50
 
@@ -174,7 +177,7 @@ def test_sigterm_in_process_resumes_exactly(dispatch, data_dir, tmp_path, monkey
 def finished(data_dir, tmp_path_factory) -> pathlib.Path:
     """A finished 3-epoch run with a checkpoint per epoch, all kept: steps 7, 14, 21."""
     workdir = tmp_path_factory.mktemp("finished") / "run"
-    train_and_evaluate(tiny_config(data_dir, keep_checkpoints=3), workdir, mode="train")
+    train_and_evaluate(tiny_config(data_dir, keep_checkpoints=3, **CONSTANT), workdir, mode="train")
     return workdir
 
 
@@ -284,7 +287,7 @@ def _fallbacks(record) -> list[str]:
 @quiet_orbax
 def test_training_resumes_from_the_previous_good_step(copy_of_finished, finished, data_dir, tmp_path):
     _truncate_arrays(copy_of_finished / "checkpoints" / "21")
-    config = tiny_config(data_dir, keep_checkpoints=3, num_epochs=4)
+    config = tiny_config(data_dir, keep_checkpoints=3, num_epochs=4, **CONSTANT)
     with pytest.warns(UserWarning, match="checkpoint step 21 .* could not be restored"):
         record = train_and_evaluate(config, copy_of_finished, mode="train")
     assert record["epoch"] == 4 and record["step"] == 28
@@ -315,7 +318,7 @@ def test_rerun_of_a_finished_run_repairs_its_corrupt_final_checkpoint(copy_of_fi
     """The final checkpoint is what `distill` and `evaluate` load: a rerun must not leave it unreadable."""
     _overwrite_arrays(copy_of_finished / "checkpoints" / "21")
     with pytest.warns(UserWarning, match="checkpoint step 21 .* could not be restored"):
-        record = train_and_evaluate(tiny_config(data_dir, keep_checkpoints=3), copy_of_finished, mode="train")
+        record = train_and_evaluate(tiny_config(data_dir, keep_checkpoints=3, **CONSTANT), copy_of_finished, mode="train")
     assert record["epoch"] == 3
     assert _restore_cleanly(copy_of_finished, data_dir) == 21
     assert_same_records(read_metrics(finished), read_metrics(copy_of_finished))
@@ -347,7 +350,7 @@ def test_half_written_checkpoint_is_ignored(copy_of_finished, data_dir):
     # resuming for one more epoch writes step 28 itself, whatever the temporary directory held
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        record = train_and_evaluate(tiny_config(data_dir, keep_checkpoints=3, num_epochs=4), copy_of_finished,
+        record = train_and_evaluate(tiny_config(data_dir, keep_checkpoints=3, num_epochs=4, **CONSTANT), copy_of_finished,
                                     mode="train")
     assert not _fallbacks(caught)
     assert record["epoch"] == 4

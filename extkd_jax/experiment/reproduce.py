@@ -26,7 +26,7 @@ from extkd_jax.experiment import bias_correction as bc
 from extkd_jax.experiment.runs import GRID_METHODS, methods_of, student_config, teacher_config
 from extkd_jax.train import sharding
 from extkd_jax.train.builders import DTYPES, load_trained_model
-from extkd_jax.train.loop import Evaluator, load_datasets, train_and_evaluate
+from extkd_jax.train.loop import Evaluator, load_datasets, maybe_initialize_distributed, train_and_evaluate
 from extkd_jax.train.metrics import classification_summary, confusion_matrix, read_metrics
 from extkd_jax.train.steps import make_logits_fn
 from extkd_jax.train.workdir import check_or_write_config, config_to_dict
@@ -57,7 +57,7 @@ class _Predictor:
         self._evaluators: dict[str, Evaluator] = {}
 
     def logits(self, workdir: pathlib.Path) -> dict[str, np.ndarray]:
-        parts, config = load_trained_model(workdir)
+        parts, config = load_trained_model(workdir, DTYPES[self.config.compute_dtype])
         key = f"{config.model.name}:{json.dumps(config.model.kwargs.to_dict(), sort_keys=True)}"
         if key not in self._evaluators:
             self._evaluators[key] = Evaluator(
@@ -130,6 +130,7 @@ def _hardware() -> dict:
 def reproduce(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, preset: str = "") -> dict:
     """Runs (or resumes) the whole experiment; returns the results dict also written to results.json."""
     t_start = time.time()
+    maybe_initialize_distributed(config.distributed)  # before anything touches a JAX backend
     workdir = pathlib.Path(workdir).absolute()
     methods = methods_of(config)
     if config.seeds < 1:

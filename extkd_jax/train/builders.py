@@ -107,6 +107,11 @@ def load_trained_model(workdir: str | pathlib.Path, dtype=jnp.float32, expected_
         raise ValueError(
             f"the checkpoint in {workdir} is a {config.model.name!r}; expected {expected_name!r}"
         )
+    if record.get("kind") not in ("train", "distill"):
+        raise ValueError(
+            f"{workdir} holds a `{record.get('kind')}` run, not one trained model; point to one of its runs, "
+            f"e.g. {workdir / 'teacher'} or {workdir / 'runs'}/<method>/seed_0"
+        )
     num_classes = int(record["num_classes"])
     model = build_model(config.model.name, config.model.kwargs, num_classes, config.seed, dtype)
     parts = split_model(model)

@@ -4,7 +4,7 @@ The uint8 training set lives on the devices, in one of two placements:
 
 - replicated: every device holds the whole set; each epoch draws one global permutation, and step `s` takes
   batch `perm[s*B:(s+1)*B]`. Results do not depend on the number of devices.
-- sharded (multi-host): device d holds only its slice of the set (so each process loads only its shard) and
+- sharded (multi-host): device d holds only its slice of the set (each process places only its shard on its devices) and
   draws a permutation of its own slice; step `s` takes `B / D` local examples on every device.
 
 Keys are `fold_in(epoch_key, s)`, so a run that resumes at any step repeats the uninterrupted run exactly,
@@ -27,10 +27,6 @@ from extkd_jax.train.sharding import DATA_AXIS, batch_sharded, put_replicated, r
 from extkd_jax.train.steps import StepFn
 
 PLACEMENTS = ("replicated", "sharded")
-
-
-def epoch_key(seed_key: jax.Array, epoch: int) -> jax.Array:
-    return jax.random.fold_in(seed_key, epoch)
 
 
 @functools.partial(jax.jit, static_argnames=("num_examples",))

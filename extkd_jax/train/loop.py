@@ -32,7 +32,7 @@ from extkd_jax.train.epoch import (
     make_run_steps,
     steps_per_epoch as count_steps,
 )
-from extkd_jax.train.metrics import MetricsLog, classification_summary
+from extkd_jax.train.metrics import MetricsLog, classification_summary, read_metrics
 from extkd_jax.train.program import build_program
 from extkd_jax.train.state import TrainState
 from extkd_jax.train.steps import make_logits_fn
@@ -188,7 +188,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     seed_key = jax.random.fold_in(jax.random.key(config.seed), 1)
     chunk = config.steps_per_dispatch or default_steps_per_dispatch(steps_per_epoch)
     last_record: dict = {}
-    run_start = time.time()
+    earlier = read_metrics(workdir) if start_step else []
+    run_start = time.time() - (earlier[-1]["wall_time_s"] if earlier else 0.0)  # wall time spans resumes
     bar = tqdm(
         total=total_steps,
         initial=start_step,
@@ -223,9 +224,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                 )
                 step_metrics = sharding.to_host(step_metrics)
                 _check_finite(step_metrics, step, config.on_nonfinite)
+                finite = step_metrics["nonfinite"] == 0  # steps skipped by on_nonfinite='skip' are not averaged
                 for k, v in step_metrics.items():
-                    sums[k] = sums.get(k, 0.0) + float(np.sum(v))
-                sums["_count"] = sums.get("_count", 0.0) + num
+                    sums[k] = sums.get(k, 0.0) + float(np.sum(v if k == "nonfinite" else v[finite]))
+                sums["_count"] = sums.get("_count", 0.0) + int(finite.sum())
                 sums["_last_lr"] = float(step_metrics["learning_rate"][-1])
                 step += num
                 images_seen += num * config.batch_size
@@ -250,8 +252,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     bar.close()
     checkpointer.close()
     if not last_record:  # already complete: report the stored result
-        from extkd_jax.train.metrics import read_metrics
-
         records = read_metrics(workdir)
         last_record = records[-1] if records else {}
     return last_record
@@ -335,8 +335,9 @@ def _evaluate_all(evaluator: Evaluator, state: TrainState, datasets) -> dict:
 
 def evaluate_workdir(workdir: str | pathlib.Path, config: ml_collections.ConfigDict | None = None) -> dict:
     """Evaluates the newest checkpoint of a workdir on its validation and test splits."""
-    parts, stored_config = load_trained_model(workdir)
+    _, stored_config = read_config(workdir)
     config = config or stored_config
+    parts, _ = load_trained_model(workdir, DTYPES[config.compute_dtype])
     datasets = prepare_datasets(config.data)
     mesh = sharding.make_mesh()
     mean, std = channel_stats(datasets.train)

@@ -32,22 +32,24 @@ def segment_pairs(loss_config, num_student: int, num_teacher: int) -> tuple[tupl
     if name not in SEGMENT_LOSSES:
         return ()
     student_idx = tuple(loss_config.segments)
-    teacher_idx = tuple(loss_config.teacher_segments) or student_idx
+    teacher_idx = tuple(loss_config.teacher_segments)
     if not student_idx:
         if name == "fitnet":
-            if num_student != num_teacher and not loss_config.teacher_segments:
+            if num_student != num_teacher and not teacher_idx:
                 raise ValueError(
                     f"loss.name='fitnet': the student has {num_student} segments and the teacher {num_teacher}; "
                     "set loss.segments and loss.teacher_segments to say which to match"
                 )
-            student_idx = teacher_idx = (num_student // 2,)
+            student_idx = (num_student // 2,)
         else:
-            if num_student != num_teacher:
+            if num_student != num_teacher and not teacher_idx:
                 raise ValueError(
                     f"loss.name={name!r}: the student has {num_student} segments and the teacher {num_teacher}, "
-                    "and no mapping was given; set loss.segments and loss.teacher_segments (equal-length index tuples)"
+                    "and no mapping was given; set loss.segments and loss.teacher_segments (equal-length "
+                    "index tuples)"
                 )
-            student_idx = teacher_idx = tuple(range(num_student))
+            student_idx = tuple(range(num_student))
+    teacher_idx = teacher_idx or student_idx
     if len(student_idx) != len(teacher_idx):
         raise ValueError(
             f"loss.segments={student_idx} and loss.teacher_segments={teacher_idx} differ in length"
@@ -89,6 +91,7 @@ def compute_objective(
             ce_weight=loss_config.ce_weight,
             kd_weight=loss_config.kd_weight,
             segment_weight=loss_config.segment_weight,
+            label_smoothing=loss_config.label_smoothing,
         )
     if name == "dkd":
         decoupled = losses.dkd(

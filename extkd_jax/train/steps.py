@@ -44,7 +44,9 @@ def _student_forward(student_parts: ModelParts, params, batch_stats, images, key
     logits, segments = forward_with_segments(
         train_view.student, images, train=True, rngs=nnx.Rngs(dropout=key)
     )
-    mapped = [train_view.connectors[j](segments[s]) for j, (s, _) in enumerate(pairs)]
+    connectors = train_view.connectors
+    # fitnet / extended_kd map each segment through a connector; AT compares channel-pooled maps of raw ones
+    mapped = [connectors[j](segments[s]) if len(connectors) else segments[s] for j, (s, _) in enumerate(pairs)]
     new_stats = nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
     return logits, mapped, new_stats
 

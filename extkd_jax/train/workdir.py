@@ -20,7 +20,7 @@ RESUMABLE_KEYS = (
     "eval_batch_size",
     "distributed",
     "on_nonfinite",
-    "num_epochs",
+    "teacher.workdir",  # a moved workdir (e.g. copied back from a TPU VM) is the same experiment
 )
 
 
@@ -71,7 +71,11 @@ def check_or_write_config(
         differing = sorted(
             k
             for k in set(old) | set(new)
-            if old.get(k) != new.get(k) and k.split(".")[0] not in RESUMABLE_KEYS
+            if old.get(k) != new.get(k)
+            and k.split(".")[0] not in RESUMABLE_KEYS
+            and k not in RESUMABLE_KEYS
+            # the cosine / step schedules depend on the run length; a constant rate does not
+            and not (k == "num_epochs" and new.get("optim.schedule") == "constant")
         )
         if differing:
             shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in differing[:6])
