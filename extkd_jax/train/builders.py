@@ -95,13 +95,19 @@ def latest_readable_state(workdir: pathlib.Path) -> dict:
     raise FileNotFoundError(f"no readable checkpoint under {directory}")
 
 
-def load_trained_model(workdir: str | pathlib.Path, dtype=jnp.float32, expected_name: str = ""):
-    """(ModelParts of the trained model, its config) from the workdir of an `extkd train`/`distill` run."""
+def require_workdir(workdir: str | pathlib.Path) -> pathlib.Path:
+    """The workdir as a Path; a clear error when it is missing or a file."""
     workdir = pathlib.Path(workdir)
     if workdir.exists() and not workdir.is_dir():
         raise ValueError(f"workdir {workdir} is a file, not a directory")
     if not workdir.is_dir():
         raise FileNotFoundError(f"workdir {workdir} does not exist")
+    return workdir
+
+
+def load_trained_model(workdir: str | pathlib.Path, dtype=jnp.float32, expected_name: str = ""):
+    """(ModelParts of the trained model, its config) from the workdir of an `extkd train`/`distill` run."""
+    workdir = require_workdir(workdir)
     record, config = read_config(workdir)
     if expected_name and expected_name != config.model.name:
         raise ValueError(

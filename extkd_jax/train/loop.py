@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from extkd_jax.data import channel_stats, default_augmentation, prepare_datasets
 from extkd_jax.train import sharding
-from extkd_jax.train.builders import DTYPES, load_trained_model
+from extkd_jax.train.builders import DTYPES, load_trained_model, require_workdir
 from extkd_jax.train.checkpoint import Checkpointer
 from extkd_jax.train.config_checks import check_config
 from extkd_jax.train.epoch import (
@@ -335,7 +335,7 @@ def _evaluate_all(evaluator: Evaluator, state: TrainState, datasets) -> dict:
 
 def evaluate_workdir(workdir: str | pathlib.Path, config: ml_collections.ConfigDict | None = None) -> dict:
     """Evaluates the newest checkpoint of a workdir on its validation and test splits."""
-    _, stored_config = read_config(workdir)
+    _, stored_config = read_config(require_workdir(workdir))
     config = config or stored_config
     parts, _ = load_trained_model(workdir, DTYPES[config.compute_dtype])
     datasets = prepare_datasets(config.data)
