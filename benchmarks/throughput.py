@@ -350,9 +350,16 @@ def _time_form(b: dict, form: str, steps: int, reps: int, profile_dir: str | Non
         "final_loss": float(to_host(metrics)["loss"][-1]),
     }
     if profile_dir:
-        with jax.profiler.trace(profile_dir):
+        with jax.profiler.trace(profile_dir, create_perfetto_trace=True):
             one_rep()
         row["profile_dir"] = str(profile_dir)
+        try:
+            from profile_summary import format_summary, summarize
+
+            row["profile"] = summarize(profile_dir)
+            print(format_summary(row["profile"]), flush=True)
+        except Exception as e:  # noqa: BLE001 - a trace format change must not lose the timings
+            row["profile"] = {"error": f"{type(e).__name__}: {e}"[:500]}
     if not math.isfinite(row["final_loss"]):
         row["warning"] = "non-finite loss (timing still valid: same work per step)"
     return row
@@ -732,10 +739,15 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--profile",
         default=None,
         metavar="DIR",
-        help="jax.profiler.trace one extra timed scan call of the main config (first batch size)",
+        help="jax.profiler.trace one extra timed call of the main config (last batch size) and summarise it",
     )
     p.add_argument(
         "--dump-hlo", default=None, metavar="DIR", help="sets XLA_FLAGS=--xla_dump_to=DIR before jax import"
+    )
+    p.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="also time the teacher forward alone and the student CE step alone (main config, last batch size)",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
@@ -776,6 +788,32 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def _breakdown(args, jax_results: dict) -> dict:
+    """Teacher forward and student step timed apart at the main config's largest batch (step_breakdown.py)."""
+    import numpy as np
+
+    import step_breakdown as sb
+
+    label, bs = args.configs[0], args.batch_sizes[-1]
+    dtype, fold = JAX_CONFIGS[label]
+    measured = jax_results.get(label, {}).get(bs, {}).get("scan")
+    if not measured:
+        return {"error": f"no scan measurement of {label} at batch {bs} to compare with"}
+    t = time.perf_counter()
+    try:
+        b = build_jax_bench(bs, dtype, fold, bs * args.steps, steps_per_epoch=args.steps, seed=args.seed)
+        mean, std = np.asarray(CIFAR_MEAN, np.float32), np.asarray(CIFAR_STD, np.float32)
+        teacher = sb.teacher_forward_seconds(b, bs, args.steps, args.reps, mean, std)
+        student = sb.student_step_seconds(make_config, dtype, bs, args.steps, args.reps, mean, std, b)
+        out = {"config": label, "batch_size": bs, **sb.breakdown(measured["step_ms"], teacher, student)}
+    except Exception as e:  # noqa: BLE001 - the timings above stay valid
+        return {"error": f"{type(e).__name__}: {e}"[:2000]}
+    print(f"breakdown {label} B={bs}: distill {out['distill_step_ms']:.2f} ms = teacher forward "
+          f"{teacher['step_ms']:.2f} ms + student CE step {student['step_ms']:.2f} ms + rest "
+          f"{out['kd_and_segment_losses_ms']:.2f} ms  [{time.perf_counter() - t:.0f}s]", flush=True)
+    return out
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.dump_hlo:  # must precede the first jax import
@@ -800,7 +838,8 @@ def main(argv=None) -> dict:
         dtype, fold = JAX_CONFIGS[label]
         jax_results[label] = {}
         for i, bs in enumerate(args.batch_sizes):
-            prof = args.profile if (args.profile and label == args.configs[0] and i == 0) else None
+            last = i == len(args.batch_sizes) - 1  # the largest batch: the headline figure
+            prof = args.profile if (args.profile and label == args.configs[0] and last) else None
             t = time.perf_counter()
             try:
                 res = benchmark_jax(
@@ -825,6 +864,10 @@ def main(argv=None) -> dict:
             for f in JAX_FORMS:
                 if f in res:
                     res[f].update(_flops(res[f]["img_per_s"], ceiling))
+
+    parts = None
+    if args.breakdown:
+        parts = _breakdown(args, jax_results)
 
     torch_results: dict[str, dict[int, dict]] = {}
     if not args.skip_torch:
@@ -941,6 +984,7 @@ def main(argv=None) -> dict:
         },
         "table_markdown": format_markdown(rows, rat, args.batch_sizes),
         "epoch_seconds": epoch,
+        "breakdown": parts,
         "wall_s": time.perf_counter() - run_t0,
     }
     out = (

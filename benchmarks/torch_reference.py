@@ -278,6 +278,8 @@ def benchmark_torch(
     compiled = mode.startswith("compile")
     base = {"mode": mode, "batch_size": batch_size, "device": str(device), "torch_version": torch.__version__}
     try:
+        if compiled:  # a fresh compile per call: no shape marked dynamic by an earlier batch size's compile
+            torch._dynamo.reset()
         torch.manual_seed(seed)
         builders = {"resnet20": resnet20, "resnet56": resnet56}
         t_model = builders[teacher](num_classes).to(device)

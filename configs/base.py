@@ -1,14 +1,24 @@
 """The whole recipe in one place: every key a run reads, with its default.
 
-Presets import this and change what differs. Run any of them with
-        extkd train --config=configs/<preset>.py --workdir=/tmp/run --config.key=value
+Presets import this and change what differs. Run any of them by name (or by path) with
+        extkd train --config=<preset>[:variant] --workdir=/tmp/run --config.key=value
+
+Experiment presets (`kind="experiment"`, run by `extkd reproduce`) take variants in ml_collections' style,
+`--config=cifar10_drop:cpu`, parsed by `with_variant`: a size the preset defines (e.g. `cpu`), a role
+(`teacher`: the teacher alone, for `extkd train`; a student method such as `kd` or `extended_kd`, for
+`extkd distill`), or both, comma-separated (`cifar10_drop:cpu,teacher`).
 """
+
+from __future__ import annotations
+
+from typing import Callable
 
 import ml_collections
 
 
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
+    c.kind = "run"  # run: one model (`extkd train` / `distill`) | experiment: `extkd reproduce`
     c.seed = 0
 
     c.data = ml_collections.ConfigDict()
@@ -77,11 +87,37 @@ def get_config() -> ml_collections.ConfigDict:
     c.reproduce.segment_weight_grid = (0.1, 1.0)  # fitnet / extended_kd weights tried on the validation split
     c.reproduce.bias_correction = "teacher_frequency"  # or "validation" (needs data.val_size > 0)
 
-    c.scale = ""  # a preset's named size (e.g. cifar10_drop: "cpu"); "" = the preset as written
-
     c.distributed = ml_collections.ConfigDict()
     c.distributed.enabled = False  # call jax.distributed.initialize (auto-detects on TPU VMs)
     c.distributed.coordinator_address = ""
     c.distributed.num_processes = 0
     c.distributed.process_id = -1
     return c
+
+
+def with_variant(
+    config: ml_collections.ConfigDict,
+    arg: str | None,
+    sizes: dict[str, Callable[[ml_collections.ConfigDict], None]] | None = None,
+) -> ml_collections.ConfigDict:
+    """The experiment `config` at the size and in the role named by `arg` ("", "cpu", "teacher", "cpu,kd").
+
+    A size is applied first (a function of the preset that edits the config); a role then turns the experiment
+    into the config of one of its runs (`extkd_jax.experiment.runs`). Unknown names raise ValueError.
+    """
+    from extkd_jax.experiment.runs import METHODS, role_config
+
+    sizes = sizes or {}
+    words = [w.strip() for w in (arg or "").split(",") if w.strip()]
+    known = sorted(sizes) + ["teacher", *METHODS]
+    for word in words:
+        if word not in known:
+            raise ValueError(f"unknown config variant {word!r}; expected sizes {sorted(sizes)} or roles "
+                             f"{['teacher', *METHODS]}, comma-separated (e.g. 'cpu,teacher')")
+    size = [w for w in words if w in sizes]
+    roles = [w for w in words if w not in sizes]
+    if len(size) > 1 or len(roles) > 1:
+        raise ValueError(f"config variant {arg!r}: expected at most one size and one role")
+    if size:
+        sizes[size[0]](config)
+    return role_config(config, roles[0]) if roles else config

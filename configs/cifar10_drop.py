@@ -3,26 +3,26 @@ on a transfer set without `data.drop_classes` (cat by default; any tuple works),
 
 Accelerator scale (one GPU or TPU host; bf16 compute, batch 512, cosine schedule with warm-up):
 
-    extkd reproduce --config=configs/cifar10_drop.py --workdir=/tmp/cifar10_drop
+    extkd reproduce --config=cifar10_drop --workdir=/tmp/cifar10_drop
 
-CPU scale (`--config.scale=cpu`, 2 CPU cores in under an hour): a fixed 20,000-image subset of the training
-set (2,000 of it for validation), teacher resnet14 for 8 epochs, students resnet8 for 5 epochs, batch 128, one
-seed, float32, methods scratch_full, scratch_transfer, kd and extended_kd -- `scales.cpu` below lists every
-change:
-
-    extkd reproduce --config=configs/cifar10_drop.py --config.scale=cpu --workdir=/tmp/cifar10_drop_cpu
+Variants (`--config=cifar10_drop:<variant>`):
+- `cpu`: 2 CPU cores in under an hour: a fixed 20,000-image subset of the training set (2,000 of it for
+  validation), teacher resnet14 for 8 epochs, students resnet8 for 5 epochs, batch 128, one seed, float32,
+  methods scratch_full, scratch_transfer, kd and extended_kd;
+- `short`: the accelerator device check (benchmarks/device_check.sh): the full-size models, teacher 12 epochs,
+  students 8, one seed, kd and extended_kd at segment weight 1;
+- `teacher` (alone or after a size, `cpu,teacher`): the teacher run alone, for `extkd train`.
 
 Data: ../shared/data/cifar10 (a copy decoded from JPEG: expect 1-3 points under published accuracies), or tfds
 with `--config.data.source=tfds --config.data.dir=`.
 """
 
-import ml_collections
-
-from configs import base
+from extkd_jax.configs import base
 
 
-def get_config():
+def get_config(arg=None):
     c = base.get_config()
+    c.kind = "experiment"
     c.data.source = "npz"
     c.data.name = "cifar10"
     c.data.dir = "../shared/data/cifar10"
@@ -49,17 +49,30 @@ def get_config():
     c.compute_dtype = "bfloat16"
     c.seeds = 3
     c.reproduce.segment_weight_grid = (0.1, 1.0, 10.0)
+    return base.with_variant(c, arg, {"cpu": cpu, "short": short})
 
-    c.scales = ml_collections.ConfigDict()
-    c.scales.cpu = ml_collections.ConfigDict()
-    c.scales.cpu.data = {"max_train_examples": 20000, "val_size": 2000}
-    c.scales.cpu.teacher = {"name": "resnet14", "num_epochs": 8}
-    c.scales.cpu.model = {"name": "resnet8"}
-    c.scales.cpu.optim = {"learning_rate": 0.1, "warmup_epochs": 1}
-    c.scales.cpu.batch_size = 128
-    c.scales.cpu.num_epochs = 5
-    c.scales.cpu.compute_dtype = "float32"
-    c.scales.cpu.seeds = 1
-    c.scales.cpu.reproduce = {"methods": ("scratch_full", "scratch_transfer", "kd", "extended_kd"),
-                              "segment_weight_grid": (0.3, 1.0)}
-    return c
+
+def cpu(c):
+    """2 CPU cores: a 20k-image subset, resnet14 -> resnet8, 5 student epochs, one seed."""
+    c.data.max_train_examples = 20000
+    c.data.val_size = 2000
+    c.teacher.name = "resnet14"
+    c.teacher.num_epochs = 8
+    c.model.name = "resnet8"
+    c.optim.learning_rate = 0.1
+    c.optim.warmup_epochs = 1
+    c.batch_size = 128
+    c.num_epochs = 5
+    c.compute_dtype = "float32"
+    c.seeds = 1
+    c.reproduce.methods = ("scratch_full", "scratch_transfer", "kd", "extended_kd")
+    c.reproduce.segment_weight_grid = (0.3, 1.0)
+
+
+def short(c):
+    """The device check: full-size models, fewer epochs, one seed, teacher + kd + extended_kd."""
+    c.teacher.num_epochs = 12
+    c.num_epochs = 8
+    c.seeds = 1
+    c.reproduce.methods = ("kd", "extended_kd")
+    c.reproduce.segment_weight_grid = (1.0,)

@@ -4,13 +4,16 @@ Real data that ships with scikit-learn (no download); MLP teacher 64-256-256-10 
 64-64-64-10. Runs offline on a laptop CPU in about two minutes:
 
     extkd reproduce --workdir=/tmp/digits_omit3          # this preset is the default
+
+Its teacher alone: `extkd train --config=digits_omit3:teacher --workdir=/tmp/digits_teacher`.
 """
 
-from configs import base
+from extkd_jax.configs import base
 
 
-def get_config():
+def get_config(arg=None):
     c = base.get_config()
+    c.kind = "experiment"
     c.data.source = "sklearn"
     c.data.name = "digits"
     c.data.val_size = 200
@@ -37,4 +40,4 @@ def get_config():
     c.num_epochs = 40
     c.seeds = 3
     c.reproduce.segment_weight_grid = (0.1, 1.0)
-    return c
+    return base.with_variant(c, arg)

@@ -8,11 +8,12 @@ MSE of both hidden layers through learned linear connectors 800 -> 1200. MNIST f
     extkd reproduce --config=configs/mnist_omit3.py --workdir=/tmp/mnist_omit3
 """
 
-from configs import mnist_teacher
+from extkd_jax.configs import base, mnist_teacher
 
 
-def get_config():
+def get_config(arg=None):
     c = mnist_teacher.get_config()
+    c.kind = "experiment"
     c.data.val_size = 5000
     c.data.drop_classes = (3,)
 
@@ -35,4 +36,4 @@ def get_config():
     # fitnet is left out to keep the CPU budget; add it with --config.reproduce.methods=...
     c.reproduce.methods = ("scratch_full", "scratch_transfer", "kd", "extended_kd")
     c.reproduce.segment_weight_grid = (0.1, 1.0)
-    return c
+    return base.with_variant(c, arg)

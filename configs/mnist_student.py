@@ -4,7 +4,7 @@
                 --config.teacher.workdir=/tmp/mnist_teacher
 """
 
-from configs import mnist_teacher
+from extkd_jax.configs import mnist_teacher
 
 
 def get_config():

@@ -3,7 +3,7 @@
 extkd train --config=configs/mnist_teacher.py --workdir=/tmp/mnist_teacher
 """
 
-from configs import base
+from extkd_jax.configs import base
 
 
 def get_config():

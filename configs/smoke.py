@@ -3,10 +3,10 @@
     extkd reproduce --config=configs/smoke.py --workdir=/tmp/extkd_smoke
 """
 
-from configs import digits_omit3
+from extkd_jax.configs import base, digits_omit3
 
 
-def get_config():
+def get_config(arg=None):
     c = digits_omit3.get_config()
     c.teacher.kwargs.hidden_sizes = (32, 32)
     c.teacher.num_epochs = 3
@@ -16,4 +16,4 @@ def get_config():
     c.seeds = 2
     c.progress = False
     c.reproduce.segment_weight_grid = (0.1, 1.0)
-    return c
+    return base.with_variant(c, arg)

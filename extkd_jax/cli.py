@@ -1,153 +1,125 @@
-"""`extkd`: the command line. Parses flags and dispatches; no training logic lives here.
+"""`extkd`: the command line. Parses flags (absl + ml_collections config files) and dispatches.
 
-extkd train      --config=configs/mnist_teacher.py --workdir=/tmp/teacher
-extkd distill    --config=configs/mnist_student.py --workdir=/tmp/student --config.teacher.workdir=/tmp/teacher
-extkd evaluate   --workdir=/tmp/student
-extkd reproduce  [--config=configs/digits_omit3.py] --workdir=/tmp/omit3
+  extkd train      --config=mnist_teacher --workdir=/tmp/teacher
+  extkd distill    --config=mnist_student --workdir=/tmp/student --config.teacher.workdir=/tmp/teacher
+  extkd evaluate   --workdir=/tmp/student
+  extkd reproduce  [--config=digits_omit3] --workdir=/tmp/omit3
 """
 
 from __future__ import annotations
 
+import importlib.resources
 import json
 import logging
 import pathlib
 import re
+import shlex
 import sys
 
 COMMANDS = {
-    "train": "train a teacher, or a student alone (loss.name='ce')",
-    "distill": "distill a student from a trained teacher (teacher.workdir)",
-    "evaluate": "evaluate the newest checkpoint of a workdir",
-    "reproduce": "the dark-knowledge experiment: teacher, every method, report",
+    "train": "train one model alone: a teacher (`--config=<experiment>:teacher`) or a student with loss.name=ce",
+    "distill": "distill a student from a trained teacher (--config.teacher.workdir)",
+    "evaluate": "evaluate the newest checkpoint of a workdir (writes eval.json)",
+    "reproduce": "the dark-knowledge experiment: teacher, every method, results.json, report.md, plots",
 }
-CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
-DEFAULT_CONFIGS = {"reproduce": "digits_omit3.py"}
+DEFAULT_PRESET = {"reproduce": "digits_omit3"}
+KINDS = {"train": "run", "distill": "run", "reproduce": "experiment"}
+CONFIG_DOCS = "every config key, with its default and meaning: extkd_jax/configs/base.py (README: Config reference)"
 
 
 class UsageError(Exception):
     """A bad command line: printed without a traceback, exit status 2."""
 
 
-def _usage() -> str:
-    lines = [
-        "usage: extkd COMMAND --config=configs/<preset>.py --workdir=DIR [--config.key=value ...]",
-        "",
-        "commands:",
-    ]
-    lines += [f"  {name:<10} {text}" for name, text in COMMANDS.items()]
-    lines += ["", f"presets: {', '.join(sorted(p.stem for p in CONFIG_DIR.glob('*.py')))}"]
+def preset_names() -> list[str]:
+    """The presets shipped in the package (`extkd_jax.configs`), by name."""
+    files = importlib.resources.files("extkd_jax.configs").iterdir()
+    return sorted(f.name[:-3] for f in files if f.name.endswith(".py") and f.name not in ("__init__.py", "base.py"))
+
+
+def config_file(value: str) -> str:
+    """`PATH[:variant]` or a preset `NAME[:variant]` -> the config file's path, with its `:variant`."""
+    path, sep, variant = value.partition(":")
+    if pathlib.Path(path).is_file():
+        return value
+    preset = importlib.resources.files("extkd_jax.configs") / (pathlib.Path(path).name.removesuffix(".py") + ".py")
+    if preset.is_file() and preset.name != "base.py":
+        return str(preset) + sep + variant
+    raise UsageError(f"--config={value}: no such config file; expected a path or one of the presets: "
+                     f"{', '.join(preset_names())}")
+
+
+def usage(command: str | None = None) -> str:
+    if command is None:
+        lines = ["usage: extkd COMMAND --config=PRESET[:variant] --workdir=DIR [--config.key=value ...]", "",
+                 "commands:"] + [f"  {name:<10} {text}" for name, text in COMMANDS.items()]
+        lines += ["", "extkd COMMAND --help shows a command's flags; extkd --version the version"]
+    else:
+        config = "" if command == "evaluate" else " --config=PRESET[:variant]"
+        lines = [f"usage: extkd {command}{config} --workdir=DIR [--config.key=value ...]", "",
+                 COMMANDS[command], "", "flags:",
+                 "  --workdir=DIR       the run's directory (local or gs://); rerunning the same command resumes"]
+        if command != "evaluate":
+            default = DEFAULT_PRESET.get(command)
+            lines += ["  --config=PRESET     a preset name or a config file path; `:variant` is passed to its",
+                      "                      get_config (sizes such as `cpu`, roles such as `teacher`)"
+                      + (f"; default {default}" if default else ""),
+                      "  --config.KEY=VALUE  override one config key (e.g. --config.num_epochs=5)"]
+        else:
+            lines += ["  --config=PRESET     optional: evaluate with another data config than the run's"]
+    lines += ["", f"presets: {', '.join(preset_names())}", CONFIG_DOCS]
     return "\n".join(lines)
 
 
-def resolve_config_path(value: str) -> str:
-    """Accepts a path, a path relative to the repo, or a bare preset name; keeps a `:param` suffix."""
-    path, sep, param = value.partition(":")
-    candidates = [
-        pathlib.Path(path),
-        CONFIG_DIR / pathlib.Path(path).name,
-        CONFIG_DIR / (pathlib.Path(path).name + ".py"),
-    ]
-    for candidate in candidates:
-        if candidate.is_file():
-            return str(candidate) + sep + param
-    known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.py")))
-    raise UsageError(f"--config={value}: no such config file; expected a path or one of the presets: {known}")
-
-
-def preset_name(args: list[str], command: str) -> str:
-    config_arg = next((a for a in args if a.startswith("--config=")), None)
-    if config_arg is None:
-        return pathlib.Path(DEFAULT_CONFIGS.get(command, "")).stem
-    return pathlib.Path(config_arg.split("=", 1)[1].partition(":")[0]).stem
-
-
-def apply_scale(config, args: list[str]) -> None:
-    """Applies `config.scales[config.scale]` (a preset's named size) except keys given on the command line."""
-    if not config.get("scale"):
-        return
-    scales = config.get("scales") or {}
-    if config.scale not in scales:
-        raise UsageError(f"--config.scale={config.scale}: expected one of {sorted(scales)} for this preset")
-    explicit = {a.split("=", 1)[0][len("--config.") :] for a in args if a.startswith("--config.")}
-
-    def merge(target, overrides, prefix):
-        for key, value in overrides.items():
-            path = f"{prefix}{key}"
-            if hasattr(value, "items"):
-                merge(target[key], value, path + ".")
-            elif path not in explicit:
-                target[key] = value
-
-    with config.unlocked():
-        merge(config, scales[config.scale], "")
-
-
-def _check_config_file(path: str) -> None:
-    """Loads the config file once to turn a broken file into a clear message (config_flags would trace back)."""
-    import importlib.util
-
-    file = path.partition(":")[0]
-    spec = importlib.util.spec_from_file_location("extkd_config_check", file)
-    module = importlib.util.module_from_spec(spec)
-    try:
-        spec.loader.exec_module(module)
-    except Exception as err:
-        raise UsageError(f"--config={file} could not be loaded: {type(err).__name__}: {err}") from None
-    if not callable(getattr(module, "get_config", None)):
-        raise UsageError(f"--config={file} defines no get_config() function")
-
-
 def parse_flags(command: str, args: list[str]):
-    """Returns (config, workdir) from `--config=... --config.key=value --workdir=...`."""
+    """(config or None, workdir) from `--config=... --config.key=value --workdir=...`."""
     from absl import flags
     from ml_collections import config_flags
 
-    config_arg = next((a for a in args if a.startswith("--config=")), None)
-    if config_arg is None:
-        default = DEFAULT_CONFIGS.get(command)
-        if default is None and command != "evaluate":
-            raise UsageError(f"`extkd {command}` needs --config=configs/<preset>.py")
-        args = ([f"--config={CONFIG_DIR / default}"] if default else []) + args
-    else:
-        args = [
-            f"--config={resolve_config_path(config_arg.split('=', 1)[1])}" if a is config_arg else a
-            for a in args
-        ]
-    # presets import `configs.base`: make the repository's configs package importable from any directory
-    if str(CONFIG_DIR.parent) not in sys.path:
-        sys.path.insert(0, str(CONFIG_DIR.parent))
-    config_path = next((a.split("=", 1)[1] for a in args if a.startswith("--config=")), None)
-    if config_path:
-        _check_config_file(config_path)
-    flag_values = flags.FlagValues()
-    flags.DEFINE_string(
-        "workdir", None, "directory of the run (resumed if it exists)", flag_values=flag_values
-    )
-    argv = ["extkd"] + args
-    old_argv = sys.argv
-    sys.argv = argv  # config_flags reads overrides from sys.argv when the flag is defined
+    given = [a for a in args if a.startswith("--config=")]
+    if not given and command in DEFAULT_PRESET:
+        args = [f"--config={DEFAULT_PRESET[command]}"] + args
+    elif not given and command != "evaluate":
+        raise UsageError(f"`extkd {command}` needs --config=PRESET; presets: {', '.join(preset_names())}")
+    args = [f"--config={config_file(a.split('=', 1)[1])}" if a.startswith("--config=") else a for a in args]
+    argv = [f"extkd {command}"] + args
+    flag_values = flags.FlagValues()  # one per call: the CLI is also called in-process (tests, notebooks)
+    flags.DEFINE_string("workdir", None, "directory of the run", flag_values=flag_values)
+    config_flags.DEFINE_config_file("config", None, "config file", flag_values=flag_values, sys_argv=argv)
     try:
-        config_flags.DEFINE_config_file(
-            "config", None, "config file", flag_values=flag_values, lock_config=True
-        )
-        flag_values(argv)
+        rest = flag_values(argv)
         config = flag_values.config
+        if config is not None and not callable(getattr(config, "get", None)):
+            raise UsageError(f"--config: get_config() returned {type(config).__name__}, expected a ConfigDict")
     except (AttributeError, KeyError) as err:
-        keys = re.findall(r"--config\.([\w.]+)=", " ".join(args))
-        raise UsageError(
-            f"unknown config key ({err}); keys given: {keys}. See configs/base.py for every key"
-        ) from None
-    except flags.Error as err:
-        raise UsageError(str(err)) from None
-    except OSError as err:
-        raise UsageError(str(err).splitlines()[0]) from None
-    finally:
-        sys.argv = old_argv
-    if config is not None:
-        apply_scale(config, args)
+        if "get_config" in str(err):
+            raise UsageError(f"{given[0] if given else '--config'} defines no get_config() function") from None
+        # ml_collections nests reprs: "'\\'epochs\\'\\nDid you mean ...'"; keep the key and the suggestion
+        detail = " ".join(str(err).replace("\\n", " ").replace("\\'", "'").replace("\\\"", '"').split())
+        key = re.search(r"'([\w.]+)'", detail)
+        hint = detail[detail.find("Did you mean"):].rstrip("'\"") if "Did you mean" in detail else ""
+        raise UsageError(f"unknown config key {key.group(0) if key else detail}: {hint}".strip(": ")
+                         + f"; see {CONFIG_DOCS.split(': ', 1)[1]}") from None
+    except SyntaxError as err:
+        raise UsageError(f"--config file {err.filename}, line {err.lineno}: {err.msg}") from None
+    except (flags.Error, OSError) as err:
+        message = str(err).strip().splitlines()
+        # a ValueError inside get_config (e.g. an unknown variant) arrives wrapped with its traceback
+        raise UsageError(message[-1] if "Error whilst parsing config file" in str(err) else message[0]) from None
+    if len(rest) > 1:
+        raise UsageError(f"unexpected arguments {rest[1:]}; flags are --config, --config.KEY=VALUE, --workdir")
     if not flag_values.workdir:
         raise UsageError(f"`extkd {command}` needs --workdir=DIR")
+    if config is not None and command in KINDS and config.get("kind", "run") != KINDS[command]:
+        raise UsageError(_wrong_kind(command, config.get("kind", "run"), given[0] if given else ""))
     return config, flag_values.workdir
+
+
+def _wrong_kind(command: str, kind: str, given: str) -> str:
+    if kind == "experiment":
+        return (f"{given} is an experiment preset (config.kind='experiment'): `extkd reproduce` runs it; "
+                f"for one of its runs name a role: {given}:teacher (extkd train) or {given}:kd (extkd distill)")
+    return f"{given} configures one run (config.kind={kind!r}); use `extkd train` or `extkd distill` with it"
 
 
 def _enable_compilation_cache() -> None:
@@ -161,31 +133,46 @@ def _enable_compilation_cache() -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
+def run(command: str, config, workdir: str, command_line: str) -> dict:
+    """Runs one parsed command; returns its result record."""
+    if command in ("train", "distill"):
+        from extkd_jax.train.loop import train_and_evaluate
+
+        return train_and_evaluate(config, workdir, mode=command)
+    if command == "evaluate":
+        from extkd_jax.train.loop import evaluate_workdir
+
+        return evaluate_workdir(workdir, config)
+    from extkd_jax.experiment.reproduce import reproduce
+
+    preset = next((a.split("=", 1)[1] for a in shlex.split(command_line) if a.startswith("--config=")),
+                  DEFAULT_PRESET["reproduce"])
+    return reproduce(config, workdir, preset=pathlib.Path(preset.partition(":")[0]).stem, command_line=command_line)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--version"]:
+        from extkd_jax import __version__
+
+        print(f"extkd_jax {__version__}")
+        return 0
     if not argv or argv[0] in ("-h", "--help", "help"):
-        print(_usage())
+        print(usage())
         return 0 if argv else 2
     command, args = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"extkd: error: unknown command {command!r}; expected one of {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    if any(a in ("-h", "--help", "--helpfull") for a in args):
+        print(usage(command))
+        return 0
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("extkd_jax").setLevel(logging.INFO)
-    _enable_compilation_cache()
     try:
-        if command not in COMMANDS:
-            raise UsageError(f"unknown command {command!r}; expected one of {', '.join(COMMANDS)}")
         config, workdir = parse_flags(command, args)
-        if command in ("train", "distill"):
-            from extkd_jax.train.loop import train_and_evaluate
-
-            result = train_and_evaluate(config, workdir, mode=command)
-        elif command == "evaluate":
-            from extkd_jax.train.loop import evaluate_workdir
-
-            result = evaluate_workdir(workdir, config)
-        else:
-            from extkd_jax.experiment.reproduce import reproduce
-
-            result = reproduce(config, workdir, preset=preset_name(args, command))
+        _enable_compilation_cache()
+        result = run(command, config, workdir, shlex.join(["extkd", command, *args]))
     except UsageError as err:
         print(f"extkd: error: {err}", file=sys.stderr)
         return 2

@@ -19,6 +19,8 @@ import jax  # noqa: E402
 jax.config.update("jax_compilation_cache_dir", str(_CACHE))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+# float32 means float32 in the tests, also on GPUs whose default runs float32 matmuls and convs in TF32
+jax.config.update("jax_default_matmul_precision", "highest")
 
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]

@@ -441,14 +441,14 @@ def test_cli_config_file_with_a_syntax_error(tmp_path, capsys):
 
 @pytest.mark.parametrize(
     "config,expected",
-    [(REPO_ROOT / "configs/cifar10_drop.py", "expected one of ['cpu']"), (TINY_CONFIG, "expected one of []")],
-    ids=["preset_with_other_scales", "preset_without_scales"],
+    [(REPO_ROOT / "configs/cifar10_drop.py", "unknown config variant 'gpu'; expected sizes ['cpu', 'short']"),
+     (TINY_CONFIG, "get_config() takes 0 positional arguments but 1 was given")],
+    ids=["preset_with_other_sizes", "preset_without_variants"],
 )
-def test_cli_scale_the_preset_does_not_have(config, expected, tmp_path, capsys):
-    status, err = _cli(["train", f"--config={config}", "--config.scale=gpu", f"--workdir={tmp_path / 'w'}"],
-                       capsys)
+def test_cli_variant_the_preset_does_not_have(config, expected, tmp_path, capsys):
+    status, err = _cli(["train", f"--config={config}:gpu", f"--workdir={tmp_path / 'w'}"], capsys)
     assert status == 2
-    assert "--config.scale=gpu" in err and expected in err
+    assert expected in err
     assert not (tmp_path / "w").exists()
 
 

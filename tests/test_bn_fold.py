@@ -13,6 +13,8 @@ from flax import nnx
 from extkd_jax.models import create_model, fold_batchnorm, forward_with_segments
 from extkd_jax.models.bn_fold import Identity, count_batchnorms
 
+pytestmark = pytest.mark.accelerator
+
 N = 2
 HW = 16
 

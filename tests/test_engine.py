@@ -53,6 +53,7 @@ def _run_epoch(config, chunks: list[int], data):
     return sharding.to_host(state), np.asarray(losses)
 
 
+@pytest.mark.accelerator
 def test_one_program_per_epoch_equals_one_dispatch_per_step(data_dir):
     config = tiny_config(data_dir)
     ds = prepare_datasets(config.data)
@@ -257,11 +258,13 @@ CLI_ERRORS = [
     (["frobnicate"], "unknown command 'frobnicate'"),
     (["train", "--workdir=/tmp/x"], "needs --config"),
     (["train", "--config=no_such_preset"], "no such config file"),
-    (["train", "--config=configs/digits_omit3.py", "--config.loss.nonsense=3", "--workdir=/tmp/x"],
+    (["train", "--config=configs/digits_omit3.py:teacher", "--config.loss.nonsense=3", "--workdir=/tmp/x"],
      "unknown config key"),
-    (["train", "--config=configs/digits_omit3.py", "--config.loss.temperature=hot", "--workdir=/tmp/x"],
+    (["train", "--config=digits_omit3:teacher", "--config.loss.temperature=hot", "--workdir=/tmp/x"],
      "hot"),
-    (["train", "--config=configs/digits_omit3.py"], "needs --workdir"),
+    (["train", "--config=digits_omit3:teacher"], "needs --workdir"),
+    (["train", "--config=digits_omit3", "--workdir=/tmp/x"], "digits_omit3:teacher"),
+    (["reproduce", "--config=mnist_teacher", "--workdir=/tmp/x"], "use `extkd train` or `extkd distill`"),
 ]
 
 
@@ -290,6 +293,7 @@ def test_sharded_placement_each_device_draws_from_its_own_slice(tmp_path):
     assert result["epochs"] == 10 and result["test_acc"] > 0.3  # 10 classes: chance is 0.1
 
 
+@pytest.mark.accelerator
 @pytest.mark.parametrize("loss", ["at", "fitnet", "dkd"])
 def test_feature_and_logit_losses_train_through_the_engine(loss):
     """AT (raw segments), FitNet (one connector) and DKD run through the real step and lower their loss."""

@@ -12,6 +12,8 @@ import pytest
 
 from extkd_jax.losses import attention_transfer, cross_entropy, dkd, extended_kd_loss, kd_kl, segment_mse
 
+pytestmark = pytest.mark.accelerator  # float32 losses of bf16 inputs, extreme logits: on any backend
+
 RTOL = 1e-5
 
 # ----------------------------------------------------------------------------------------------------------------

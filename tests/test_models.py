@@ -72,6 +72,7 @@ def test_resnet20_segments_and_logits(resnet20, images):
     )
 
 
+@pytest.mark.accelerator
 def test_plain_call_sows_nothing(resnet20, images):
     nnx.view(resnet20, use_running_average=True)(images)
     assert not jax.tree.leaves(nnx.state(resnet20, nnx.Intermediate))
@@ -128,6 +129,7 @@ def _bn_stats(model):
     return [np.asarray(x) for x in jax.tree.leaves(nnx.state(model, nnx.BatchStat))]
 
 
+@pytest.mark.accelerator
 def test_batchnorm_stats_update_only_in_train():
     model = create_model("resnet8", 10, rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(2), (N, 8, 8, 3))
@@ -164,6 +166,7 @@ def test_dropout_train_vs_eval():
     assert not np.allclose(a, e1)
 
 
+@pytest.mark.accelerator
 def test_bfloat16_compute():
     model = create_model("resnet8", 10, rngs=nnx.Rngs(0), dtype=jnp.bfloat16)
     logits, segs = forward_with_segments(model, jnp.ones((N, 8, 8, 3)), train=True)
@@ -209,6 +212,7 @@ def test_connector_rejects(student, teacher):
     assert str(tuple(student)) in str(err.value) and str(tuple(teacher)) in str(err.value)
 
 
+@pytest.mark.accelerator
 def test_forward_under_jit_with_split_merge():
     model = create_model("resnet8", 10, rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(5), (N, 8, 8, 3))

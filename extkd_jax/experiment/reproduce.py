@@ -14,7 +14,6 @@ import logging
 import os
 import pathlib
 import socket
-import sys
 import time
 
 import jax
@@ -127,7 +126,9 @@ def _hardware() -> dict:
             "process_count": jax.process_count(), "hostname": socket.gethostname(), "cpu_count": os.cpu_count()}
 
 
-def reproduce(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, preset: str = "") -> dict:
+def reproduce(
+    config: ml_collections.ConfigDict, workdir: str | pathlib.Path, preset: str = "", command_line: str = ""
+) -> dict:
     """Runs (or resumes) the whole experiment; returns the results dict also written to results.json."""
     t_start = time.time()
     maybe_initialize_distributed(config.distributed)  # before anything touches a JAX backend
@@ -181,14 +182,14 @@ def reproduce(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, pr
         else:
             method_runs[method] = [run(method, s, None) for s in seeds]
 
-    results = _assemble(config, preset, workdir, datasets, methods, method_runs, chosen_weight, grid_report,
+    results = _assemble(config, preset, command_line, workdir, datasets, methods, method_runs, chosen_weight, grid_report,
                         teacher_summary, teacher_records, seeds, t_start)
     if is_main:
         _write_outputs(config, workdir, results, method_runs)
     return results
 
 
-def _assemble(config, preset, workdir, datasets, methods, method_runs, chosen_weight, grid_report, teacher_summary,
+def _assemble(config, preset, command_line, workdir, datasets, methods, method_runs, chosen_weight, grid_report, teacher_summary,
               teacher_records, seeds, t_start) -> dict:
     keys = ("test_acc", "seen_acc", "unseen_acc", "test_acc_corrected", "seen_acc_corrected",
             "unseen_acc_corrected", "bias_shift")
@@ -211,7 +212,7 @@ def _assemble(config, preset, workdir, datasets, methods, method_runs, chosen_we
     correction_split = next(iter(out_methods.values()))["correction_split"]
     return {
         "preset": preset,
-        "command": "extkd reproduce " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "extkd reproduce",
+        "command": command_line or "extkd reproduce",
         "dataset": {
             "name": name, "source": config.data.source, "note": DATASET_NOTES.get((name, config.data.source), ""),
             "num_classes": datasets.num_classes,

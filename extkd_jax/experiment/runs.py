@@ -43,6 +43,7 @@ def teacher_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
     c.num_epochs = config.teacher.num_epochs or config.num_epochs
     c.optim.learning_rate = config.teacher.learning_rate or config.optim.learning_rate
     c.teacher.workdir = ""
+    c.kind = "run"
     return c
 
 
@@ -66,4 +67,15 @@ def student_config(
         c.teacher.workdir = str(teacher_workdir)
     if segment_weight is not None:
         c.loss.segment_weight = float(segment_weight)
+    c.kind = "run"
     return c
+
+
+def role_config(config: ml_collections.ConfigDict, role: str) -> ml_collections.ConfigDict:
+    """One run of an experiment config: `teacher`, or a student method of METHODS (its teacher from
+    `teacher.workdir`, set on the command line)."""
+    if role == "teacher":
+        return teacher_config(config)
+    if role not in METHODS:
+        raise ValueError(f"unknown role {role!r}; expected 'teacher' or one of {METHODS}")
+    return student_config(config, role, config.seed, config.teacher.workdir)
