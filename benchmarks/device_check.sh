@@ -72,18 +72,19 @@ fi
 if [ "$mode" = cpu ]; then
   platform=cpu
   bench=(--quick --configs bf16_fold --forms scan,dispatch --batch-sizes 8 --torch-modes eager_fp32)
-  extra=(--quick --configs f32_nofold --forms scan --batch-sizes 8 --skip-torch)
+  extra=(--quick --configs f32_nofold --forms scan --batch-sizes 8 --torch-modes "")
   data="$work/synthetic_cifar"
   "$py" "$repo/benchmarks/synthetic_cifar.py" "$data" --train 1200 --test 300 >>"$log" 2>&1
   sizes=(--config=cifar10_drop:cpu --config.data.max_train_examples=0 --config.data.val_size=200
          --config.batch_size=50 --config.teacher.num_epochs=2 --config.num_epochs=1 --config.eval_batch_size=300
          --config.optim.warmup_epochs=0
-         "--config.reproduce.methods=('kd','extended_kd')" "--config.reproduce.segment_weight_grid=(1.0,)")
+         "--config.reproduce.methods=('kd','extended_kd')" "--config.reproduce.grid.kd=(4.0,)"
+         "--config.reproduce.grid.extended_kd=(1.0,)")
 else
   platform=cuda
   bench=(--configs bf16_fold --forms scan --batch-sizes 256,1024 --steps 30 --reps 3
          --torch-modes compile_amp_bf16,eager_amp_bf16_channels_last,eager_fp32)
-  extra=(--configs f32_nofold --forms scan --batch-sizes 256,1024 --steps 30 --reps 3 --skip-torch)
+  extra=(--configs f32_nofold --forms scan --batch-sizes 256,1024 --steps 30 --reps 3 --torch-modes "")
   sizes=(--config=cifar10_drop:short)
 fi
 

@@ -1,6 +1,6 @@
 """The headline figures of a `benchmarks/device_check.sh` run as one JSON line (read from the files in OUT).
 
-    python benchmarks/device_check_summary.py OUT        # STATUSES, WALL and MODE come from the environment
+python benchmarks/device_check_summary.py OUT        # STATUSES, WALL and MODE come from the environment
 """
 
 from __future__ import annotations
@@ -26,40 +26,53 @@ def _tests(out: pathlib.Path) -> dict | None:
         return None
     suite = root if root.tag == "testsuite" else root.find("testsuite")
     counts = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
-    counts["failed"] = [f"{c.get('classname')}::{c.get('name')}" for c in suite.iter("testcase")
-                        if c.find("failure") is not None or c.find("error") is not None]
+    counts["failed"] = [
+        f"{c.get('classname')}::{c.get('name')}"
+        for c in suite.iter("testcase")
+        if c.find("failure") is not None or c.find("error") is not None
+    ]
     return counts
 
 
 def _throughput(result: dict | None) -> dict | None:
     if not result:
         return None
-    img_s = {row["name"]: row["values"] for row in result.get("table", [])}
-    main = next((k for k in img_s if k.startswith("jax scan")), None)
+    main = next((name for name in result.get("img_per_s", {}) if name.startswith("jax scan")), None)
     ratios = result.get("ratios", {}).get(main, {}) if main else {}
-    profile = next((r["scan"].get("profile") for per in result.get("jax", {}).values() for r in per.values()
-                    if isinstance(r, dict) and "profile" in r.get("scan", {})), None)
-    breakdown = result.get("breakdown") or {}
+    profile = next(
+        (
+            r["scan"]["profile"]
+            for per in result.get("jax", {}).values()
+            for r in per.values()
+            if isinstance(r, dict) and "profile" in r.get("scan", {})
+        ),
+        None,
+    )
     return {
         "device": result.get("host", {}).get("device_kind"),
-        "img_per_s": img_s,
-        "ours_vs_torch_compile_amp": ratios.get("vs_torch_compile_amp"),
+        "img_per_s": result.get("img_per_s"),
+        "ours_vs_torch_compile_amp": ratios.get("vs_torch_compile_amp_bf16"),
         "ours_vs_torch_eager_fp32": ratios.get("vs_torch_eager_fp32"),
         "profile_by_category": {k: round(v["fraction"], 3) for k, v in (profile or {}).get("by_category", {}).items()},
-        "teacher_fraction": breakdown.get("teacher_fraction"),
-        "student_fraction": breakdown.get("student_fraction"),
+        "breakdown": result.get("breakdown"),
     }
 
 
-def _experiment(result: dict | None) -> dict | None:
-    if not result:
+def _experiment(path: pathlib.Path) -> dict | None:
+    from extkd_jax.experiment.results import Results
+
+    try:
+        results = Results.from_json(path.read_text())
+    except OSError:
         return None
     return {
-        "teacher_test_acc": result["teacher"]["test_acc"],
-        "teacher_wall_s": result["teacher"].get("wall_time_s"),
-        "students": {m: {k: e[k]["mean"] for k in ("test_acc", "unseen_acc", "unseen_acc_corrected")}
-                     for m, e in result["methods"].items()},
-        "wall_s": result.get("wall_time_s"),
+        "teacher_test_acc": results.teacher["test_acc"],
+        "teacher_wall_s": results.teacher["wall_time_s"],
+        "students": {
+            name: {k: m.stat(k).mean for k in ("test_acc", "unseen_acc", "unseen_acc_corrected")}
+            for name, m in results.methods.items()
+        },
+        "wall_s": results.wall_time_s,
     }
 
 
@@ -81,7 +94,7 @@ def checks(mode: str, experiment: dict | None, tests: dict | None) -> dict:
 def summarize(out: pathlib.Path) -> dict:
     statuses = dict(kv.split("=", 1) for kv in os.environ.get("STATUSES", "").split(";") if "=" in kv)
     mode = os.environ.get("MODE", "")
-    experiment = _experiment(_load(out / "cifar10_results.json"))
+    experiment = _experiment(out / "cifar10_results.json")
     tests = _tests(out)
     return {
         "checks": checks(mode, experiment, tests),

@@ -47,8 +47,9 @@ def summarize(trace_dir: str | pathlib.Path, top: int = 15) -> dict:
     events = json.loads(gzip.decompress(_trace_file(trace_dir).read_bytes()))
     events = events["traceEvents"] if isinstance(events, dict) else events
     process = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
-    thread = {(e["pid"], e["tid"]): e["args"]["name"] for e in events
-              if e.get("ph") == "M" and e.get("name") == "thread_name"}
+    thread = {
+        (e["pid"], e["tid"]): e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "thread_name"
+    }
     device_pids = {pid for pid, name in process.items() if name.startswith("/device:")}
 
     def on_device(e) -> bool:
@@ -78,15 +79,19 @@ def summarize(trace_dir: str | pathlib.Path, top: int = 15) -> dict:
         "wall_s": wall / 1e6,
         "busy_fraction": busy / wall / max(len(threads), 1) if wall else None,
         "by_category": {k: {"s": v / 1e6, "fraction": v / busy} for k, v in by_category.most_common()},
-        "top_ops": [{"name": n[:160], "s": d / 1e6, "fraction": d / busy, "calls": calls[n], "category": category(n)}
-                    for n, d in by_name.most_common(top)],
+        "top_ops": [
+            {"name": n[:160], "s": d / 1e6, "fraction": d / busy, "calls": calls[n], "category": category(n)}
+            for n, d in by_name.most_common(top)
+        ],
     }
 
 
 def format_summary(summary: dict) -> str:
     """A few lines for a log: the categories, then the top operations."""
-    lines = [f"profile: {summary['busy_s'] * 1e3:.1f} ms busy on {len(summary['device_threads'])} device thread(s) "
-             f"over {summary['wall_s'] * 1e3:.1f} ms wall"]
+    lines = [
+        f"profile: {summary['busy_s'] * 1e3:.1f} ms busy on {len(summary['device_threads'])} device thread(s) "
+        f"over {summary['wall_s'] * 1e3:.1f} ms wall"
+    ]
     lines += [f"  {k:<22} {v['fraction'] * 100:5.1f}%" for k, v in summary["by_category"].items()]
     lines += [f"  {op['fraction'] * 100:5.1f}%  x{op['calls']:<5} {op['name'][:90]}" for op in summary["top_ops"][:8]]
     return "\n".join(lines)

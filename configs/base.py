@@ -11,7 +11,7 @@ Experiment presets (`kind="experiment"`, run by `extkd reproduce`) take variants
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import ml_collections
 
@@ -80,12 +80,19 @@ def get_config() -> ml_collections.ConfigDict:
     c.progress = True  # tqdm progress bar
 
     # `extkd reproduce`: the dark-knowledge experiment
-    c.seeds = 1  # every student is trained this many times (seeds seed, seed+1, ...)
+    c.seeds = 1  # reported runs per student method: seeds seed, seed+1, ...
     c.reproduce = ml_collections.ConfigDict()
-    c.reproduce.methods = ("scratch_full", "scratch_transfer", "kd", "fitnet", "extended_kd")
-    c.reproduce.dkd = False  # add the `dkd` method
-    c.reproduce.segment_weight_grid = (0.1, 1.0)  # fitnet / extended_kd weights tried on the validation split
-    c.reproduce.bias_correction = "teacher_frequency"  # or "validation" (needs data.val_size > 0)
+    c.reproduce.methods = ("scratch_full", "scratch_transfer", "kd", "fitnet", "extended_kd")  # also: at, dkd
+    # the knob grid tried on validation per distilling method (kd: loss.temperature; fitnet, at, extended_kd:
+    # loss.segment_weight; dkd: loss.dkd_beta); every distilling method needs a grid of the same size
+    c.reproduce.grid = ml_collections.ConfigDict()
+    for method in ("kd", "fitnet", "at", "extended_kd", "dkd"):
+        c.reproduce.grid[method] = ()  # () = no tuning: the configured loss value
+    c.reproduce.selection_seed = -1  # seed of the grid runs; -1 = seed + seeds (never a reported seed)
+    c.reproduce.shared_shift = False  # one correction shift for all dropped classes instead of one per class
+    c.reproduce.oracle_correction = False  # also report the label-using correction (an upper bound, apart)
+    c.reproduce.keep_fractions = ()  # dark-knowledge curve: fractions of each dropped class kept, e.g. (0.02,)
+    c.reproduce.curve_methods = ("scratch_transfer", "kd", "extended_kd")
 
     c.distributed = ml_collections.ConfigDict()
     c.distributed.enabled = False  # call jax.distributed.initialize (auto-detects on TPU VMs)
@@ -112,8 +119,10 @@ def with_variant(
     known = sorted(sizes) + ["teacher", *METHODS]
     for word in words:
         if word not in known:
-            raise ValueError(f"unknown config variant {word!r}; expected sizes {sorted(sizes)} or roles "
-                             f"{['teacher', *METHODS]}, comma-separated (e.g. 'cpu,teacher')")
+            raise ValueError(
+                f"unknown config variant {word!r}; expected sizes {sorted(sizes)} or roles "
+                f"{['teacher', *METHODS]}, comma-separated (e.g. 'cpu,teacher')"
+            )
     size = [w for w in words if w in sizes]
     roles = [w for w in words if w not in sizes]
     if len(size) > 1 or len(roles) > 1:

@@ -48,7 +48,9 @@ def get_config(arg=None):
     c.num_epochs = 30
     c.compute_dtype = "bfloat16"
     c.seeds = 3
-    c.reproduce.segment_weight_grid = (0.1, 1.0, 10.0)
+    c.reproduce.grid.kd = (2.0, 4.0, 8.0)
+    c.reproduce.grid.fitnet = (0.1, 1.0, 10.0)
+    c.reproduce.grid.extended_kd = (0.1, 1.0, 10.0)
     return base.with_variant(c, arg, {"cpu": cpu, "short": short})
 
 
@@ -66,7 +68,8 @@ def cpu(c):
     c.compute_dtype = "float32"
     c.seeds = 1
     c.reproduce.methods = ("scratch_full", "scratch_transfer", "kd", "extended_kd")
-    c.reproduce.segment_weight_grid = (0.3, 1.0)
+    c.reproduce.grid.kd = (2.0, 4.0)
+    c.reproduce.grid.extended_kd = (0.3, 1.0)
 
 
 def short(c):
@@ -75,4 +78,5 @@ def short(c):
     c.num_epochs = 8
     c.seeds = 1
     c.reproduce.methods = ("kd", "extended_kd")
-    c.reproduce.segment_weight_grid = (1.0,)
+    c.reproduce.grid.kd = ()
+    c.reproduce.grid.extended_kd = ()

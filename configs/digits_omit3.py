@@ -39,5 +39,7 @@ def get_config(arg=None):
     c.eval_batch_size = 600
     c.num_epochs = 40
     c.seeds = 3
-    c.reproduce.segment_weight_grid = (0.1, 1.0)
+    c.reproduce.grid.kd = (4.0, 8.0)
+    c.reproduce.grid.fitnet = (0.1, 1.0)
+    c.reproduce.grid.extended_kd = (0.1, 1.0)
     return base.with_variant(c, arg)

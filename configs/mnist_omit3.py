@@ -35,5 +35,6 @@ def get_config(arg=None):
     c.seeds = 3
     # fitnet is left out to keep the CPU budget; add it with --config.reproduce.methods=...
     c.reproduce.methods = ("scratch_full", "scratch_transfer", "kd", "extended_kd")
-    c.reproduce.segment_weight_grid = (0.1, 1.0)
+    c.reproduce.grid.kd = (10.0, 20.0)
+    c.reproduce.grid.extended_kd = (0.1, 1.0)
     return base.with_variant(c, arg)

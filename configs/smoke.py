@@ -1,6 +1,6 @@
 """A tiny end-to-end run for tests (well under a minute on a laptop CPU).
 
-    extkd reproduce --config=configs/smoke.py --workdir=/tmp/extkd_smoke
+extkd reproduce --config=configs/smoke.py --workdir=/tmp/extkd_smoke
 """
 
 from extkd_jax.configs import base, digits_omit3
@@ -15,5 +15,4 @@ def get_config(arg=None):
     c.batch_size = 100
     c.seeds = 2
     c.progress = False
-    c.reproduce.segment_weight_grid = (0.1, 1.0)
     return base.with_variant(c, arg)

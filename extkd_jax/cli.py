@@ -1,9 +1,9 @@
 """`extkd`: the command line. Parses flags (absl + ml_collections config files) and dispatches.
 
-  extkd train      --config=mnist_teacher --workdir=/tmp/teacher
-  extkd distill    --config=mnist_student --workdir=/tmp/student --config.teacher.workdir=/tmp/teacher
-  extkd evaluate   --workdir=/tmp/student
-  extkd reproduce  [--config=digits_omit3] --workdir=/tmp/omit3
+extkd train      --config=mnist_teacher --workdir=/tmp/teacher
+extkd distill    --config=mnist_student --workdir=/tmp/student --config.teacher.workdir=/tmp/teacher
+extkd evaluate   --workdir=/tmp/student
+extkd reproduce  [--config=digits_omit3] --workdir=/tmp/omit3
 """
 
 from __future__ import annotations
@@ -45,26 +45,37 @@ def config_file(value: str) -> str:
     preset = importlib.resources.files("extkd_jax.configs") / (pathlib.Path(path).name.removesuffix(".py") + ".py")
     if preset.is_file() and preset.name != "base.py":
         return str(preset) + sep + variant
-    raise UsageError(f"--config={value}: no such config file; expected a path or one of the presets: "
-                     f"{', '.join(preset_names())}")
+    raise UsageError(
+        f"--config={value}: no such config file; expected a path or one of the presets: {', '.join(preset_names())}"
+    )
 
 
 def usage(command: str | None = None) -> str:
     if command is None:
-        lines = ["usage: extkd COMMAND --config=PRESET[:variant] --workdir=DIR [--config.key=value ...]", "",
-                 "commands:"] + [f"  {name:<10} {text}" for name, text in COMMANDS.items()]
+        lines = [
+            "usage: extkd COMMAND --config=PRESET[:variant] --workdir=DIR [--config.key=value ...]",
+            "",
+            "commands:",
+        ] + [f"  {name:<10} {text}" for name, text in COMMANDS.items()]
         lines += ["", "extkd COMMAND --help shows a command's flags; extkd --version the version"]
     else:
         config = "" if command == "evaluate" else " --config=PRESET[:variant]"
-        lines = [f"usage: extkd {command}{config} --workdir=DIR [--config.key=value ...]", "",
-                 COMMANDS[command], "", "flags:",
-                 "  --workdir=DIR       the run's directory (local or gs://); rerunning the same command resumes"]
+        lines = [
+            f"usage: extkd {command}{config} --workdir=DIR [--config.key=value ...]",
+            "",
+            COMMANDS[command],
+            "",
+            "flags:",
+            "  --workdir=DIR       the run's directory (local or gs://); rerunning the same command resumes",
+        ]
         if command != "evaluate":
             default = DEFAULT_PRESET.get(command)
-            lines += ["  --config=PRESET     a preset name or a config file path; `:variant` is passed to its",
-                      "                      get_config (sizes such as `cpu`, roles such as `teacher`)"
-                      + (f"; default {default}" if default else ""),
-                      "  --config.KEY=VALUE  override one config key (e.g. --config.num_epochs=5)"]
+            lines += [
+                "  --config=PRESET     a preset name or a config file path; `:variant` is passed to its",
+                "                      get_config (sizes such as `cpu`, roles such as `teacher`)"
+                + (f"; default {default}" if default else ""),
+                "  --config.KEY=VALUE  override one config key (e.g. --config.num_epochs=5)",
+            ]
         else:
             lines += ["  --config=PRESET     optional: evaluate with another data config than the run's"]
     lines += ["", f"presets: {', '.join(preset_names())}", CONFIG_DOCS]
@@ -95,11 +106,13 @@ def parse_flags(command: str, args: list[str]):
         if "get_config" in str(err):
             raise UsageError(f"{given[0] if given else '--config'} defines no get_config() function") from None
         # ml_collections nests reprs: "'\\'epochs\\'\\nDid you mean ...'"; keep the key and the suggestion
-        detail = " ".join(str(err).replace("\\n", " ").replace("\\'", "'").replace("\\\"", '"').split())
+        detail = " ".join(str(err).replace("\\n", " ").replace("\\'", "'").replace('\\"', '"').split())
         key = re.search(r"'([\w.]+)'", detail)
-        hint = detail[detail.find("Did you mean"):].rstrip("'\"") if "Did you mean" in detail else ""
-        raise UsageError(f"unknown config key {key.group(0) if key else detail}: {hint}".strip(": ")
-                         + f"; see {CONFIG_DOCS.split(': ', 1)[1]}") from None
+        hint = detail[detail.find("Did you mean") :].rstrip("'\"") if "Did you mean" in detail else ""
+        raise UsageError(
+            f"unknown config key {key.group(0) if key else detail}: {hint}".strip(": ")
+            + f"; see {CONFIG_DOCS.split(': ', 1)[1]}"
+        ) from None
     except SyntaxError as err:
         raise UsageError(f"--config file {err.filename}, line {err.lineno}: {err.msg}") from None
     except (flags.Error, OSError) as err:
@@ -117,8 +130,10 @@ def parse_flags(command: str, args: list[str]):
 
 def _wrong_kind(command: str, kind: str, given: str) -> str:
     if kind == "experiment":
-        return (f"{given} is an experiment preset (config.kind='experiment'): `extkd reproduce` runs it; "
-                f"for one of its runs name a role: {given}:teacher (extkd train) or {given}:kd (extkd distill)")
+        return (
+            f"{given} is an experiment preset (config.kind='experiment'): `extkd reproduce` runs it; "
+            f"for one of its runs name a role: {given}:teacher (extkd train) or {given}:kd (extkd distill)"
+        )
     return f"{given} configures one run (config.kind={kind!r}); use `extkd train` or `extkd distill` with it"
 
 
@@ -140,13 +155,15 @@ def run(command: str, config, workdir: str, command_line: str) -> dict:
 
         return train_and_evaluate(config, workdir, mode=command)
     if command == "evaluate":
-        from extkd_jax.train.loop import evaluate_workdir
+        from extkd_jax.train.evaluate import evaluate_workdir
 
         return evaluate_workdir(workdir, config)
     from extkd_jax.experiment.reproduce import reproduce
 
-    preset = next((a.split("=", 1)[1] for a in shlex.split(command_line) if a.startswith("--config=")),
-                  DEFAULT_PRESET["reproduce"])
+    preset = next(
+        (a.split("=", 1)[1] for a in shlex.split(command_line) if a.startswith("--config=")),
+        DEFAULT_PRESET["reproduce"],
+    )
     return reproduce(config, workdir, preset=pathlib.Path(preset.partition(":")[0]).stem, command_line=command_line)
 
 
@@ -179,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, FloatingPointError) as err:
         print(f"extkd {command}: error: {err}", file=sys.stderr)
         return 1
+    if not isinstance(result, dict):  # reproduce's Results
+        result = {"report": f"{workdir}/report.md", "wall_time_s": result.wall_time_s}
     summary = {k: v for k, v in result.items() if not isinstance(v, (list, dict))}
     print(json.dumps(summary, indent=1))
     return 0

@@ -7,14 +7,14 @@ PROG=$(basename "$0")
 # shellcheck source-path=SCRIPTDIR source=_common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
 
-DEFAULT_COMMAND='extkd reproduce --config=configs/cifar10_drop.py'
+DEFAULT_COMMAND='extkd reproduce --config=cifar10_drop'
 
 usage() {
   cat <<EOF
 Usage: $PROG [options]
 
 Runs one extkd command on this host with all its GPUs (one process; JAX uses every visible GPU). Set
-CUDA_VISIBLE_DEVICES yourself to use fewer. The command runs from the repository root, so configs/... resolve.
+CUDA_VISIBLE_DEVICES yourself to use fewer. The command runs from the repository root (presets by name or path).
 
 Options:
   --command CMD         extkd command to run, without --workdir
@@ -22,7 +22,7 @@ Options:
   --workdir DIR         run directory (default: \$WORKDIR or /tmp/extkd_run; relative to where you are)
   --venv DIR            use the virtualenv DIR: created with python3 -m venv and installed into when it does not
                         exist yet (--install installs again)
-  --install             pip install -e . 'jax[EXTRA]' (into --venv if given, else into the current python3)
+  --install             pip install -e '.[all]' 'jax[EXTRA]' (into --venv if given, else into the current python3)
   --jax-extra EXTRA     the jax extra to install, default cuda12 (e.g. cuda13); 'none' installs jax as-is
   --mem-fraction F      XLA_PYTHON_CLIENT_MEM_FRACTION, in (0, 1] (default: \$XLA_PYTHON_CLIENT_MEM_FRACTION
                         or .9)
@@ -65,7 +65,7 @@ split_command "$COMMAND"
 WORKDIR=$(absolute_path "$WORKDIR")
 [ -z "$VENV" ] || VENV=$(absolute_path "$VENV")
 
-PACKAGES=(-e "$REPO_ROOT")
+PACKAGES=(-e "$REPO_ROOT[all]")
 if [ "$JAX_EXTRA" != none ]; then PACKAGES+=("jax[$JAX_EXTRA]"); fi
 
 require_cmd nvidia-smi "is this a GPU host with the NVIDIA driver installed?"

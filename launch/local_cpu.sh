@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Smoke run on this machine's CPU: pip install -e . and extkd reproduce --config=configs/smoke.py.
+# Smoke run on this machine's CPU: pip install -e '.[all]' and extkd reproduce --config=smoke.
 set -euo pipefail
 
 PROG=$(basename "$0")
@@ -10,13 +10,13 @@ usage() {
   cat <<EOF
 Usage: $PROG [options]
 
-Installs the project into the current python3 (pip install -e .) and runs, with JAX_PLATFORMS=cpu, from the
+Installs the project into the current python3 (pip install -e '.[all]') and runs, with JAX_PLATFORMS=cpu, from the
 repository root:
-  extkd reproduce --config=configs/smoke.py --workdir=WORKDIR
+  extkd reproduce --config=smoke --workdir=WORKDIR
 
 Options:
   --workdir DIR   run directory (default: \$WORKDIR or /tmp/extkd_smoke; relative to where you are)
-  --no-install    skip pip install -e . (the project is installed already)
+  --no-install    skip the install (the project is installed already)
   --dry-run       print every command, one per line prefixed with '+ ', and run nothing
   -h, --help      show this help
 EOF
@@ -41,7 +41,7 @@ WORKDIR=$(absolute_path "$WORKDIR")
 run cd "$REPO_ROOT"
 if [ "$INSTALL" = 1 ]; then
   require_cmd "$PYTHON" "needed to install the project (or pass --no-install)"
-  run "$PYTHON" -m pip install -e "$REPO_ROOT"
+  run "$PYTHON" -m pip install -e "$REPO_ROOT[all]"
 fi
 require_cmd extkd "install the project first (drop --no-install)"
-run env JAX_PLATFORMS=cpu extkd reproduce --config=configs/smoke.py --workdir="$WORKDIR"
+run env JAX_PLATFORMS=cpu extkd reproduce --config=smoke --workdir="$WORKDIR"

@@ -7,7 +7,7 @@ PROG=$(basename "$0")
 # shellcheck source-path=SCRIPTDIR source=_common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
 
-DEFAULT_COMMAND='extkd reproduce --config=configs/cifar10_drop.py'
+DEFAULT_COMMAND='extkd reproduce --config=cifar10_drop'
 REMOTE_REPO=extkd_jax    # on each worker, relative to the home directory
 REMOTE_VENV=extkd_venv   # likewise
 
@@ -36,7 +36,8 @@ Options:
   --command CMD            extkd command to run, without --workdir
                            (default: '$DEFAULT_COMMAND')
   --workdir DIR            workdir on the workers: absolute path or gs://bucket/path (default /tmp/extkd_run).
-                           For multi-host slices use gs://, so every host sees the same checkpoints.
+                           For multi-host slices use gs://: every host reads and writes the same checkpoints,
+                           metrics and reports there (etils.epath), and nothing is copied back.
   --local-results DIR      where to copy the workdir back to (default <repo>/workdirs/NAME); the copy lands in
                            DIR/<basename of --workdir>
   --skip-create            use an existing VM of that name
@@ -47,7 +48,7 @@ Options:
   -h, --help               show this help
 
 Each worker gets a Python >= 3.11 virtualenv in ~/$REMOTE_VENV (python3.11 from apt if the image has none)
-with 'pip install -e . jax[tpu]' of the code in ~/$REMOTE_REPO.
+with 'pip install -e .[all] jax[tpu]' of the code in ~/$REMOTE_REPO.
 
 Example:
   $PROG --name=kd-v4 --zone=us-central2-b --spot --delete --dry-run
@@ -167,7 +168,7 @@ fi
 
 # ---- 2. install on all workers ----
 # The remote shell: pick a Python >= 3.11 (flax and jax need it; tpu-ubuntu2204-base ships 3.10), make a venv,
-# pip install -e . 'jax[tpu]'. Single quotes on purpose: these $ expand on the worker.
+# pip install -e '.[all]' 'jax[tpu]'. Single quotes on purpose: these $ expand on the worker.
 # shellcheck disable=SC2016
 PY_SETUP='PY=; for c in python3.13 python3.12 python3.11 python3; do'
 # shellcheck disable=SC2016
@@ -177,7 +178,7 @@ PY_SETUP+=' done;'
 PY_SETUP+=' if [ -z "$PY" ]; then sudo apt-get update -qq'
 PY_SETUP+=' && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3.11 python3.11-venv && PY=python3.11; fi;'
 PY_SETUP+=" \$PY -m venv ~/$REMOTE_VENV && ~/$REMOTE_VENV/bin/python -m pip install -q -U pip"
-PIP_INSTALL="cd ~/$REMOTE_REPO && ~/$REMOTE_VENV/bin/python -m pip install -e . \"jax[tpu]\""
+PIP_INSTALL="cd ~/$REMOTE_REPO && ~/$REMOTE_VENV/bin/python -m pip install -e \".[all]\" \"jax[tpu]\""
 
 if [ "$SKIP_INSTALL" = 0 ]; then
   if [ -n "$REPO_URL" ]; then

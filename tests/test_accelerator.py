@@ -14,11 +14,8 @@ import numpy as np
 import pytest
 
 from extkd_jax.train import sharding
-from extkd_jax.train.builders import build_model
 from extkd_jax.train.epoch import make_run_steps
-from extkd_jax.train.program import build_program
-from extkd_jax.train.state import split_model
-from tests.tiny import tiny_config
+from tests.tiny import random_teacher, tiny_config, tiny_setup
 
 pytestmark = pytest.mark.accelerator
 
@@ -32,22 +29,30 @@ def test_backend_is_the_one_requested():
 
 
 def _distill_losses(compute_dtype: str, steps: int = 6) -> np.ndarray:
-    config = tiny_config(".", **{"model.name": "resnet8", "loss.name": "extended_kd", "batch_size": 16,
-                                 "compute_dtype": compute_dtype, "optim.learning_rate": 0.05})
+    config = tiny_config(
+        ".",
+        **{
+            "model.name": "resnet8",
+            "loss.name": "extended_kd",
+            "batch_size": 16,
+            "compute_dtype": compute_dtype,
+            "optim.learning_rate": 0.05,
+        },
+    )
     config.model.kwargs = {}
     dtype = jnp.bfloat16 if compute_dtype == "bfloat16" else jnp.float32
-    teacher = split_model(build_model("resnet14", {}, 10, seed=5, dtype=dtype))
-    program = build_program(config, 10, (8, 8, 3), steps_per_epoch=steps, teacher_parts=teacher)
+    teacher = random_teacher("resnet14", dtype=dtype)
+    program = tiny_setup(config, (8, 8, 3), steps, teacher)
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, size=(16, 8, 8, 3), dtype=np.uint8)
     labels = rng.integers(0, 10, size=(16,)).astype(np.int32)
     mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), (sharding.DATA_AXIS,))
-    run_steps = make_run_steps(program.step_fn, mesh, 16, "none", np.full(3, 120.0, np.float32),
-                               np.full(3, 60.0, np.float32), dtype)
+    run_steps = make_run_steps(program.step_fn, mesh, 16, "none")
     state = sharding.put_replicated(program.init_state(), mesh)
-    teacher_vars = sharding.put_replicated(program.teacher_vars, mesh)
-    _, metrics = run_steps(state, teacher_vars, images, labels, jnp.arange(16), jax.random.key(0), jnp.int32(0),
-                           num_steps=steps)
+    teacher_vars = sharding.put_replicated(program.teacher_variables, mesh)
+    _, metrics = run_steps(
+        state, teacher_vars, images, labels, jnp.arange(16), jax.random.key(0), jnp.int32(0), num_steps=steps
+    )
     return np.asarray(metrics["loss"])
 
 

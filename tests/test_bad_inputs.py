@@ -35,8 +35,9 @@ def data_dir(tmp_path_factory) -> pathlib.Path:
 def teacher_dir(data_dir, tmp_path_factory) -> pathlib.Path:
     """A finished `extkd train` run: mlp(64, 64), 1 epoch."""
     workdir = tmp_path_factory.mktemp("teacher") / "run"
-    train_and_evaluate(tiny_config(data_dir, num_epochs=1, **{"model.kwargs.hidden_sizes": (64, 64)}), workdir,
-                       mode="train")
+    train_and_evaluate(
+        tiny_config(data_dir, num_epochs=1, **{"model.kwargs.hidden_sizes": (64, 64)}), workdir, mode="train"
+    )
     return workdir
 
 
@@ -176,23 +177,36 @@ def test_empty_transfer_set(tmp_path):
     """Every class present in the training split is dropped (the data holds only classes 0 and 1)."""
     folder = write_tiny_npz(tmp_path / "data" / "mnist", num_classes=2)
     config = tiny_config(folder, **{"data.drop_classes": (0, 1)})
-    refused(ValueError, lambda: train_and_evaluate(config, tmp_path / "run", mode="train"),
-            "transfer set is empty", "dropping classes (0, 1)", "from 350 training examples")
+    refused(
+        ValueError,
+        lambda: train_and_evaluate(config, tmp_path / "run", mode="train"),
+        "transfer set is empty",
+        "dropping classes (0, 1)",
+        "from 350 training examples",
+    )
     assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize(
     "overrides,exc_type,fragments",
     [
-        ({"data.dir": "/nonexistent/extkd-data"}, FileNotFoundError,
-         ["/nonexistent/extkd-data/mnist", "expected a folder with train_0.npz"]),
+        (
+            {"data.dir": "/nonexistent/extkd-data"},
+            FileNotFoundError,
+            ["/nonexistent/extkd-data/mnist", "expected a folder with train_0.npz"],
+        ),
         ({"data.val_size": 400}, ValueError, ["val_size 400 must be smaller", "(400 examples)"]),
         ({"data.drop_classes": (10,)}, ValueError, ["class 10 to drop is out of range [0, num_classes=10)"]),
         ({"data.drop_classes": (3, 3)}, ConfigError, ["data.drop_classes=(3, 3)", "expected distinct classes"]),
         ({"data.drop_classes": (3.5,)}, ConfigError, ["data.drop_classes entry=3.5", "expected a whole number"]),
     ],
-    ids=["missing_data_folder", "val_size_not_below_train_size", "drop_class_too_large", "duplicate_drop_classes",
-         "fractional_drop_class"],
+    ids=[
+        "missing_data_folder",
+        "val_size_not_below_train_size",
+        "drop_class_too_large",
+        "duplicate_drop_classes",
+        "fractional_drop_class",
+    ],
 )
 def test_bad_data_config(overrides, exc_type, fragments, data_dir, tmp_path):
     config = tiny_config(data_dir, **overrides)
@@ -204,58 +218,88 @@ def test_bad_data_config(overrides, exc_type, fragments, data_dir, tmp_path):
 
 
 def test_unknown_model_name_lists_the_known_ones():
-    message = refused(ValueError, lambda: create_model("ResNet20", 10, rngs=nnx.Rngs(0)),
-                      "unknown model 'ResNet20'", "known models:")
+    message = refused(
+        ValueError, lambda: create_model("ResNet20", 10, rngs=nnx.Rngs(0)), "unknown model 'ResNet20'", "known models:"
+    )
     assert "resnet20" in message and "mlp" in message
 
 
 def test_unknown_model_keyword_is_named(data_dir, tmp_path):
     config = tiny_config(data_dir, **{"model.kwargs.hidden": (16,)})
-    refused(ValueError, lambda: train_and_evaluate(config, tmp_path / "run", mode="train"),
-            "model 'mlp' does not accept", "'hidden'", "model.kwargs")
+    refused(
+        ValueError,
+        lambda: train_and_evaluate(config, tmp_path / "run", mode="train"),
+        "model 'mlp' does not accept",
+        "'hidden'",
+        "model.kwargs",
+    )
     no_results(tmp_path / "run")
 
 
 def test_mlp_input_size_that_does_not_match_the_images(data_dir, tmp_path):
     config = tiny_config(data_dir, **{"model.kwargs.input_size": 100})
-    refused(ValueError, lambda: train_and_evaluate(config, tmp_path / "run", mode="train"),
-            "input_size=100", "flattens to 64 features", "8, 8, 1)", "input_size=64")
+    refused(
+        ValueError,
+        lambda: train_and_evaluate(config, tmp_path / "run", mode="train"),
+        "input_size=100",
+        "flattens to 64 features",
+        "8, 8, 1)",
+        "input_size=64",
+    )
     no_results(tmp_path / "run")
 
 
 def test_loss_functions_refuse_bad_scalars():
     s, t = jnp.zeros((4, 3)), jnp.ones((4, 3))
-    refused(ValueError, lambda: losses.kd_kl(s, t, temperature=jnp.float32(0.0)), "kd_kl", "temperature",
-            "must be > 0")
+    refused(ValueError, lambda: losses.kd_kl(s, t, temperature=jnp.float32(0.0)), "kd_kl", "temperature", "must be > 0")
     refused(ValueError, lambda: losses.kd_kl(s, t, temperature=-2.0), "temperature must be > 0, got -2.0")
     labels = jnp.zeros(4, jnp.int32)
-    refused(ValueError, lambda: losses.extended_kd_loss(s, t, labels, None, None, kd_weight=np.float32(-1.0)),
-            "extended_kd_loss", "kd_weight must be >= 0", "-1.0")
-    refused(ValueError, lambda: losses.extended_kd_loss(s, t, labels, [s], [t], segment_weight=-0.5),
-            "segment_weight must be >= 0, got -0.5")
+    refused(
+        ValueError,
+        lambda: losses.extended_kd_loss(s, t, labels, None, None, kd_weight=np.float32(-1.0)),
+        "extended_kd_loss",
+        "kd_weight must be >= 0",
+        "-1.0",
+    )
+    refused(
+        ValueError,
+        lambda: losses.extended_kd_loss(s, t, labels, [s], [t], segment_weight=-0.5),
+        "segment_weight must be >= 0, got -0.5",
+    )
 
 
 # ----------------------------------------------------------------------------------------------------- teachers
 
 
 def _distill(data_dir, teacher_dir, **overrides):
-    return tiny_config(data_dir, num_epochs=1, **{"loss.name": "extended_kd", "teacher.workdir": str(teacher_dir),
-                                                  **overrides})
+    return tiny_config(
+        data_dir, num_epochs=1, **{"loss.name": "extended_kd", "teacher.workdir": str(teacher_dir), **overrides}
+    )
 
 
 @pytest.mark.parametrize(
     "overrides,fragments",
     [
-        ({"model.kwargs.hidden_sizes": (32, 32, 32)},
-         ["loss.name='extended_kd'", "the student has 3 segments and the teacher 2", "no mapping was given"]),
+        (
+            {"model.kwargs.hidden_sizes": (32, 32, 32)},
+            ["loss.name='extended_kd'", "the student has 3 segments and the teacher 2", "no mapping was given"],
+        ),
         ({"loss.segments": (5,)}, ["loss.segments holds 5", "the student has segments 0..1"]),
-        ({"loss.segments": (0,), "loss.teacher_segments": (-3,)},
-         ["loss.teacher_segments holds -3", "the teacher has segments 0..1"]),
-        ({"loss.segments": (0, 1), "loss.teacher_segments": (1,)},
-         ["loss.segments=(0, 1) and loss.teacher_segments=(1,) differ in length"]),
+        (
+            {"loss.segments": (0,), "loss.teacher_segments": (-3,)},
+            ["loss.teacher_segments holds -3", "the teacher has segments 0..1"],
+        ),
+        (
+            {"loss.segments": (0, 1), "loss.teacher_segments": (1,)},
+            ["loss.segments=(0, 1) and loss.teacher_segments=(1,) differ in length"],
+        ),
     ],
-    ids=["segment_counts_differ", "student_segment_out_of_range", "teacher_segment_out_of_range",
-         "segment_lists_of_different_lengths"],
+    ids=[
+        "segment_counts_differ",
+        "student_segment_out_of_range",
+        "teacher_segment_out_of_range",
+        "segment_lists_of_different_lengths",
+    ],
 )
 def test_segments_that_do_not_pair(overrides, fragments, data_dir, teacher, tmp_path):
     config = _distill(data_dir, teacher, **overrides)
@@ -265,29 +309,43 @@ def test_segments_that_do_not_pair(overrides, fragments, data_dir, teacher, tmp_
 
 def test_teacher_name_that_is_not_the_checkpoint(data_dir, teacher, tmp_path):
     config = _distill(data_dir, teacher, **{"loss.name": "kd", "teacher.name": "wrn_16_2"})
-    refused(ValueError, lambda: train_and_evaluate(config, tmp_path / "run", mode="distill"),
-            f"the checkpoint in {teacher} is a 'mlp'", "expected 'wrn_16_2'")
+    refused(
+        ValueError,
+        lambda: train_and_evaluate(config, tmp_path / "run", mode="distill"),
+        f"the checkpoint in {teacher} is a 'mlp'",
+        "expected 'wrn_16_2'",
+    )
 
 
-def test_teacher_config_edited_to_another_shape(data_dir, teacher, tmp_path):
-    """The teacher's config.json says mlp(64, 48) but its checkpoint holds mlp(64, 64)."""
+def test_teacher_card_edited_to_another_shape(data_dir, teacher, tmp_path):
+    """The teacher's checkpoints carry a card saying mlp(64, 48) but arrays of mlp(64, 64): refused, named."""
     edited = tmp_path / "edited_teacher"
     shutil.copytree(teacher, edited)
-    record = json.loads((edited / "config.json").read_text())
-    record["config"]["model"]["kwargs"]["hidden_sizes"] = [64, 48]
-    (edited / "config.json").write_text(json.dumps(record))
+    for card in edited.glob("checkpoints/*/card/metadata"):
+        record = json.loads(card.read_text())
+        record["model"]["kwargs"]["hidden_sizes"] = [64, 48]
+        card.write_text(json.dumps(record))
     before = snapshot(edited)
     config = _distill(data_dir, edited, **{"loss.name": "kd"})
-    refused(ValueError, lambda: train_and_evaluate(config, tmp_path / "run", mode="distill"),
-            "has shape (64,), the model expects (48,)", "another architecture")
+    with pytest.warns(UserWarning, match="could not be restored"):
+        refused(
+            ValueError,
+            lambda: train_and_evaluate(config, tmp_path / "run", mode="distill"),
+            "do not fit the architecture its card describes",
+            "'mlp'",
+            "[64, 48]",
+        )
     assert snapshot(edited) == before
     no_results(tmp_path / "run")
 
 
 def test_teacher_workdir_that_does_not_exist(data_dir, tmp_path):
     config = _distill(data_dir, tmp_path / "no_teacher_here")
-    refused(FileNotFoundError, lambda: train_and_evaluate(config, tmp_path / "run", mode="distill"),
-            f"workdir {tmp_path / 'no_teacher_here'} does not exist")
+    refused(
+        FileNotFoundError,
+        lambda: train_and_evaluate(config, tmp_path / "run", mode="distill"),
+        f"workdir {tmp_path / 'no_teacher_here'} does not exist",
+    )
     no_results(tmp_path / "run")
 
 
@@ -296,29 +354,45 @@ def test_teacher_workdir_without_checkpoint(data_dir, teacher, tmp_path):
     unfinished.mkdir()
     shutil.copy(teacher / "config.json", unfinished / "config.json")
     config = _distill(data_dir, unfinished)
-    refused(FileNotFoundError, lambda: train_and_evaluate(config, tmp_path / "run", mode="distill"),
-            f"no readable checkpoint under {unfinished / 'checkpoints'}")
+    refused(
+        FileNotFoundError,
+        lambda: train_and_evaluate(config, tmp_path / "run", mode="distill"),
+        f"no readable checkpoint under {unfinished / 'checkpoints'}",
+    )
     assert sorted(p.name for p in unfinished.iterdir()) == ["config.json"]  # nothing created there
 
 
 def test_teacher_of_another_number_of_classes(teacher, tmp_path):
     folder = write_tiny_npz(tmp_path / "data" / "toy", num_classes=5)
     config = _distill(folder, teacher, **{"data.name": "toy", "loss.name": "kd"})
-    refused(ValueError, lambda: train_and_evaluate(config, tmp_path / "run", mode="distill"),
-            "10 classes", "5 classes", str(teacher))
+    refused(
+        ValueError,
+        lambda: train_and_evaluate(config, tmp_path / "run", mode="distill"),
+        "10 classes",
+        "5 classes",
+        str(teacher),
+    )
 
 
 def test_teacher_of_another_input_shape(teacher, tmp_path):
     folder = write_tiny_npz(tmp_path / "data" / "mnist", size=10)
     config = _distill(folder, teacher, **{"loss.name": "kd", "model.kwargs.input_size": 100})
-    refused(ValueError, lambda: train_and_evaluate(config, tmp_path / "run", mode="distill"),
-            "8, 8, 1", "10, 10, 1", str(teacher))
+    refused(
+        ValueError,
+        lambda: train_and_evaluate(config, tmp_path / "run", mode="distill"),
+        "8, 8, 1",
+        "10, 10, 1",
+        str(teacher),
+    )
 
 
 def test_teacher_workdir_that_is_a_file(data_dir, teacher, tmp_path):
     config = _distill(data_dir, teacher / "config.json")
-    refused((FileNotFoundError, ValueError), lambda: train_and_evaluate(config, tmp_path / "run", mode="distill"),
-            "is a file, not a directory")
+    refused(
+        (FileNotFoundError, ValueError),
+        lambda: train_and_evaluate(config, tmp_path / "run", mode="distill"),
+        "is a file, not a directory",
+    )
 
 
 # ----------------------------------------------------------------------------------------------------- workdirs
@@ -327,23 +401,36 @@ def test_teacher_workdir_that_is_a_file(data_dir, teacher, tmp_path):
 def test_workdir_of_another_kind_is_refused_and_untouched(data_dir, teacher):
     """A `train` workdir given to `distill` (whatever the config)."""
     config = _distill(data_dir, teacher, **{"model.kwargs.hidden_sizes": (64, 64)})
-    refused(ValueError, lambda: train_and_evaluate(config, teacher, mode="distill"),
-            f"workdir {teacher} holds a `train` run; this is a `distill` run", "Use another --workdir")
+    refused(
+        ValueError,
+        lambda: train_and_evaluate(config, teacher, mode="distill"),
+        f"workdir {teacher} holds a `train` run; this is a `distill` run",
+        "Use another --workdir",
+    )
 
 
 def test_workdir_that_is_a_file(data_dir, teacher):
-    refused(ValueError, lambda: train_and_evaluate(tiny_config(data_dir), teacher / "metrics.jsonl", mode="train"),
-            "metrics.jsonl is a file; expected a directory")
+    refused(
+        ValueError,
+        lambda: train_and_evaluate(tiny_config(data_dir), teacher / "metrics.jsonl", mode="train"),
+        "metrics.jsonl is a file; expected a directory",
+    )
 
 
 def test_batch_larger_than_the_transfer_set_then_the_corrected_rerun(data_dir, tmp_path):
     config = tiny_config(data_dir, batch_size=320, num_epochs=1, **{"data.drop_classes": (1,)})
-    refused(ValueError, lambda: train_and_evaluate(config, tmp_path / "run", mode="train"),
-            "batch_size=320 exceeds the 318 training examples")
+    refused(
+        ValueError,
+        lambda: train_and_evaluate(config, tmp_path / "run", mode="train"),
+        "batch_size=320 exceeds the 318 training examples",
+    )
     no_results(tmp_path / "run")
     # the refused start does not lock the workdir: the corrected command runs there
-    record = train_and_evaluate(tiny_config(data_dir, batch_size=53, num_epochs=1, **{"data.drop_classes": (1,)}),
-                                tmp_path / "run", mode="train")
+    record = train_and_evaluate(
+        tiny_config(data_dir, batch_size=53, num_epochs=1, **{"data.drop_classes": (1,)}),
+        tmp_path / "run",
+        mode="train",
+    )
     assert record["epoch"] == 1 and record["step"] == 6
 
 
@@ -360,10 +447,12 @@ def test_batch_not_divisible_by_the_device_count(data_dir, tmp_path):
         "except ValueError as err:\n"
         "    print('REFUSED:', err)\n"
     )
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
-               PYTHONPATH=str(REPO_ROOT))
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120, check=False,
-                         cwd=REPO_ROOT)
+    env = dict(
+        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO_ROOT)
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120, check=False, cwd=REPO_ROOT
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "REFUSED: batch_size=20 is not divisible by the 8 devices of the mesh; use a multiple of 8" in out.stdout
     no_results(tmp_path / "run")
@@ -381,8 +470,10 @@ def _reproduce_config(data_dir, **overrides):
     "overrides,fragments",
     [
         ({"data.drop_classes": ()}, ["data.drop_classes is empty", "at least one class to drop"]),
-        ({"reproduce.methods": ("kd", "hinton_kd")},
-         ["reproduce.methods holds 'hinton_kd'", "expected names from", "'extended_kd'"]),
+        (
+            {"reproduce.methods": ("kd", "hinton_kd")},
+            ["reproduce.methods holds 'hinton_kd'", "expected names from", "'extended_kd'"],
+        ),
     ],
     ids=["no_class_dropped", "unknown_method"],
 )
@@ -416,8 +507,7 @@ def test_cli_evaluate_on_a_missing_folder(tmp_path, capsys):
 
 
 def test_cli_config_path_in_a_missing_folder(tmp_path, capsys):
-    status, err = _cli(["train", f"--config={tmp_path}/no/such/dir/preset.py", f"--workdir={tmp_path / 'w'}"],
-                       capsys)
+    status, err = _cli(["train", f"--config={tmp_path}/no/such/dir/preset.py", f"--workdir={tmp_path / 'w'}"], capsys)
     assert status == 2
     assert f"--config={tmp_path}/no/such/dir/preset.py: no such config file" in err
     assert "mnist_teacher" in err  # the presets are listed
@@ -441,8 +531,10 @@ def test_cli_config_file_with_a_syntax_error(tmp_path, capsys):
 
 @pytest.mark.parametrize(
     "config,expected",
-    [(REPO_ROOT / "configs/cifar10_drop.py", "unknown config variant 'gpu'; expected sizes ['cpu', 'short']"),
-     (TINY_CONFIG, "get_config() takes 0 positional arguments but 1 was given")],
+    [
+        (REPO_ROOT / "configs/cifar10_drop.py", "unknown config variant 'gpu'; expected sizes ['cpu', 'short']"),
+        (TINY_CONFIG, "get_config() takes 0 positional arguments but 1 was given"),
+    ],
     ids=["preset_with_other_sizes", "preset_without_variants"],
 )
 def test_cli_variant_the_preset_does_not_have(config, expected, tmp_path, capsys):
@@ -453,15 +545,22 @@ def test_cli_variant_the_preset_does_not_have(config, expected, tmp_path, capsys
 
 
 def test_cli_misspelt_top_level_key_suggests_the_right_one(tmp_path, capsys):
-    status, err = _cli(["train", f"--config={TINY_CONFIG}", "--config.epochs=3", f"--workdir={tmp_path / 'w'}"],
-                       capsys)
+    status, err = _cli(["train", f"--config={TINY_CONFIG}", "--config.epochs=3", f"--workdir={tmp_path / 'w'}"], capsys)
     assert status == 2
     assert "unknown config key" in err and "'epochs'" in err and 'Did you mean "num_epochs"' in err
 
 
 def test_cli_unknown_loss_name_exits_1_before_touching_the_workdir(data_dir, teacher, capsys):
-    status, err = _cli(["distill", f"--config={TINY_CONFIG}", f"--config.data.dir={data_dir}",
-                        "--config.loss.name=hinton", f"--config.teacher.workdir={teacher}", f"--workdir={teacher}"],
-                       capsys)
+    status, err = _cli(
+        [
+            "distill",
+            f"--config={TINY_CONFIG}",
+            f"--config.data.dir={data_dir}",
+            "--config.loss.name=hinton",
+            f"--config.teacher.workdir={teacher}",
+            f"--workdir={teacher}",
+        ],
+        capsys,
+    )
     assert status == 1
     assert "extkd distill: error: loss.name='hinton': expected one of" in err and "'extended_kd'" in err

@@ -11,7 +11,12 @@ import pytest
 from flax import nnx
 
 from extkd_jax.models import create_model, fold_batchnorm, forward_with_segments
-from extkd_jax.models.bn_fold import Identity, count_batchnorms
+from extkd_jax.models.bn_fold import Identity
+
+
+def count_batchnorms(model: nnx.Module) -> int:
+    return sum(isinstance(m, nnx.BatchNorm) for _, m in nnx.iter_modules(model))
+
 
 pytestmark = pytest.mark.accelerator
 

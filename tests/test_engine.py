@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from jax.sharding import Mesh
 
 from extkd_jax.data import prepare_datasets
@@ -22,8 +23,7 @@ from extkd_jax.train.config_checks import ConfigError, check_config
 from extkd_jax.train.epoch import epoch_permutation, make_run_steps
 from extkd_jax.train.loop import NonFiniteLossError, train_and_evaluate
 from extkd_jax.train.metrics import read_metrics
-from extkd_jax.train.program import build_program
-from tests.tiny import REPO_ROOT, tiny_config, write_tiny_npz
+from tests.tiny import REPO_ROOT, random_teacher, tiny_config, tiny_setup, write_tiny_npz
 
 
 @pytest.fixture(scope="module")
@@ -39,9 +39,8 @@ def _run_epoch(config, chunks: list[int], data):
     """Runs one epoch of `sum(chunks)` steps split into dispatches of the given sizes."""
     mesh = _one_device_mesh()
     images, labels = data
-    program = build_program(config, 10, images.shape[1:], steps_per_epoch=sum(chunks))
-    mean, std = np.full(1, 100.0, np.float32), np.full(1, 70.0, np.float32)
-    run_steps = make_run_steps(program.step_fn, mesh, config.batch_size, "mnist", mean, std, jnp.float32)
+    program = tiny_setup(config, images.shape[1:], sum(chunks), mean=100.0, std=70.0)
+    run_steps = make_run_steps(program.step_fn, mesh, config.batch_size, "mnist")
     key = jax.random.key(11)
     perm = epoch_permutation(key, len(images))
     state = sharding.put_replicated(program.init_state(), mesh)
@@ -62,15 +61,18 @@ def test_one_program_per_epoch_equals_one_dispatch_per_step(data_dir):
     step_state, step_losses = _run_epoch(config, [1] * 6, data)
     mixed_state, _ = _run_epoch(config, [4, 2], data)
     np.testing.assert_allclose(whole_losses, step_losses, rtol=1e-6)
-    for a, b, c in zip(jax.tree.leaves(whole_state.params), jax.tree.leaves(step_state.params),
-                       jax.tree.leaves(mixed_state.params)):
+    for a, b, c in zip(
+        jax.tree.leaves(whole_state.params), jax.tree.leaves(step_state.params), jax.tree.leaves(mixed_state.params)
+    ):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
         np.testing.assert_allclose(a, c, rtol=1e-6, atol=1e-7)
     assert int(whole_state.step) == 6
     # the updates did something: parameters moved away from their initial values
-    init = build_program(config, 10, data[0].shape[1:], 6).parts.params
-    assert max(float(np.max(np.abs(a - b))) for a, b in
-               zip(jax.tree.leaves(whole_state.params), jax.tree.leaves(init))) > 1e-3
+    init = tiny_setup(config, data[0].shape[1:], 6).variables["params"]
+    assert (
+        max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(whole_state.params), jax.tree.leaves(init)))
+        > 1e-3
+    )
 
 
 def test_no_dropped_label_ever_reaches_a_training_batch(data_dir):
@@ -82,14 +84,21 @@ def test_no_dropped_label_ever_reaches_a_training_batch(data_dir):
     def recording_step(state, teacher_vars, x, y, key):
         return state, {"labels": y}
 
-    run_steps = make_run_steps(recording_step, mesh, 20, "mnist", np.zeros(1, np.float32),
-                               np.ones(1, np.float32), jnp.float32)
+    run_steps = make_run_steps(recording_step, mesh, 20, "mnist")
     steps = len(ds.transfer) // 20
     seen = []
     for epoch in range(3):
         key = jax.random.fold_in(jax.random.key(0), epoch)
-        _, out = run_steps(jnp.zeros(()), None, ds.transfer.images, ds.transfer.labels,
-                           epoch_permutation(key, len(ds.transfer)), key, jnp.int32(0), num_steps=steps)
+        _, out = run_steps(
+            jnp.zeros(()),
+            None,
+            ds.transfer.images,
+            ds.transfer.labels,
+            epoch_permutation(key, len(ds.transfer)),
+            key,
+            jnp.int32(0),
+            num_steps=steps,
+        )
         seen.append(np.asarray(out["labels"]).ravel())
     seen = np.concatenate(seen)
     assert len(seen) == 3 * steps * 20
@@ -100,8 +109,13 @@ def test_no_dropped_label_ever_reaches_a_training_batch(data_dir):
 @pytest.mark.slow
 def test_eight_devices_match_one_device():
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    out = subprocess.run([sys.executable, str(REPO_ROOT / "tests/scripts/steps_on_meshes.py"), str(REPO_ROOT),
-                          "fold"], env=env, capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "tests/scripts/steps_on_meshes.py"), str(REPO_ROOT), "fold"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["devices"] == 8
@@ -121,40 +135,66 @@ def _config_flags(config_path, data_dir, extra=()):
 
 @pytest.mark.slow
 def test_sigkill_mid_run_resumes_to_the_same_result(data_dir, tmp_path):
-    flags = _config_flags(REPO_ROOT / "tests/scripts/tiny_config.py", data_dir,
-                          ["--config.num_epochs=8", "--config.steps_per_dispatch=1"])
+    flags = _config_flags(
+        REPO_ROOT / "tests/scripts/tiny_config.py",
+        data_dir,
+        ["--config.num_epochs=20", "--config.steps_per_dispatch=1"],
+    )
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO_ROOT))
-    full = subprocess.run(_extkd("train", *flags, f"--workdir={tmp_path / 'full'}"), env=env,
-                          capture_output=True, text=True, timeout=600, cwd=REPO_ROOT)
+    full = subprocess.run(
+        _extkd("train", *flags, f"--workdir={tmp_path / 'full'}"),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO_ROOT,
+    )
     assert full.returncode == 0, full.stderr[-3000:]
 
     killed_dir = tmp_path / "killed"
-    proc = subprocess.Popen(_extkd("train", *flags, f"--workdir={killed_dir}"), env=env, cwd=REPO_ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        _extkd("train", *flags, f"--workdir={killed_dir}"),
+        env=env,
+        cwd=REPO_ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 300
     rng = np.random.default_rng()
-    # kill at a random moment after the first checkpoint (epoch 1) and before the run ends
+    # kill at a random moment after the first checkpoint (epoch 1) and well before the run ends
     while time.time() < deadline and len(read_metrics(killed_dir)) < 1 and proc.poll() is None:
-        time.sleep(0.05)
-    time.sleep(rng.uniform(0.0, 0.5))
+        time.sleep(0.02)
+    time.sleep(rng.uniform(0.0, 0.1))
     if proc.poll() is None:
         proc.send_signal(signal.SIGKILL)
     proc.wait()
     done_before_restart = len(read_metrics(killed_dir))
-    resumed = subprocess.run(_extkd("train", *flags, f"--workdir={killed_dir}"), env=env,
-                             capture_output=True, text=True, timeout=600, cwd=REPO_ROOT)
+    resumed = subprocess.run(
+        _extkd("train", *flags, f"--workdir={killed_dir}"),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO_ROOT,
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     a, b = read_metrics(tmp_path / "full"), read_metrics(killed_dir)
-    assert [r["epoch"] for r in a] == [r["epoch"] for r in b] == list(range(1, 9))
+    assert [r["epoch"] for r in a] == [r["epoch"] for r in b] == list(range(1, 21))
     timing = ("epoch_time_s", "img_per_s", "wall_time_s")
     for ra, rb in zip(a, b):
         for k in ra:
             if k not in timing:
-                np.testing.assert_allclose(np.asarray(ra[k], float), np.asarray(rb[k], float), rtol=1e-6,
-                                           atol=1e-7, err_msg=f"{k} at epoch {ra['epoch']}")
-    assert done_before_restart < 8, "the kill came after the run finished: the test proved nothing"
-    from extkd_jax.train.builders import latest_readable_state
-    pa, pb = latest_readable_state(tmp_path / "full"), latest_readable_state(killed_dir)
+                np.testing.assert_allclose(
+                    np.asarray(ra[k], float),
+                    np.asarray(rb[k], float),
+                    rtol=1e-6,
+                    atol=1e-7,
+                    err_msg=f"{k} at epoch {ra['epoch']}",
+                )
+    assert done_before_restart < 20, "the kill came after the run finished: the test proved nothing"
+    from extkd_jax.train.evaluate import restore_model
+
+    pa, pb = restore_model(tmp_path / "full")[1], restore_model(killed_dir)[1]
     for x, y in zip(jax.tree.leaves(pa["params"]), jax.tree.leaves(pb["params"])):
         np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
 
@@ -162,44 +202,92 @@ def test_sigkill_mid_run_resumes_to_the_same_result(data_dir, tmp_path):
 @pytest.mark.slow
 def test_cli_train_distill_evaluate(data_dir, tmp_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO_ROOT))
-    base = _config_flags(REPO_ROOT / "tests/scripts/tiny_config.py", data_dir,
-                         ["--config.optim.learning_rate=0.3", "--config.num_epochs=6", "--config.batch_size=25"])
-    teacher = subprocess.run(_extkd("train", *base, "--config.model.kwargs.hidden_sizes=(64,64)",
-                                    f"--workdir={tmp_path / 't'}"),
-                             env=env, capture_output=True, text=True, timeout=600, cwd=REPO_ROOT)
+    base = _config_flags(
+        REPO_ROOT / "tests/scripts/tiny_config.py",
+        data_dir,
+        ["--config.optim.learning_rate=0.3", "--config.num_epochs=6", "--config.batch_size=25"],
+    )
+    teacher = subprocess.run(
+        _extkd("train", *base, "--config.model.kwargs.hidden_sizes=(64,64)", f"--workdir={tmp_path / 't'}"),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO_ROOT,
+    )
     assert teacher.returncode == 0, teacher.stderr[-3000:]
-    student = subprocess.run(_extkd("distill", *base, "--config.loss.name=extended_kd",
-                                    f"--config.teacher.workdir={tmp_path / 't'}", "--config.teacher.name=mlp",
-                                    "--config.data.drop_classes=(3,)", f"--workdir={tmp_path / 's'}"),
-                             env=env, capture_output=True, text=True, timeout=600, cwd=REPO_ROOT)
+    student = subprocess.run(
+        _extkd(
+            "distill",
+            *base,
+            "--config.loss.name=extended_kd",
+            f"--config.teacher.workdir={tmp_path / 't'}",
+            "--config.teacher.name=mlp",
+            "--config.data.drop_classes=(3,)",
+            f"--workdir={tmp_path / 's'}",
+        ),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO_ROOT,
+    )
     assert student.returncode == 0, student.stderr[-3000:]
     records = read_metrics(tmp_path / "s")
     assert [r["epoch"] for r in records] == [1, 2, 3, 4, 5, 6]
-    for key in ("train_ce", "train_kd", "train_segment", "learning_rate", "val_acc", "test_acc",
-                "test_seen_acc", "test_unseen_acc", "test_per_class_acc", "img_per_s"):
+    for key in (
+        "train_ce",
+        "train_kd",
+        "train_segment",
+        "learning_rate",
+        "val_acc",
+        "test_acc",
+        "test_seen_acc",
+        "test_unseen_acc",
+        "test_per_class_acc",
+        "img_per_s",
+    ):
         assert key in records[-1], key
     assert records[-1]["train_loss"] < 0.8 * records[0]["train_loss"]  # it learned
     assert records[-1]["test_acc"] > 0.2  # 10 classes: chance is 0.1
-    evaluation = subprocess.run(_extkd("evaluate", f"--workdir={tmp_path / 's'}"), env=env,
-                                capture_output=True, text=True, timeout=600, cwd=REPO_ROOT)
+    evaluation = subprocess.run(
+        _extkd("evaluate", f"--workdir={tmp_path / 's'}"),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO_ROOT,
+    )
     assert evaluation.returncode == 0, evaluation.stderr[-3000:]
     stored = json.loads((tmp_path / "s" / "eval.json").read_text())
     assert stored["test_acc"] == pytest.approx(records[-1]["test_acc"], abs=1e-9)
     # a teacher of another architecture is refused with a clear message
-    wrong = subprocess.run(_extkd("distill", *base, "--config.loss.name=kd", f"--config.teacher.workdir={tmp_path / 't'}",
-                                  "--config.teacher.name=resnet20", f"--workdir={tmp_path / 'w'}"),
-                           env=env, capture_output=True, text=True, timeout=600, cwd=REPO_ROOT)
+    wrong = subprocess.run(
+        _extkd(
+            "distill",
+            *base,
+            "--config.loss.name=kd",
+            f"--config.teacher.workdir={tmp_path / 't'}",
+            "--config.teacher.name=resnet20",
+            f"--workdir={tmp_path / 'w'}",
+        ),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO_ROOT,
+    )
     assert wrong.returncode == 1
     assert "'mlp'" in wrong.stderr and "resnet20" in wrong.stderr
 
 
 def test_nonfinite_loss_stops_with_the_step_named(data_dir, tmp_path):
-    config = tiny_config(data_dir, **{"optim.learning_rate": 1e6, "num_epochs": 4,
-                                      "model.kwargs.dropout": 0.0})
+    config = tiny_config(data_dir, **{"optim.learning_rate": 1e6, "num_epochs": 4, "model.kwargs.dropout": 0.0})
     with pytest.raises(NonFiniteLossError, match=r"non-finite loss at step \d+: .*ce"):
         train_and_evaluate(config, tmp_path / "nan", mode="train")
-    skipped = tiny_config(data_dir, **{"optim.learning_rate": 1e6, "num_epochs": 2, "on_nonfinite": "skip",
-                                       "model.kwargs.dropout": 0.0})
+    skipped = tiny_config(
+        data_dir, **{"optim.learning_rate": 1e6, "num_epochs": 2, "on_nonfinite": "skip", "model.kwargs.dropout": 0.0}
+    )
     record = train_and_evaluate(skipped, tmp_path / "skip", mode="train")
     assert record["train_nonfinite"] > 0
     assert np.isfinite(record["test_acc"])
@@ -258,10 +346,11 @@ CLI_ERRORS = [
     (["frobnicate"], "unknown command 'frobnicate'"),
     (["train", "--workdir=/tmp/x"], "needs --config"),
     (["train", "--config=no_such_preset"], "no such config file"),
-    (["train", "--config=configs/digits_omit3.py:teacher", "--config.loss.nonsense=3", "--workdir=/tmp/x"],
-     "unknown config key"),
-    (["train", "--config=digits_omit3:teacher", "--config.loss.temperature=hot", "--workdir=/tmp/x"],
-     "hot"),
+    (
+        ["train", "--config=configs/digits_omit3.py:teacher", "--config.loss.nonsense=3", "--workdir=/tmp/x"],
+        "unknown config key",
+    ),
+    (["train", "--config=digits_omit3:teacher", "--config.loss.temperature=hot", "--workdir=/tmp/x"], "hot"),
     (["train", "--config=digits_omit3:teacher"], "needs --workdir"),
     (["train", "--config=digits_omit3", "--workdir=/tmp/x"], "digits_omit3:teacher"),
     (["reproduce", "--config=mnist_teacher", "--workdir=/tmp/x"], "use `extkd train` or `extkd distill`"),
@@ -279,8 +368,13 @@ def test_cli_usage_errors(args, message, capsys):
 @pytest.mark.slow
 def test_sharded_placement_each_device_draws_from_its_own_slice(tmp_path):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    out = subprocess.run([sys.executable, str(REPO_ROOT / "tests/scripts/sharded_epoch.py"), str(REPO_ROOT),
-                          str(tmp_path)], env=env, capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "tests/scripts/sharded_epoch.py"), str(REPO_ROOT), str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["devices"] == 8
@@ -297,27 +391,86 @@ def test_sharded_placement_each_device_draws_from_its_own_slice(tmp_path):
 @pytest.mark.parametrize("loss", ["at", "fitnet", "dkd"])
 def test_feature_and_logit_losses_train_through_the_engine(loss):
     """AT (raw segments), FitNet (one connector) and DKD run through the real step and lower their loss."""
-    from extkd_jax.train.builders import build_model
-    from extkd_jax.train.state import split_model
 
-    config = tiny_config(".", **{"model.name": "resnet8", "loss.name": loss, "batch_size": 16,
-                                 "loss.segment_weight": 10.0, "optim.learning_rate": 0.05})
+    config = tiny_config(
+        ".",
+        **{
+            "model.name": "resnet8",
+            "loss.name": loss,
+            "batch_size": 16,
+            "loss.segment_weight": 10.0,
+            "optim.learning_rate": 0.05,
+        },
+    )
     config.model.kwargs = {}
-    teacher = split_model(build_model("resnet14", {}, 10, seed=5, dtype=jnp.float32))
-    program = build_program(config, 10, (8, 8, 3), steps_per_epoch=4, teacher_parts=teacher)
+    teacher = random_teacher("resnet14", dtype=jnp.float32)
+    program = tiny_setup(config, (8, 8, 3), 4, teacher)
     assert len(program.pairs) == (1 if loss == "fitnet" else 3 if loss == "at" else 0)
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, size=(16, 8, 8, 3), dtype=np.uint8)
     labels = rng.integers(0, 10, size=(16,)).astype(np.int32)
     mesh = _one_device_mesh()
-    run_steps = make_run_steps(program.step_fn, mesh, 16, "none", np.full(3, 120.0, np.float32),
-                               np.full(3, 60.0, np.float32), jnp.float32)
+    run_steps = make_run_steps(program.step_fn, mesh, 16, "none")
     key = jax.random.key(0)
     state = sharding.put_replicated(program.init_state(), mesh)
-    teacher_vars = sharding.put_replicated(program.teacher_vars, mesh)
-    state, metrics = run_steps(state, teacher_vars, images, labels, jnp.arange(16), key, jnp.int32(0),
-                               num_steps=8)
+    teacher_vars = sharding.put_replicated(program.teacher_variables, mesh)
+    state, metrics = run_steps(state, teacher_vars, images, labels, jnp.arange(16), key, jnp.int32(0), num_steps=8)
     losses = np.asarray(metrics["loss"])
     assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]
     part = {"at": "at", "fitnet": "segment", "dkd": "dkd"}[loss]
     assert np.all(np.asarray(metrics[part]) > 0)
+
+
+class UserNet(nnx.Module):
+    """A model written by a user: plain NNX layers, its segments sown with the public API in every call."""
+
+    segment_names = ("features", "hidden")
+
+    def __init__(self, num_classes: int, *, rngs: nnx.Rngs, dtype=jnp.float32, input_size: int = 64):
+        def dense(i, o):
+            return nnx.Linear(i, o, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+
+        self.fc1, self.fc2, self.out = dense(input_size, 24), dense(24, 24), dense(24, num_classes)
+
+    def __call__(self, x):
+        h1 = nnx.relu(self.fc1(x.reshape(x.shape[0], -1)))
+        self.sow(nnx.Intermediate, "features", h1)
+        h2 = nnx.relu(self.fc2(h1))
+        self.sow(nnx.Intermediate, "hidden", h2)
+        return self.out(h2)
+
+
+def test_a_users_model_distils_through_the_engine(data_dir, tmp_path):
+    """register_model + public sow: the user's model is a student (extended_kd, both segments) and a teacher."""
+    from extkd_jax.models import register_model
+
+    register_model("user_net", lambda n, *, rngs, dtype=jnp.float32, **kw: UserNet(n, rngs=rngs, dtype=dtype, **kw))
+    teacher = tiny_config(data_dir, **{"model.name": "user_net", "num_epochs": 4})
+    teacher.model.kwargs = {"input_size": 64}
+    train_and_evaluate(teacher, tmp_path / "teacher", mode="train")
+    student = tiny_config(
+        data_dir,
+        **{
+            "loss.name": "extended_kd",
+            "teacher.workdir": str(tmp_path / "teacher"),
+            "model.kwargs.hidden_sizes": (16, 16),
+            "num_epochs": 4,
+        },
+    )
+    record = train_and_evaluate(student, tmp_path / "student", mode="distill")
+    records = read_metrics(tmp_path / "student")
+    assert records[0]["train_segment"] > 0 and records[-1]["train_loss"] < records[0]["train_loss"]
+    assert record["epoch"] == 4
+    # and the other way round: the user's model learns from an MLP teacher through both its segments
+    back = tiny_config(
+        data_dir,
+        **{
+            "model.name": "user_net",
+            "loss.name": "extended_kd",
+            "num_epochs": 2,
+            "teacher.workdir": str(tmp_path / "student"),
+        },
+    )
+    back.model.kwargs = {"input_size": 64}
+    train_and_evaluate(back, tmp_path / "back", mode="distill")
+    assert read_metrics(tmp_path / "back")[0]["train_segment"] > 0

@@ -23,8 +23,7 @@ from extkd_jax.train import loop
 from extkd_jax.train.checkpoint import Checkpointer
 from extkd_jax.train.loop import train_and_evaluate
 from extkd_jax.train.metrics import read_metrics
-from extkd_jax.train.program import build_program
-from tests.tiny import REPO_ROOT, tiny_config, write_tiny_npz
+from tests.tiny import REPO_ROOT, tiny_config, tiny_setup, write_tiny_npz
 
 # runs that are later extended use a constant rate: num_epochs may change on resume only then
 CONSTANT = {"optim.schedule": "constant"}
@@ -45,8 +44,13 @@ def assert_same_records(expected: list[dict], actual: list[dict]) -> None:
         assert set(ra) == set(rb), f"epoch {ra['epoch']}: keys differ"
         for k in ra:
             if k not in TIMING:
-                np.testing.assert_allclose(np.asarray(rb[k], float), np.asarray(ra[k], float), rtol=1e-6,
-                                           atol=1e-6, err_msg=f"{k} at epoch {ra['epoch']}")
+                np.testing.assert_allclose(
+                    np.asarray(rb[k], float),
+                    np.asarray(ra[k], float),
+                    rtol=1e-6,
+                    atol=1e-6,
+                    err_msg=f"{k} at epoch {ra['epoch']}",
+                )
 
 
 # ------------------------------------------------------------------------------------------------------ SIGTERM
@@ -70,22 +74,38 @@ def _wait_for_first_record(workdir: pathlib.Path, proc: subprocess.Popen, timeou
 @pytest.mark.slow
 def test_sigterm_writes_a_checkpoint_exits_1_and_the_rerun_matches_an_uninterrupted_run(data_dir, tmp_path):
     epochs = 10
-    flags = [f"--config={REPO_ROOT / 'tests/scripts/tiny_config.py'}", f"--config.data.dir={data_dir}",
-             f"--config.num_epochs={epochs}", "--config.steps_per_dispatch=1"]
+    flags = [
+        f"--config={REPO_ROOT / 'tests/scripts/tiny_config.py'}",
+        f"--config.data.dir={data_dir}",
+        f"--config.num_epochs={epochs}",
+        "--config.steps_per_dispatch=1",
+    ]
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO_ROOT))
     env.pop("XLA_FLAGS", None)
 
     def run(workdir):
-        return subprocess.run(_extkd("train", *flags, f"--workdir={workdir}"), env=env, cwd=REPO_ROOT,
-                              capture_output=True, text=True, timeout=300, check=False)
+        return subprocess.run(
+            _extkd("train", *flags, f"--workdir={workdir}"),
+            env=env,
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
 
     full = run(tmp_path / "full")
     assert full.returncode == 0, full.stderr[-3000:]
 
     workdir = tmp_path / "preempted"
     with open(tmp_path / "stderr.txt", "w") as err:
-        proc = subprocess.Popen(_extkd("train", *flags, f"--workdir={workdir}"), env=env, cwd=REPO_ROOT,
-                                stdout=subprocess.DEVNULL, stderr=err)
+        proc = subprocess.Popen(
+            _extkd("train", *flags, f"--workdir={workdir}"),
+            env=env,
+            cwd=REPO_ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
         try:
             _wait_for_first_record(workdir, proc, timeout=240)
             assert proc.poll() is None, "the run ended before the first metrics record"
@@ -229,7 +249,8 @@ CORRUPTIONS = {
 
 
 def _target(data_dir):
-    return build_program(tiny_config(data_dir), 10, (8, 8, 1), STEPS_PER_EPOCH).init_state()
+    """What a resumed run restores: the train state (into the shapes of a fresh one) and the meta item."""
+    return {"state": tiny_setup(tiny_config(data_dir), (8, 8, 1), STEPS_PER_EPOCH).init_state(), "meta": None}
 
 
 # orbax's reader threads may report a closed event loop after a failed restore: harmless
@@ -244,11 +265,11 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_step(corruption, c
     try:
         assert checkpointer.all_steps() == [7, 14, 21]
         with pytest.warns(UserWarning, match=r"checkpoint step 21 in .* could not be restored .*older one"):
-            state, meta = checkpointer.restore_latest(_target(data_dir))
+            step, items = checkpointer.restore_latest(_target(data_dir))
     finally:
         checkpointer.close()
-    assert int(state.step) == 14
-    assert meta == {"epoch": 2}
+    assert step == 14 and int(items["state"].step) == 14
+    assert items["meta"] == {"epoch": 2}
 
 
 @quiet_orbax
@@ -271,17 +292,20 @@ def _restore_cleanly(workdir: pathlib.Path, data_dir) -> int:
     try:
         with warnings.catch_warnings(record=True) as record:
             warnings.simplefilter("always")
-            state, _ = checkpointer.restore_latest(target)
+            _, items = checkpointer.restore_latest(target)
     finally:
         checkpointer.close()
     assert not _fallbacks(record)
-    return int(state.step)
+    return int(items["state"].step)
 
 
 def _fallbacks(record) -> list[str]:
     """The steps named by the restore fallback warnings in `record`, in order."""
-    return [re.search(r"checkpoint step (\d+) in .* could not be restored", str(w.message)).group(1)
-            for w in record if "could not be restored" in str(w.message)]
+    return [
+        re.search(r"checkpoint step (\d+) in .* could not be restored", str(w.message)).group(1)
+        for w in record
+        if "could not be restored" in str(w.message)
+    ]
 
 
 @quiet_orbax
@@ -318,7 +342,9 @@ def test_rerun_of_a_finished_run_repairs_its_corrupt_final_checkpoint(copy_of_fi
     """The final checkpoint is what `distill` and `evaluate` load: a rerun must not leave it unreadable."""
     _overwrite_arrays(copy_of_finished / "checkpoints" / "21")
     with pytest.warns(UserWarning, match="checkpoint step 21 .* could not be restored"):
-        record = train_and_evaluate(tiny_config(data_dir, keep_checkpoints=3, **CONSTANT), copy_of_finished, mode="train")
+        record = train_and_evaluate(
+            tiny_config(data_dir, keep_checkpoints=3, **CONSTANT), copy_of_finished, mode="train"
+        )
     assert record["epoch"] == 3
     assert _restore_cleanly(copy_of_finished, data_dir) == 21
     assert_same_records(read_metrics(finished), read_metrics(copy_of_finished))
@@ -350,8 +376,9 @@ def test_half_written_checkpoint_is_ignored(copy_of_finished, data_dir):
     # resuming for one more epoch writes step 28 itself, whatever the temporary directory held
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        record = train_and_evaluate(tiny_config(data_dir, keep_checkpoints=3, num_epochs=4, **CONSTANT), copy_of_finished,
-                                    mode="train")
+        record = train_and_evaluate(
+            tiny_config(data_dir, keep_checkpoints=3, num_epochs=4, **CONSTANT), copy_of_finished, mode="train"
+        )
     assert not _fallbacks(caught)
     assert record["epoch"] == 4
     assert _restore_cleanly(copy_of_finished, data_dir) == 28

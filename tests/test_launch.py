@@ -54,7 +54,11 @@ def env(tmp_path):
 def run(script, *args, env, cwd=None):
     return subprocess.run(
         [BASH, str(LAUNCH / script), *args],
-        env=env, cwd=cwd or env["TMPDIR"], capture_output=True, text=True, timeout=60,
+        env=env,
+        cwd=cwd or env["TMPDIR"],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
 
 
@@ -114,7 +118,12 @@ def test_tpu_dry_run_commands_in_order(env):
     assert create < scp_code < install < launch < fetch < delete == len(cmds) - 1
 
     assert cmds[create] == GCLOUD_TPU + [
-        "create", "kd-v4", f"--zone={ZONE}", "--accelerator-type=v4-8", "--version=tpu-ubuntu2204-base"]
+        "create",
+        "kd-v4",
+        f"--zone={ZONE}",
+        "--accelerator-type=v4-8",
+        "--version=tpu-ubuntu2204-base",
+    ]
     assert cmds[scp_code][6] == "kd-v4:extkd_jax.tar.gz"
     tarball = cmds[scp_code][5]
     assert any(c[:3] == ["tar", "-czf", tarball] for c in cmds[:scp_code])
@@ -123,10 +132,11 @@ def test_tpu_dry_run_commands_in_order(env):
         assert cmds[i][5] == "kd-v4" and "--worker=all" in cmds[i] and option(cmds[i], "zone") == ZONE
     install_cmd = option(cmds[install], "command")
     assert "tar -xzf ~/extkd_jax.tar.gz" in install_cmd
-    assert 'pip install -e . "jax[tpu]"' in install_cmd
+    assert 'pip install -e ".[all]" "jax[tpu]"' in install_cmd
     run_cmd = option(cmds[launch], "command")
-    assert ("extkd reproduce --config=configs/cifar10_drop.py --workdir=/tmp/extkd_run "
-            "--config.distributed.enabled=True") in run_cmd
+    assert (
+        "extkd reproduce --config=cifar10_drop --workdir=/tmp/extkd_run --config.distributed.enabled=True"
+    ) in run_cmd
 
     assert cmds[fetch][:8] == GCLOUD_TPU + ["scp", "--worker=0", "--recurse", "kd-v4:/tmp/extkd_run"]
     assert cmds[fetch][8] == str(REPO_ROOT / "workdirs" / "kd-v4")
@@ -179,18 +189,25 @@ def test_tpu_missing_or_bad_values(env):
     assert_failed(run("tpu_vm.sh", f"--zone={ZONE}", "--dry-run", env=env), "--name is required")
     assert_failed(run("tpu_vm.sh", "--name=kd", "--dry-run", env=env), "--zone is required")
     assert_failed(run("tpu_vm.sh", "--name=kd", "--dry-run", "--zone", env=env), "--zone needs a value")
-    assert_failed(run("tpu_vm.sh", "--name", "--zone", ZONE, "--dry-run", env=env),
-                  "--name needs a value, got the flag '--zone'")
-    assert_failed(run("tpu_vm.sh", "--name=My_VM", f"--zone={ZONE}", "--dry-run", env=env),
-                  "invalid --name 'My_VM'")
-    assert_failed(run("tpu_vm.sh", "--name=kd", f"--zone={ZONE}", "--accelerator-type=tpu8", "--dry-run", env=env),
-                  "invalid --accelerator-type 'tpu8'")
-    assert_failed(run("tpu_vm.sh", "--name=kd", f"--zone={ZONE}", "--workdir=runs/x", "--dry-run", env=env),
-                  "--workdir must be an absolute path or a gs://bucket/path URL, got 'runs/x'")
-    assert_failed(run("tpu_vm.sh", "--name=kd", f"--zone={ZONE}", "--command=extkd train --workdir=/x", "--dry-run",
-                      env=env), "--command must not contain --workdir")
-    assert_failed(run("tpu_vm.sh", "--name=kd", f"--zone={ZONE}", "--ref=main", "--dry-run", env=env),
-                  "--ref 'main' needs --repo")
+    assert_failed(
+        run("tpu_vm.sh", "--name", "--zone", ZONE, "--dry-run", env=env), "--name needs a value, got the flag '--zone'"
+    )
+    assert_failed(run("tpu_vm.sh", "--name=My_VM", f"--zone={ZONE}", "--dry-run", env=env), "invalid --name 'My_VM'")
+    assert_failed(
+        run("tpu_vm.sh", "--name=kd", f"--zone={ZONE}", "--accelerator-type=tpu8", "--dry-run", env=env),
+        "invalid --accelerator-type 'tpu8'",
+    )
+    assert_failed(
+        run("tpu_vm.sh", "--name=kd", f"--zone={ZONE}", "--workdir=runs/x", "--dry-run", env=env),
+        "--workdir must be an absolute path or a gs://bucket/path URL, got 'runs/x'",
+    )
+    assert_failed(
+        run("tpu_vm.sh", "--name=kd", f"--zone={ZONE}", "--command=extkd train --workdir=/x", "--dry-run", env=env),
+        "--command must not contain --workdir",
+    )
+    assert_failed(
+        run("tpu_vm.sh", "--name=kd", f"--zone={ZONE}", "--ref=main", "--dry-run", env=env), "--ref 'main' needs --repo"
+    )
 
 
 def test_tpu_zone_from_environment(env):
@@ -213,24 +230,40 @@ def test_tpu_project_on_every_gcloud_command(env):
 
 def test_tpu_git_clone_and_options(env, tmp_path):
     cmds = dry_run(
-        "tpu_vm.sh", "--name=pod", f"--zone={ZONE}", "--accelerator-type=v4-32", "--version=tpu-vm-v4-base",
-        "--repo=https://example.com/x/extkd_jax.git", "--ref=v1.0",
-        "--command", "extkd distill --config=configs/cifar10.py --config.name='a b'",
-        "--workdir=gs://bucket/runs/1", f"--local-results={tmp_path / 'res'}", env=env)
+        "tpu_vm.sh",
+        "--name=pod",
+        f"--zone={ZONE}",
+        "--accelerator-type=v4-32",
+        "--version=tpu-vm-v4-base",
+        "--repo=https://example.com/x/extkd_jax.git",
+        "--ref=v1.0",
+        "--command",
+        "extkd distill --config=configs/cifar10.py --config.name='a b'",
+        "--workdir=gs://bucket/runs/1",
+        f"--local-results={tmp_path / 'res'}",
+        env=env,
+    )
     assert not any(c[0] == "tar" or (is_gcloud("scp")(c) and "--worker=all" in c) for c in cmds)
     (create,) = [c for c in cmds if is_gcloud("create")(c)]
     assert "--accelerator-type=v4-32" in create and "--version=tpu-vm-v4-base" in create
     install, launch = [option(c, "command") for c in cmds if is_gcloud("ssh")(c)]
     assert "git clone https://example.com/x/extkd_jax.git ~/extkd_jax" in install
     assert "checkout v1.0" in install
-    assert ("extkd distill --config=configs/cifar10.py --config.name='a b' --workdir=gs://bucket/runs/1 "
-            "--config.distributed.enabled=True") in launch
+    assert (
+        "extkd distill --config=configs/cifar10.py --config.name='a b' --workdir=gs://bucket/runs/1 "
+        "--config.distributed.enabled=True"
+    ) in launch
     assert cmds[-1] == ["gcloud", "storage", "cp", "--recursive", "gs://bucket/runs/1", str(tmp_path / "res")]
 
 
 def test_tpu_distributed_flag_not_repeated(env):
-    cmds = dry_run("tpu_vm.sh", "--name=kd", f"--zone={ZONE}",
-                   "--command=extkd train --config=configs/c.py --config.distributed.enabled=True", env=env)
+    cmds = dry_run(
+        "tpu_vm.sh",
+        "--name=kd",
+        f"--zone={ZONE}",
+        "--command=extkd train --config=configs/c.py --config.distributed.enabled=True",
+        env=env,
+    )
     launch = option([c for c in cmds if is_gcloud("ssh")(c)][-1], "command")
     assert launch.count("--config.distributed.enabled=True") == 1
 
@@ -270,37 +303,61 @@ def test_gpu_dry_run(env):
     assert cmds == [
         ["nvidia-smi", "-L"],
         ["cd", str(REPO_ROOT)],
-        ["env", "XLA_PYTHON_CLIENT_MEM_FRACTION=.9", "extkd", "reproduce", "--config=configs/cifar10_drop.py",
-         "--workdir=/tmp/extkd_run"],
+        [
+            "env",
+            "XLA_PYTHON_CLIENT_MEM_FRACTION=.9",
+            "extkd",
+            "reproduce",
+            "--config=cifar10_drop",
+            "--workdir=/tmp/extkd_run",
+        ],
     ]
 
 
 def test_gpu_dry_run_venv_install_and_options(env, tmp_path):
-    cmds = dry_run("gpu.sh", "--venv", "venv", "--mem-fraction=0.5", "--workdir=runs/a",
-                   "--command=extkd train --config=configs/c.py --config.name='x y'", env=env)
+    cmds = dry_run(
+        "gpu.sh",
+        "--venv",
+        "venv",
+        "--mem-fraction=0.5",
+        "--workdir=runs/a",
+        "--command=extkd train --config=configs/c.py --config.name='x y'",
+        env=env,
+    )
     venv = tmp_path / "venv"
     assert cmds[0] == ["nvidia-smi", "-L"]
     assert ["python3", "-m", "venv", str(venv)] in cmds
-    assert [str(venv / "bin/python"), "-m", "pip", "install", "-e", str(REPO_ROOT), "jax[cuda12]"] in cmds
+    assert [str(venv / "bin/python"), "-m", "pip", "install", "-e", f"{REPO_ROOT}[all]", "jax[cuda12]"] in cmds
     assert cmds[-2][:2] == ["export", f"VIRTUAL_ENV={venv}"]
-    assert cmds[-1] == ["env", "XLA_PYTHON_CLIENT_MEM_FRACTION=0.5", "extkd", "train", "--config=configs/c.py",
-                        "--config.name=x y", f"--workdir={tmp_path / 'runs/a'}"]
+    assert cmds[-1] == [
+        "env",
+        "XLA_PYTHON_CLIENT_MEM_FRACTION=0.5",
+        "extkd",
+        "train",
+        "--config=configs/c.py",
+        "--config.name=x y",
+        f"--workdir={tmp_path / 'runs/a'}",
+    ]
 
     cmds = dry_run("gpu.sh", "--install", "--jax-extra=none", env=env)
-    assert ["python3", "-m", "pip", "install", "-e", str(REPO_ROOT)] in cmds
+    assert ["python3", "-m", "pip", "install", "-e", f"{REPO_ROOT}[all]"] in cmds
 
 
 def test_gpu_bad_values(env):
-    assert_failed(run("gpu.sh", "--mem-fraction=1.5", "--dry-run", env=env),
-                  "--mem-fraction must be a number in (0, 1], got '1.5'")
-    assert_failed(run("gpu.sh", "--command", "extkd 'oops", "--dry-run", env=env), "cannot split --command into words: xargs: unmatched single quote")
+    assert_failed(
+        run("gpu.sh", "--mem-fraction=1.5", "--dry-run", env=env),
+        "--mem-fraction must be a number in (0, 1], got '1.5'",
+    )
+    assert_failed(
+        run("gpu.sh", "--command", "extkd 'oops", "--dry-run", env=env),
+        "cannot split --command into words: xargs: unmatched single quote",
+    )
     assert_failed(run("gpu.sh", "--dry-run", "--workdir", env=env), "--workdir needs a value")
 
 
 def test_gpu_real_run_with_stubs(env, tmp_path):
     env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = ".7"
-    res = run("gpu.sh", "--workdir=out", "--command=extkd evaluate --config=configs/c.py --config.name='p q'",
-              env=env)
+    res = run("gpu.sh", "--workdir=out", "--command=extkd evaluate --config=configs/c.py --config.name='p q'", env=env)
     assert res.returncode == 0, res.stderr
     smi, extkd = stub_calls(env)
     assert smi["name"] == "nvidia-smi" and smi["argv"] == ["-L"]
@@ -317,14 +374,14 @@ def test_local_cpu_dry_run(env):
     cmds = dry_run("local_cpu.sh", env=env)
     assert cmds == [
         ["cd", str(REPO_ROOT)],
-        ["python3", "-m", "pip", "install", "-e", str(REPO_ROOT)],
-        ["env", "JAX_PLATFORMS=cpu", "extkd", "reproduce", "--config=configs/smoke.py", "--workdir=/tmp/extkd_smoke"],
+        ["python3", "-m", "pip", "install", "-e", f"{REPO_ROOT}[all]"],
+        ["env", "JAX_PLATFORMS=cpu", "extkd", "reproduce", "--config=smoke", "--workdir=/tmp/extkd_smoke"],
     ]
     env["WORKDIR"] = "/tmp/elsewhere"
     cmds = dry_run("local_cpu.sh", "--no-install", env=env)
     assert cmds == [
         ["cd", str(REPO_ROOT)],
-        ["env", "JAX_PLATFORMS=cpu", "extkd", "reproduce", "--config=configs/smoke.py", "--workdir=/tmp/elsewhere"],
+        ["env", "JAX_PLATFORMS=cpu", "extkd", "reproduce", "--config=smoke", "--workdir=/tmp/elsewhere"],
     ]
 
 
@@ -333,7 +390,7 @@ def test_local_cpu_real_run_with_stubs(env, tmp_path):
     assert res.returncode == 0, res.stderr
     (call,) = stub_calls(env)
     assert call["name"] == "extkd"
-    assert call["argv"] == ["reproduce", "--config=configs/smoke.py", f"--workdir={tmp_path / 'w'}"]
+    assert call["argv"] == ["reproduce", "--config=smoke", f"--workdir={tmp_path / 'w'}"]
     assert call["env"]["JAX_PLATFORMS"] == "cpu"
     assert pathlib.Path(call["cwd"]) == REPO_ROOT
 

@@ -207,7 +207,7 @@ def test_gradients_match_finite_differences(rng):
     s, t, y = logits_pair(rng, n=3, c=4)
     assert_grad_close(jax.grad(lambda x: kd_kl(x, t, 2.0))(s), fd_grad(lambda x: ref_kd(x, t, 2.0), s))
     w = np.array([1.0, 0.5, 2.0], np.float32)
-    assert_grad_close(jax.grad(lambda x: kd_kl(x, t, 2.0, w))(s), fd_grad(lambda x: ref_kd(x, t, 2.0, w), s))
+    assert_grad_close(jax.grad(lambda x: kd_kl(x, t, 2.0, weights=w))(s), fd_grad(lambda x: ref_kd(x, t, 2.0, w), s))
     assert_grad_close(jax.grad(lambda x: cross_entropy(x, y, 0.1))(s), fd_grad(lambda x: ref_ce(x, y, 0.1), s))
     assert_grad_close(
         jax.grad(lambda x: dkd(x, t, y, 1.0, 8.0, 4.0))(s), fd_grad(lambda x: ref_dkd(x, t, y, 1.0, 8.0, 4.0), s)
@@ -262,7 +262,7 @@ def test_extreme_logits_finite(i, j):
         lambda a, b: extended_kd_loss(a, b, y, [a], [b])[0],
     ]
     for f in fns:
-        v, (gs, gt) = jax.value_and_grad(lambda a, b: f(a, b), argnums=(0, 1))(s, t)
+        v, (gs, gt) = jax.value_and_grad(f, argnums=(0, 1))(s, t)
         assert np.isfinite(float(v))
         assert np.all(np.isfinite(np.asarray(gs))) and np.all(np.isfinite(np.asarray(gt)))
 
@@ -271,7 +271,7 @@ def test_kd_kl_of_identical_logits_is_zero(rng):
     s, _, y = logits_pair(rng)
     for x in [s, EXTREME[1]]:
         assert float(kd_kl(x, x)) == 0.0
-        assert abs(float(dkd(x, x, y[:x.shape[0]]))) == 0.0
+        assert abs(float(dkd(x, x, y[: x.shape[0]]))) == 0.0
 
 
 def test_attention_transfer_zero_features_finite():
@@ -328,7 +328,7 @@ def test_logit_shape_errors_name_the_argument(rng):
         kd_kl(s, t[:, :3])
     with pytest.raises(ValueError, match=r"kd_kl: student_logits shape \(4, 5\) != teacher_logits shape \(4, 3\)"):
         jax.jit(kd_kl)(s, t[:, :3])
-    with pytest.raises(ValueError, match=r"kd_kl: teacher_logits must have rank 2, got shape \(20,\)"):
+    with pytest.raises(ValueError, match=r"kd_kl: student_logits shape \(4, 5\) != teacher_logits shape \(20,\)"):
         kd_kl(s, t.reshape(-1))
     with pytest.raises(ValueError, match=r"kd_kl: weights shape \(3,\)"):
         kd_kl(s, t, weights=np.ones(3))
@@ -338,9 +338,11 @@ def test_logit_shape_errors_name_the_argument(rng):
         dkd(s, t[:3], y)
     with pytest.raises(ValueError, match=r"dkd: labels shape \(3,\)"):
         dkd(s, t, y[:3])
-    with pytest.raises(ValueError, match=r"cross_entropy: logits must have rank 2"):
+    with pytest.raises(ValueError, match=r"cross_entropy: labels shape \(4,\) does not match the batch shape \(\)"):
         cross_entropy(s[0], y)
-    with pytest.raises(ValueError, match=r"cross_entropy: labels must be integers"):
+    with pytest.raises(
+        ValueError, match=r"cross_entropy: labels of dtype float32 are soft targets and need the logits' shape"
+    ):
         cross_entropy(s, y.astype(np.float32))
     with pytest.raises(ValueError, match=r"cross_entropy: labels must lie in \[0, 5\)"):
         cross_entropy(s, np.array([0, 1, 2, 5]))
@@ -370,7 +372,7 @@ def test_dkd_and_attention_errors(rng):
     a, b = np.ones((2, 4, 4, 3), np.float32), np.ones((2, 2, 2, 3), np.float32)
     with pytest.raises(ValueError, match=r"pair 1: student shape \(2, 4, 4, 3\) and teacher shape \(2, 2, 2, 3\)"):
         attention_transfer([a, a], [a, b])
-    with pytest.raises(ValueError, match=r"student_feats\[0\] must have rank 4"):
+    with pytest.raises(ValueError, match=r"student_feats\[0\] must have at least 4 axes"):
         attention_transfer(a[0], a[0])
     with pytest.raises(ValueError, match="p must be > 0"):
         attention_transfer(a, a, p=0)

@@ -40,8 +40,14 @@ def _start(folder: pathlib.Path, name: str, *args: str, devices: int = 1):
     """Starts the script with stdout/stderr in files (the JSON is megabytes: a pipe would fill and block)."""
     out, err = folder / f"{name}.out", folder / f"{name}.err"
     with out.open("w") as fo, err.open("w") as fe:
-        proc = subprocess.Popen([sys.executable, str(SCRIPT), str(REPO_ROOT), *args], env=_env(devices), cwd=REPO_ROOT,
-                                stdout=fo, stderr=fe, text=True)
+        proc = subprocess.Popen(
+            [sys.executable, str(SCRIPT), str(REPO_ROOT), *args],
+            env=_env(devices),
+            cwd=REPO_ROOT,
+            stdout=fo,
+            stderr=fe,
+            text=True,
+        )
     return proc, out, err
 
 
@@ -54,8 +60,7 @@ def _finish(started: list, timeout: float) -> list[str]:
         while any(p.poll() is None for p in procs):
             for i, (p, _, err) in enumerate(started):
                 if p.poll() not in (None, 0):
-                    raise RuntimeError(f"process {i} failed with status {p.returncode}:\n"
-                                       f"{err.read_text()[-4000:]}")
+                    raise RuntimeError(f"process {i} failed with status {p.returncode}:\n{err.read_text()[-4000:]}")
             if time.time() > deadline:
                 tails = "\n".join(f"process {i}: {err.read_text()[-2000:]}" for i, (_, _, err) in enumerate(started))
                 raise TimeoutError(f"the processes did not finish within {timeout} s:\n{tails}")
@@ -115,8 +120,13 @@ def _same_records(a: list[dict], b: list[dict]) -> None:
     for ra, rb in zip(a, b):
         for k in ra:
             if k not in TIMING:
-                np.testing.assert_allclose(np.asarray(rb[k], float), np.asarray(ra[k], float), rtol=1e-5,
-                                           atol=1e-6, err_msg=f"{k} at epoch {ra['epoch']}")
+                np.testing.assert_allclose(
+                    np.asarray(rb[k], float),
+                    np.asarray(ra[k], float),
+                    rtol=1e-5,
+                    atol=1e-6,
+                    err_msg=f"{k} at epoch {ra['epoch']}",
+                )
 
 
 @pytest.mark.slow
@@ -125,15 +135,23 @@ def test_two_process_training_checkpoints_and_resumes_like_one_process(tmp_path)
     stopped after epoch 1 and resumed to epoch 2, gives the records of 1 process with 2 devices."""
     data_dir = write_tiny_npz(tmp_path / "data" / "mnist")
     single_dir, multi_dir = tmp_path / "single_run", tmp_path / "multi_run"
-    [out] = _finish([_start(tmp_path, "train_single", "train", "single", str(single_dir), str(data_dir), "2",
-                            devices=2)], TIMEOUT_S)
+    [out] = _finish(
+        [_start(tmp_path, "train_single", "train", "single", str(single_dir), str(data_dir), "2", devices=2)], TIMEOUT_S
+    )
     single = _result(out)
     assert [r["epoch"] for r in single["records"]] == [1, 2]
 
     for epochs in (1, 2):  # the second launch resumes from the first one's checkpoint
         port = _free_port()
-        outputs = _finish([_start(tmp_path, f"train{epochs}_{i}", "train", f"{i}/2/{port}", str(multi_dir),
-                                  str(data_dir), str(epochs)) for i in range(2)], TIMEOUT_S)
+        outputs = _finish(
+            [
+                _start(
+                    tmp_path, f"train{epochs}_{i}", "train", f"{i}/2/{port}", str(multi_dir), str(data_dir), str(epochs)
+                )
+                for i in range(2)
+            ],
+            TIMEOUT_S,
+        )
         multi = _result(outputs[0])
         assert multi["process_count"] == 2 and multi["devices"] == 2
         assert multi["returned"]["epoch"] == epochs

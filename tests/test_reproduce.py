@@ -1,4 +1,5 @@
-"""`extkd reproduce` end to end on the smoke preset, and the bias correction against brute force."""
+"""`extkd reproduce`: the label-free correction, selection that never reads dropped-class labels, paired statistics,
+equal budgets, and the smoke preset end to end through the CLI."""
 
 from __future__ import annotations
 
@@ -7,42 +8,55 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
 from extkd_jax.experiment import bias_correction as bc
-from extkd_jax.experiment.report import parse_main_table
-from tests.tiny import REPO_ROOT
+from extkd_jax.experiment.reproduce import _choose, check_experiment
+from extkd_jax.experiment.results import Comparison, GridPoint, MethodResult, RunResult, Stat
+from extkd_jax.experiment.scoring import Scorer
+from tests.tiny import tiny_config, tiny_setup
 
 
-def _brute_force_frequency_shift(logits, target, classes, grid):
-    """The grid shift whose predicted fraction of `classes` is closest to `target` (independent of bisection)."""
-    best, best_err = None, np.inf
-    for b in grid:
-        z = logits.copy()
-        z[:, classes] += b
-        err = abs(np.isin(z.argmax(1), classes).mean() - target)
-        if err < best_err - 1e-12:
-            best, best_err = b, err
-    return best, best_err
+def _fractions(logits, classes):
+    return [float((logits.argmax(1) == c).mean()) for c in classes]
 
 
-def test_frequency_matching_shift_matches_brute_force():
+def test_per_class_shifts_match_the_teachers_frequency_of_each_class():
     rng = np.random.default_rng(0)
-    logits = rng.normal(size=(500, 6)) * 3
-    logits[:, 2] -= 6.0  # class 2 under-predicted, as after distillation without it
-    target = 0.2
-    shift = bc.shift_to_match_frequency(logits, target, [2])
-    achieved = bc.predicted_fraction(bc.shift_logits(logits, [2], shift), [2])
-    _, best_err = _brute_force_frequency_shift(logits, target, [2], np.linspace(-20, 40, 6001))
-    assert abs(achieved - target) <= best_err + 1e-9
-    assert shift > 0
-    # the shift moves only the chosen class's logits
-    shifted = bc.shift_logits(logits, [2], shift)
-    np.testing.assert_array_equal(np.delete(shifted, 2, axis=1), np.delete(logits, 2, axis=1))
+    teacher = rng.normal(size=(2000, 6)) * 2
+    student = teacher + rng.normal(size=teacher.shape)
+    student[:, 2] -= 7.0  # both dropped classes under-predicted, by different amounts
+    student[:, 4] -= 3.0
+    shifts = bc.shifts_to_match_teacher(student, teacher, [2, 4])
+    achieved = _fractions(bc.shift_logits(student, [2, 4], shifts), [2, 4])
+    target = _fractions(teacher, [2, 4])
+    np.testing.assert_allclose(achieved, target, atol=2 / 2000)  # within one image of each target
+    assert shifts[0] > shifts[1] > 0
+    # one shared shift matches only the joint frequency, and misses the per-class ones
+    shared = bc.shifts_to_match_teacher(student, teacher, [2, 4], shared=True)
+    assert shared[0] == shared[1]
+    joint = sum(_fractions(bc.shift_logits(student, [2, 4], shared), [2, 4]))
+    assert joint == pytest.approx(sum(target), abs=2 / 2000)
+    assert (
+        max(
+            abs(a - t)
+            for a, t in zip(_fractions(bc.shift_logits(student, [2, 4], shared), [2, 4]), target, strict=True)
+        )
+        > 0.01
+    )
+    # only the dropped classes' logits move
+    moved = bc.shift_logits(student, [2, 4], shifts)
+    np.testing.assert_array_equal(np.delete(moved, [2, 4], 1), np.delete(student, [2, 4], 1))
 
 
-def test_validation_shift_maximises_accuracy():
+def test_no_dropped_class_means_no_shift():
+    assert bc.shifts_to_match_teacher(np.zeros((3, 4)), np.zeros((3, 4)), []) == []
+    assert bc.shift_maximizing_accuracy(np.zeros((3, 4)), np.zeros(3, int), []) == 0.0
+
+
+def test_oracle_shift_maximises_accuracy():
     rng = np.random.default_rng(1)
     labels = rng.integers(0, 4, size=400)
     logits = rng.normal(size=(400, 4))
@@ -50,68 +64,156 @@ def test_validation_shift_maximises_accuracy():
     logits[:, 1] -= 5.0
     shift = bc.shift_maximizing_accuracy(logits, labels, [1])
     grid = np.linspace(-20, 40, 601)
-    accs = [(bc.shift_logits(logits, [1], b).argmax(1) == labels).mean() for b in grid]
-    assert (bc.shift_logits(logits, [1], shift).argmax(1) == labels).mean() == pytest.approx(max(accs))
-    assert 3.0 < shift < 7.5
+    best = max((bc.shift_logits(logits, [1], b).argmax(1) == labels).mean() for b in grid)
+    assert (bc.shift_logits(logits, [1], shift).argmax(1) == labels).mean() == pytest.approx(best)
 
 
-def test_no_dropped_classes_means_no_shift():
-    logits = np.zeros((3, 4))
-    assert bc.shift_to_match_frequency(logits, 0.5, []) == 0.0
-    assert bc.shift_maximizing_accuracy(logits, np.zeros(3, int), []) == 0.0
+class _Val:
+    def __init__(self, labels):
+        self.labels = np.asarray(labels)
+
+    def __len__(self):
+        return len(self.labels)
+
+
+class _Datasets:
+    def __init__(self, val_labels, drop_classes):
+        self.val, self.drop_classes = _Val(val_labels), tuple(drop_classes)
+
+
+def _run(val_seen_acc_corrected: float) -> RunResult:
+    return RunResult(
+        "extended_kd", 9, "w", None, 0.0, 0, 0, 0, 0, 0, 0, [0.0], val_seen_acc_corrected, [], [], [], 0.0, 1
+    )
+
+
+def test_dropped_class_labels_never_choose_the_knob():
+    """Two candidate students: A is better on the seen classes, B only on the dropped class. Scored with every
+    validation label (the old criterion), B would win; the criterion we use never reads a dropped-class label,
+    picks A, and does not move whatever labels the dropped-class images carry."""
+    labels = np.array([0, 0, 1, 1, 2, 2, 2, 2])  # class 2 is dropped
+    a = np.eye(3)[[0, 0, 1, 1, 0, 0, 0, 0]] * 5.0  # seen classes all right, dropped class all wrong
+    b = np.eye(3)[[0, 1, 1, 0, 2, 2, 2, 2]] * 5.0  # half the seen classes wrong, dropped class all right
+    scorer = Scorer.__new__(Scorer)
+    scorer.datasets = _Datasets(labels, [2])
+    score = {name: scorer._val_seen_accuracy(z, [0.0]) for name, z in (("a", a), ("b", b))}
+    every_label = {name: float((z.argmax(1) == labels).mean()) for name, z in (("a", a), ("b", b))}
+    assert every_label["b"] > every_label["a"]  # the old criterion would flip the choice to B
+    assert score["a"] > score["b"]
+    chosen, tie = _choose([GridPoint(0.1, _run(score["a"])), GridPoint(1.0, _run(score["b"]))], default=1.0)
+    assert chosen == 0.1 and tie == []
+    # what a student predicts on the dropped-class images cannot move the criterion
+    b_worse = b.copy()
+    b_worse[labels == 2] = np.eye(3)[[0, 1, 0, 1]] * 5.0
+    assert scorer._val_seen_accuracy(b_worse, [0.0]) == score["b"]
+
+
+def test_an_exact_tie_is_reported_and_goes_to_the_configured_value():
+    chosen, tie = _choose([GridPoint(v, _run(0.5)) for v in (0.1, 1.0, 10.0)], default=1.0)
+    assert chosen == 1.0 and tie == [0.1, 1.0, 10.0]
+
+
+def test_sample_std_and_paired_t_interval_against_hand_computation():
+    assert Stat.of([0.5]).std is None and Stat.of([0.5]).n == 1
+    assert Stat.of([0.1, 0.2, 0.6]).std == pytest.approx(np.sqrt(((0.1 - 0.3) ** 2 + 0.1**2 + 0.3**2) / 2))
+
+    def method(name, values):
+        runs = [
+            RunResult(name, s, "w", None, 0.0, 0, 0, 0, 0, 0, v, [0.0], 0, [], [], [], 0, 1)
+            for s, v in enumerate(values)
+        ]
+        return MethodResult(name, "kd", "", None, None, [], [], runs)
+
+    ours, kd = method("extended_kd", [0.80, 0.75, 0.90]), method("kd", [0.70, 0.72, 0.71])
+    c = Comparison.paired(ours, kd, "unseen_acc_corrected")
+    diffs = np.array([0.10, 0.03, 0.19])
+    half = 4.303 * diffs.std(ddof=1) / np.sqrt(3)  # t(0.975, df=2) = 4.303
+    assert c.n == 3 and c.diff_mean == pytest.approx(diffs.mean())
+    assert c.ci95 == pytest.approx([diffs.mean() - half, diffs.mean() + half])
+    assert not c.detected  # 0.107 +- 0.199: the interval contains 0
+    clear = Comparison.paired(method("extended_kd", [0.80, 0.82, 0.84]), kd, "unseen_acc_corrected")
+    assert clear.detected and clear.ci95[0] > 0
+    one = Comparison.paired(method("a", [0.9]), method("kd", [0.1]), "unseen_acc_corrected")
+    assert one.n == 1 and one.diff_std is None and one.ci95 is None and not one.detected
+
+
+def test_same_seed_same_start_for_every_method():
+    """Runs of different methods with one seed start from the same student weights (connectors come from a stream
+    of their own), so per-seed differences are paired; another seed starts elsewhere."""
+    kd = tiny_setup(tiny_config(".", **{"loss.name": "kd", "seed": 4}), (8, 8, 1), 3)
+    ext = tiny_setup(tiny_config(".", **{"loss.name": "ce", "seed": 4}), (8, 8, 1), 3)
+    other = tiny_setup(tiny_config(".", **{"loss.name": "kd", "seed": 5}), (8, 8, 1), 3)
+    same = jax.tree.map(np.array_equal, kd.variables["params"]["model"], ext.variables["params"]["model"])
+    assert all(jax.tree.leaves(same))
+    differ = jax.tree.map(np.array_equal, kd.variables["params"]["model"], other.variables["params"]["model"])
+    assert not any(jax.tree.leaves(differ))
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        ({"reproduce.grid.kd": (2.0, 4.0), "reproduce.grid.extended_kd": (1.0,)}, "unequal tuning budgets"),
+        ({"seeds": 3, "reproduce.selection_seed": 1}, "is a reported seed"),
+        ({"reproduce.keep_fractions": (1.5,)}, "keep_fractions holds 1.5"),
+    ],
+)
+def test_unfair_experiments_are_refused(overrides, message):
+    config = tiny_config(
+        ".",
+        **{"teacher.name": "mlp", "data.drop_classes": (3,), "reproduce.methods": ("kd", "extended_kd"), **overrides},
+    )
+    with pytest.raises(ValueError, match=message):
+        check_experiment(config)
 
 
 @pytest.mark.slow
 def test_reproduce_smoke_preset_through_the_cli(tmp_path):
     workdir = tmp_path / "smoke"
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    out = subprocess.run([sys.executable, "-m", "extkd_jax.cli", "reproduce", "--config=configs/smoke.py",
-                          f"--workdir={workdir}"], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
-                         timeout=900)
+    command = [
+        sys.executable,
+        "-m",
+        "extkd_jax.cli",
+        "reproduce",
+        "--config=smoke",
+        "--config.data.drop_classes=(3, 8)",
+        "--config.reproduce.keep_fractions=(0.1,)",
+        "--config.reproduce.curve_methods=('kd',)",
+        f"--workdir={workdir}",
+    ]
+    out = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-4000:]
     results = json.loads((workdir / "results.json").read_text())
     report = (workdir / "report.md").read_text()
     methods = ("scratch_full", "scratch_transfer", "kd", "fitnet", "extended_kd")
-    assert tuple(results["methods"]) == methods
-    assert results["drop_classes"] == [3]
-    assert 0.0 <= results["teacher"]["test_acc"] <= 1.0
-    table = parse_main_table(report)
-    assert set(table) == set(methods)
-    columns = {"test_acc": "test acc (%)", "seen_acc": "seen acc (%)", "unseen_acc": "unseen acc (%)",
-               "test_acc_corrected": "test acc corrected (%)",
-               "unseen_acc_corrected": "unseen acc corrected (%)"}
-    for method, entry in results["methods"].items():
-        for key in ("test_acc", "seen_acc", "unseen_acc", "test_acc_corrected", "unseen_acc_corrected",
-                    "bias_shift"):
-            stat = entry[key]
-            assert len(stat["runs"]) == 2  # smoke preset: 2 seeds
-            assert stat["mean"] == pytest.approx(np.mean(stat["runs"]))
-            assert stat["std"] == pytest.approx(np.std(stat["runs"]))
-            if key != "bias_shift":
-                assert all(0.0 <= r <= 1.0 for r in stat["runs"])
-                shown = table[method][columns[key]].split("±")
-                assert float(shown[0]) == pytest.approx(round(stat["mean"] * 100, 1), abs=0.051)
-                assert float(shown[1]) == pytest.approx(round(stat["std"] * 100, 1), abs=0.051)
-    # scratch_transfer never saw a 3 and cannot predict one before the correction
-    assert results["methods"]["scratch_transfer"]["unseen_acc"]["mean"] == 0.0
-    # the segment weight was chosen from the grid on the validation split
-    for method in ("fitnet", "extended_kd"):
-        grid = results["grid"][method]
-        assert grid["chosen"] in grid["weights"] and len(grid["scores"]) == len(grid["weights"])
-        assert grid["chosen"] == grid["weights"][int(np.nanargmax(grid["scores"]))]
-        assert results["methods"][method]["segment_weight"] == grid["chosen"]
-    for png in ("per_class_accuracy.png", "training_curves.png", "confusion_extended_kd.png",
-                "unseen_accuracy.png"):
-        path = workdir / png
-        assert path.exists() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
-        assert png in report
-    for name in ("reproduce.json", "teacher.json", "kd.json", "extended_kd.json"):
-        assert (workdir / "configs" / name).exists()
-    # a second run reuses every finished run and gives the same results
-    again = subprocess.run([sys.executable, "-m", "extkd_jax.cli", "reproduce", "--config=configs/smoke.py",
-                            f"--workdir={workdir}"], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
-                           timeout=900)
+    assert tuple(results["methods"]) == methods and results["drop_classes"] == [3, 8]
+    assert results["seeds"] == [0, 1] and results["selection_seed"] == 2
+    for name, m in results["methods"].items():
+        assert [r["seed"] for r in m["runs"]] == [0, 1]
+        assert all(len(r["bias_shift"]) == 2 for r in m["runs"])  # one shift per dropped class and run
+        if name in ("kd", "fitnet", "extended_kd"):  # equal budgets: 2 grid runs each, on the selection seed
+            assert [g["run"]["seed"] for g in m["grid"]] == [2, 2]
+            assert all("test_acc_corrected" in g["run"] and "val_seen_acc_corrected" in g["run"] for g in m["grid"])
+            assert m["chosen"] in [g["value"] for g in m["grid"]]
+            assert all(r["knob_value"] == m["chosen"] for r in m["runs"])
+        else:
+            assert m["grid"] == []
+    assert {(c["method"], c["metric"]) for c in results["comparisons"]} == {
+        (m, k) for m in ("fitnet", "extended_kd") for k in ("unseen_acc_corrected", "test_acc_corrected")
+    }
+    for c in results["comparisons"]:
+        mine = {r["seed"]: r[c["metric"]] for r in results["methods"][c["method"]]["runs"]}
+        kd = {r["seed"]: r[c["metric"]] for r in results["methods"]["kd"]["runs"]}
+        diffs = [mine[s] - kd[s] for s in (0, 1)]
+        assert c["n"] == 2 and c["diff_mean"] == pytest.approx(np.mean(diffs))
+        assert c["diff_std"] == pytest.approx(np.std(diffs, ddof=1))
+    assert [(p["method"], p["keep_fraction"]) for p in results["curve"]] == [("kd", 0.0), ("kd", 0.1)]
+    assert "## Dark-knowledge curve" in report and "keep_fraction_curve.png" in report
+    for png in ("per_class_accuracy.png", "training_curves.png", "confusion_extended_kd.png", "unseen_accuracy.png"):
+        assert (workdir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png in report
+    assert (workdir / "teacher" / "tensorboard").is_dir()
+    again = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stderr[-4000:]
     rerun = json.loads((workdir / "results.json").read_text())
-    for method in methods:
-        assert rerun["methods"][method]["test_acc"] == results["methods"][method]["test_acc"]
+    for name in methods:  # every run was reused: the same figures
+        assert rerun["methods"][name]["runs"] == results["methods"][name]["runs"]

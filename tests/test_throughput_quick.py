@@ -1,63 +1,75 @@
-"""Smoke test of benchmarks/throughput.py: the JAX timing at a tiny batch, and the report helpers."""
+"""benchmarks/: the timing helpers, the profile summary, and the device check's --cpu rehearsal end to end."""
 
-import importlib.util
+from __future__ import annotations
+
+import json
 import math
-import pathlib
+import os
+import subprocess
+import sys
 
 import pytest
 
-_PATH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "throughput.py"
+from tests.tiny import REPO_ROOT
+
+sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+import profile_summary  # noqa: E402
+import throughput  # noqa: E402
+import timing  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def tp():
-    spec = importlib.util.spec_from_file_location("throughput", _PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def test_arguments_ceilings_and_ratios():
+    quick = throughput.parse_args(["--quick"])
+    assert quick.batch_sizes == [8, 16] and quick.steps == 2 and quick.forms == ["scan", "dispatch"]
+    assert "compile_amp_bf16" not in quick.torch_modes  # torch.compile's first step takes minutes on 2 cores
+    assert throughput.parse_args([]).batch_sizes == [256, 1024]
+    with pytest.raises(SystemExit):
+        throughput.parse_args(["--forms", "warp"])
+    assert timing.ceiling_for("NVIDIA H100 80GB HBM3")["hbm_tb_s"] == 3.35
+    assert timing.ceiling_for("NVIDIA H100 PCIe")["name"] == "H100 PCIe"
+    assert timing.ceiling_for("cpu") is None
+    rows = {"jax scan bf16_fold": {8: 30.0, 16: None}, "torch eager_fp32": {8: 10.0, 16: 5.0}}
+    ratios = timing.ratios(rows, [8, 16])
+    assert ratios["jax scan bf16_fold"]["vs_torch_eager_fp32"] == {"8": pytest.approx(3.0), "16": None}
+    assert ratios["jax scan bf16_fold"]["vs_torch_compile_amp_bf16"] == {"8": None, "16": None}
+    text = timing.table(rows, [8, 16])
+    assert "3.00" in text and "n/a" in text
 
 
-def test_quick_defaults_and_ceilings(tp):
-    args = tp.parse_args(["--quick"])
-    assert args.batch_sizes == [8, 16] and args.steps == 2 and args.skip_torch_compile
-    assert "quick" in args.compile_skip_reason
-    assert args.forms == ["scan", "dispatch"]
-    assert tp.JAX_FORMS == ("scan", "dispatch", "dispatch_sync")
-    assert tp.parse_args([]).batch_sizes == [256, 1024]
-    assert tp.ceiling_for("NVIDIA H100 80GB HBM3")["hbm_tb_s"] == 3.35
-    assert tp.ceiling_for("NVIDIA H200")["hbm_tb_s"] == 4.8
-    assert tp.ceiling_for("NVIDIA H100 PCIe")["name"] == "H100 PCIe"
-    assert tp.ceiling_for("cpu") is None
-
-
-def test_table_and_ratios(tp):
-    jax_results = {"bf16_fold": {8: {"scan": {"img_per_s": 30.0, "batch_size": 8}}}}
-    torch_results = {
-        "eager_fp32": {8: {"img_per_s": 10.0}},
-        "compile_amp_bf16": {8: {"skipped": "quick"}},
-    }
-    rows = tp.build_rows(jax_results, torch_results, [8])
-    rat = tp.ratios(rows, [8])
-    assert rat["jax scan bf16_fold"]["vs_torch_eager_fp32"][8] == pytest.approx(3.0)
-    assert rat["jax scan bf16_fold"]["vs_torch_compile_amp"][8] is None
-    table = tp.format_table(rows, rat, [8])
-    assert "skipped" in table and "3.00" in table
-
-
-def test_epoch_seconds_derived(tp):
-    shape = {"batch_size": 512, "transfer_images": 40500, "compute_dtype": "bfloat16", "fold_bn": True}
-    measured = {
-        "bf16_fold": {16: {"scan": {"img_per_s": 10.0, "batch_size": 16}, "dispatch": {"img_per_s": 100.0}}}
-    }
-    r = tp.epoch_seconds(shape, measured, direct=False)
-    assert r["steps_per_epoch"] == 79
-    assert r["epoch_s"] == pytest.approx(79 * 512 / 10.0)
-    assert r["epoch_s_dispatch"] == pytest.approx(79 * 512 / 100.0)
+def test_profile_categories():
+    assert profile_summary.category("sm80_xmma_fprop_implicit_gemm_bf16bf16") == "convolution"
+    assert profile_summary.category("cutlass_80_tensorop_gemm") == "matmul"
+    assert profile_summary.category("input_reduce_fusion_3") == "reduction"
+    assert profile_summary.category("loop_add_fusion") == "elementwise fusion"
 
 
 @pytest.mark.slow
-def test_benchmark_jax_tiny(tp):
-    r = tp.benchmark_jax(8, 2, "float32", False, forms=("scan",), reps=1)
-    row = r["scan"]
-    assert row["img_per_s"] > 0 and row["step_ms"] > 0 and row["compile_s"] > 0
-    assert math.isfinite(row["final_loss"])
+def test_bench_times_the_real_step_and_profiles_it(tmp_path):
+    bench = timing.Bench(8, "float32", False, steps=2)
+    row = timing.time_form(bench, "scan", reps=1, profile_dir=str(tmp_path / "profile"))
+    assert row["img_per_s"] > 0 and row["compile_s"] > 0 and math.isfinite(row["final_loss"])
+    profile = row["profile"]
+    assert profile["busy_s"] > 0 and abs(sum(v["fraction"] for v in profile["by_category"].values()) - 1) < 1e-6
+    assert profile["by_category"]["convolution"]["fraction"] > 0.3  # a conv net's step is mostly convolutions
+    assert timing.teacher_forward_ms(bench, reps=1) > 0
+
+
+@pytest.mark.slow
+def test_device_check_cpu_rehearsal(tmp_path):
+    """The whole device check at toy sizes on the CPU, so the GPU run is never its first run."""
+    env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS")}
+    out = subprocess.run(
+        ["bash", str(REPO_ROOT / "benchmarks/device_check.sh"), "--cpu", "--out", str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    assert out.returncode == 0, (summary, (tmp_path / "device_check.log").read_text()[-4000:])
+    assert summary["phases"] == {"tests": "ok", "throughput": "ok", "cifar10": "ok", "baseline": "ok"}
+    assert summary["checks"]["tests_passed"] and summary["tests"]["tests"] > 20
+    assert summary["throughput"]["img_per_s"]["jax scan bf16_fold"]["8"] > 0
+    assert summary["throughput"]["breakdown"]["teacher_forward_ms"] > 0
+    assert set(summary["cifar10"]["students"]) == {"kd", "extended_kd"}
+    assert len(list(tmp_path.iterdir())) <= 8  # the device tool brings back at most 8 files

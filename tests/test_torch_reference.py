@@ -57,7 +57,9 @@ def test_loss_matches_hand_computation(tr):
     mse = sum(np.mean((a - b) ** 2) for a, b in zip(seg_s, seg_t))  # (0.25+1)/4 + 4/2
     expected = wce * ce + wkd * T**2 * kl + wseg * mse
 
-    f64 = lambda a: torch.tensor(a, dtype=torch.float64)
+    def f64(a):
+        return torch.tensor(a, dtype=torch.float64)
+
     got = tr.kd_loss(
         f64(s),
         f64(t),

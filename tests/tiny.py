@@ -12,8 +12,15 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 
-def write_tiny_npz(folder: pathlib.Path, n_train: int = 400, n_test: int = 100, size: int = 8,
-                   channels: int = 1, num_classes: int = 10, seed: int = 0) -> pathlib.Path:
+def write_tiny_npz(
+    folder: pathlib.Path,
+    n_train: int = 400,
+    n_test: int = 100,
+    size: int = 8,
+    channels: int = 1,
+    num_classes: int = 10,
+    seed: int = 0,
+) -> pathlib.Path:
     """A learnable toy dataset in the `../shared/data` format: each class is a noisy fixed pattern."""
     rng = np.random.default_rng(seed)
     patterns = rng.uniform(0, 255, size=(num_classes, size, size, channels))
@@ -37,7 +44,7 @@ def write_tiny_npz(folder: pathlib.Path, n_train: int = 400, n_test: int = 100, 
 
 def tiny_config(data_dir: pathlib.Path, **overrides):
     """An MLP config on the tiny data: a few hundred steps take seconds."""
-    from configs import base
+    from extkd_jax.configs import base
 
     c = base.get_config()
     c.data.source = "npz"
@@ -61,3 +68,33 @@ def tiny_config(data_dir: pathlib.Path, **overrides):
             target = target[p]
         target[last] = value
     return c
+
+
+def random_teacher(
+    name: str = "resnet8", channels: int = 3, seed: int = 5, dtype=None, mean: float = 120.0, std: float = 60.0
+):
+    """(Network, variables) of an untrained model used as a frozen teacher by the step tests."""
+    import jax.numpy as jnp
+
+    from extkd_jax.train.setup import build_model
+    from extkd_jax.train.step import Network, split
+
+    dtype = dtype or jnp.float32
+    graph, variables = split(build_model(name, {}, 10, seed, dtype))
+    return Network(graph, np.full(channels, mean, np.float32), np.full(channels, std, np.float32), dtype), variables
+
+
+def tiny_setup(config, input_shape, steps_per_epoch: int, teacher=None, mean: float = 120.0, std: float = 60.0):
+    """`train.setup.build` with fixed normalisation statistics (what the loop computes from the data)."""
+    from extkd_jax.train.setup import build
+
+    channels = input_shape[-1]
+    return build(
+        config,
+        10,
+        tuple(input_shape),
+        steps_per_epoch,
+        np.full(channels, mean, np.float32),
+        np.full(channels, std, np.float32),
+        teacher,
+    )

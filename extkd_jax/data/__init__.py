@@ -1,31 +1,25 @@
 """Data: sources (npz, tfds, sklearn digits), validation split and class dropping, jitted augmentation."""
 
-from extkd_jax.data.augment import (
-    AUGMENTATIONS,
-    augment_batch,
-    channel_stats,
-    default_augmentation,
-    normalize,
-)
+from extkd_jax.data.augment import AUGMENTATIONS, augment_batch, channel_stats, default_augmentation
 from extkd_jax.data.dataset import ArrayDataset
 from extkd_jax.data.pipeline import Datasets, prepare_datasets
-from extkd_jax.data.sources import KNOWN_NUM_CLASSES, SKLEARN_NAMES, SOURCES, TFDS_NAMES, load_split
+from extkd_jax.data.sources import KNOWN_NUM_CLASSES, SKLEARN_NAMES, SOURCES, TFDS_NAMES, class_names, load_split
 from extkd_jax.data.splits import drop_classes, split_validation
 
 __all__ = [
     "AUGMENTATIONS",
-    "ArrayDataset",
-    "Datasets",
     "KNOWN_NUM_CLASSES",
     "SKLEARN_NAMES",
     "SOURCES",
     "TFDS_NAMES",
+    "ArrayDataset",
+    "Datasets",
     "augment_batch",
     "channel_stats",
+    "class_names",
     "default_augmentation",
     "drop_classes",
     "load_split",
-    "normalize",
     "prepare_datasets",
     "split_validation",
 ]

@@ -1,4 +1,4 @@
-"""Normalisation and augmentation: pure jax.numpy functions meant to run inside jitted code.
+"""Augmentation (pure jax.numpy, run inside the jitted epoch) and per-channel statistics of a dataset.
 
 Per-example randomness: ``keys = jax.random.split(key, N)`` and a vmap over the batch, so an example's result
 depends only on `key` and its position in the (global) batch, never on the number of devices.
@@ -35,7 +35,7 @@ def channel_stats(ds: ArrayDataset, chunk: int = 4096) -> tuple[np.ndarray, np.n
     """Per-channel (mean, std) of `ds.images` in pixel units, float32 arrays of shape (C,).
 
     Computed in float64 numpy, chunk by chunk (no float copy of the whole set). A channel with zero spread gets
-    std 1 so that `normalize` never divides by zero.
+    std 1 so that normalising never divides by zero.
     """
     images = ds.images
     if len(ds) == 0:
@@ -44,7 +44,7 @@ def channel_stats(ds: ArrayDataset, chunk: int = 4096) -> tuple[np.ndarray, np.n
     total = np.zeros(channels, np.float64)
     total_sq = np.zeros(channels, np.float64)
     for start in range(0, images.shape[0], chunk):
-        x = images[start:start + chunk].astype(np.float64)
+        x = images[start : start + chunk].astype(np.float64)
         total += x.sum(axis=(0, 1, 2))
         total_sq += np.square(x).sum(axis=(0, 1, 2))
     count = images.shape[0] * images.shape[1] * images.shape[2]
@@ -54,20 +54,15 @@ def channel_stats(ds: ArrayDataset, chunk: int = 4096) -> tuple[np.ndarray, np.n
     return mean.astype(np.float32), std.astype(np.float32)
 
 
-def normalize(images_uint8, mean, std) -> jax.Array:
-    """``(x - mean) / std`` in float32; `mean` and `std` broadcast over the channel (last) axis."""
-    x = jnp.asarray(images_uint8).astype(jnp.float32)
-    return (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
-
-
 def _shift_one(key, image, pad: int, flip: bool):
     """Random crop of the zero-padded image (a translation by up to `pad` pixels), then an optional flip."""
     height, width, channels = image.shape
     offset_key, flip_key = jax.random.split(key)
     offsets = jax.random.randint(offset_key, (2,), 0, 2 * pad + 1)
     padded = jnp.pad(image, ((pad, pad), (pad, pad), (0, 0)))
-    out = jax.lax.dynamic_slice(padded, (offsets[0], offsets[1], jnp.zeros((), offsets.dtype)),
-                                (height, width, channels))
+    out = jax.lax.dynamic_slice(
+        padded, (offsets[0], offsets[1], jnp.zeros((), offsets.dtype)), (height, width, channels)
+    )
     if flip:
         out = jnp.where(jax.random.bernoulli(flip_key), out[:, ::-1, :], out)
     return out

@@ -29,7 +29,9 @@ class ArrayDataset:
             raise TypeError(f"ArrayDataset name must be a str, got {type(self.name).__name__}: {self.name!r}")
         where = f"ArrayDataset {self.name!r}"
         if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, (int, np.integer)):
-            raise TypeError(f"{where}: num_classes must be an int, got {type(self.num_classes).__name__}: {self.num_classes!r}")
+            raise TypeError(
+                f"{where}: num_classes must be an int, got {type(self.num_classes).__name__}: {self.num_classes!r}"
+            )
         if self.num_classes < 1:
             raise ValueError(f"{where}: num_classes must be >= 1, got {self.num_classes}")
         object.__setattr__(self, "num_classes", int(self.num_classes))
@@ -55,9 +57,7 @@ class ArrayDataset:
             lo, hi = int(labels.min()), int(labels.max())
             if lo < 0 or hi >= self.num_classes:
                 bad = lo if lo < 0 else hi
-                raise ValueError(
-                    f"{where}: label {bad} out of range [0, num_classes={self.num_classes})"
-                )
+                raise ValueError(f"{where}: label {bad} out of range [0, num_classes={self.num_classes})")
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -67,11 +67,7 @@ class ArrayDataset:
         """(H, W, C) of one image."""
         return tuple(int(d) for d in self.images.shape[1:])
 
-    def select(self, indices) -> "ArrayDataset":
+    def select(self, indices) -> ArrayDataset:
         """A new dataset with the examples at `indices` (in that order)."""
         indices = np.asarray(indices, dtype=np.int64).reshape(-1)
         return ArrayDataset(self.images[indices], self.labels[indices], self.num_classes, self.name)
-
-    def class_counts(self) -> np.ndarray:
-        """Number of examples of each class, shape (num_classes,)."""
-        return np.bincount(self.labels, minlength=self.num_classes)

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
 
 import numpy as np
 
 from extkd_jax.data.dataset import ArrayDataset
-from extkd_jax.data.sources import load_split
+from extkd_jax.data.sources import class_names, load_split
 from extkd_jax.data.splits import drop_classes, split_validation
 
-_DEFAULTS = {"dir": None, "val_size": 0, "drop_classes": (), "keep_fraction": 0.0, "seed": 0,
-             "max_train_examples": 0}
+# Seeds the fixed random training subset of `data.max_train_examples` apart from the validation split's stream.
+SUBSET_STREAM = 0x5B5E7
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -30,52 +29,40 @@ class Datasets:
     transfer: ArrayDataset
     drop_classes: tuple[int, ...]
     num_classes: int
-
-
-def _get(config, key: str, required: bool = False):
-    if isinstance(config, Mapping):
-        if key in config:
-            return config[key]
-    else:
-        try:
-            return getattr(config, key)
-        except (AttributeError, KeyError):
-            pass
-    if required:
-        raise ValueError(f"data config has no {key!r}; it needs source, name (and optionally {sorted(_DEFAULTS)})")
-    return _DEFAULTS[key]
+    class_names: list[str]
 
 
 def prepare_datasets(data_config) -> Datasets:
-    """Loads and splits the data described by `data_config` (a ConfigDict, a mapping or any attribute object).
-
-    Keys: source, name, dir, val_size, drop_classes (tuple of labels), keep_fraction, seed, and
-    max_train_examples (0 = all; else a fixed random subset of the training split, taken before val).
-    """
-    source = _get(data_config, "source", required=True)
-    name = _get(data_config, "name", required=True)
-    data_dir = _get(data_config, "dir") or None
-    seed = _get(data_config, "seed")
-    dropped = tuple(_get(data_config, "drop_classes") or ())
-
-    full_train = load_split(source, name, "train", data_dir)
-    test = load_split(source, name, "test", data_dir)
+    """Loads and splits the data described by `data_config` (the `data` block of configs/base.py, checked by
+    `train.config_checks`): source, name, dir, val_size, seed, drop_classes, keep_fraction, max_train_examples
+    (0 = all; else a fixed random subset of the training split, taken before val)."""
+    c = data_config
+    full_train = load_split(c.source, c.name, "train", c.dir or None)
+    test = load_split(c.source, c.name, "test", c.dir or None)
     if full_train.image_shape != test.image_shape:
-        raise ValueError(f"{name!r}: train images {full_train.image_shape} but test images {test.image_shape}")
+        raise ValueError(f"{c.name!r}: train images {full_train.image_shape} but test images {test.image_shape}")
     if full_train.num_classes != test.num_classes:
-        raise ValueError(f"{name!r}: train has {full_train.num_classes} classes but test {test.num_classes}")
-    limit = int(_get(data_config, "max_train_examples") or 0)
+        raise ValueError(f"{c.name!r}: train has {full_train.num_classes} classes but test {test.num_classes}")
+    limit = int(c.max_train_examples)
     if limit < 0:
         raise ValueError(f"data.max_train_examples={limit}: expected 0 (all) or a positive count")
     if 0 < limit < len(full_train):  # a fixed random subset, for small-compute runs
-        subset = np.sort(np.random.default_rng([seed, 0x5B5E7]).permutation(len(full_train))[:limit])
+        subset = np.sort(np.random.default_rng([c.seed, SUBSET_STREAM]).permutation(len(full_train))[:limit])
         full_train = full_train.select(subset)
-    train, val = split_validation(full_train, _get(data_config, "val_size"), seed)
-    transfer = drop_classes(train, dropped, _get(data_config, "keep_fraction"), seed)
-    dropped = tuple(int(c) for c in dropped)  # validated as ints by drop_classes
+    train, val = split_validation(full_train, c.val_size, c.seed)
+    transfer = drop_classes(train, tuple(c.drop_classes), c.keep_fraction, c.seed)
+    dropped = tuple(int(k) for k in c.drop_classes)  # validated as ints by drop_classes
     if len(transfer) == 0:
         raise ValueError(
-            f"{name!r}: the transfer set is empty after dropping classes {dropped} from {len(train)} training examples"
+            f"{c.name!r}: the transfer set is empty after dropping classes {dropped} from "
+            f"{len(train)} training examples"
         )
-    return Datasets(train=train, val=val, test=test, transfer=transfer, drop_classes=dropped,
-                    num_classes=full_train.num_classes)
+    return Datasets(
+        train=train,
+        val=val,
+        test=test,
+        transfer=transfer,
+        drop_classes=dropped,
+        num_classes=full_train.num_classes,
+        class_names=class_names(c.name, full_train.num_classes),
+    )

@@ -28,9 +28,31 @@ SKLEARN_NAMES = ("digits",)
 # Number of classes of the datasets we know; other npz datasets use max label + 1 over all their files.
 KNOWN_NUM_CLASSES = {"mnist": 10, "fashion_mnist": 10, "cifar10": 10, "cifar100": 100, "digits": 10}
 
+CLASS_NAMES = {
+    "cifar10": ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
+    "fashion_mnist": (
+        "t-shirt",
+        "trouser",
+        "pullover",
+        "dress",
+        "coat",
+        "sandal",
+        "shirt",
+        "sneaker",
+        "bag",
+        "ankle boot",
+    ),
+}
+
 DIGITS_NUM_TRAIN = 1200  # sklearn digits: images [0, 1200) are train, [1200, 1797) are test.
 
 _PART_RE = re.compile(r"^train_(\d+)\.npz$")
+
+
+def class_names(name: str, num_classes: int) -> list[str]:
+    """Readable class names of a dataset ("cat", ...), else the class indices as strings."""
+    names = CLASS_NAMES.get(name)
+    return list(names) if names and len(names) == num_classes else [str(i) for i in range(num_classes)]
 
 
 def load_split(source: str, name: str, split: str, data_dir=None) -> ArrayDataset:
@@ -98,7 +120,8 @@ def _split_files(folder: pathlib.Path, split: str) -> list[pathlib.Path]:
     if (folder / "train.npz").is_file():
         return [folder / "train.npz"]
     raise FileNotFoundError(
-        f"no train files in {folder}; expected train_0.npz[, train_1.npz, ...] (or train.npz) with keys x_train, y_train"
+        f"no train files in {folder}; expected train_0.npz[, train_1.npz, ...] (or train.npz) with keys x_train, "
+        "y_train"
     )
 
 
@@ -172,9 +195,7 @@ def _as_int32_labels(y: np.ndarray, where: str) -> np.ndarray:
     if not np.issubdtype(y.dtype, np.integer):
         raise ValueError(f"{where}: labels dtype {y.dtype}, expected an integer dtype")
     if y.size and (int(y.min()) < 0 or int(y.max()) > np.iinfo(np.int32).max):
-        raise ValueError(
-            f"{where}: labels range [{int(y.min())}, {int(y.max())}], expected class ids in [0, 2**31)"
-        )
+        raise ValueError(f"{where}: labels range [{int(y.min())}, {int(y.max())}], expected class ids in [0, 2**31)")
     return y.astype(np.int32)
 
 

@@ -1,28 +1,16 @@
-"""PNG figures for `extkd reproduce`, drawn from the `results` dict and each run's `metrics.jsonl`.
-
-Files (in the experiment workdir):
-  per_class_accuracy.png              per-class test accuracy after bias correction, every method
-  per_class_accuracy_uncorrected.png  the same before correction
-  unseen_accuracy.png                 accuracy on the dropped classes, before vs after correction
-  training_curves.png                 test accuracy and training loss vs epoch, mean over seeds
-  confusion_<method>.png              row-normalised confusion matrix after correction (seed-0 run) of
-                                      extended_kd, or of the last method when extended_kd is absent
-"""
+"""PNG figures of `extkd reproduce`, drawn from a `Results` and each run's metrics log (matplotlib, the [plots]
+extra). `write_plots` returns {figure name: file name} of what it wrote; the report links exactly those."""
 
 from __future__ import annotations
 
-import json
+import io
 import logging
-import math
-from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
-from matplotlib.patches import Rectangle
-from matplotlib.ticker import MaxNLocator
+from etils import epath
+
+from extkd_jax.experiment.results import Results
+from extkd_jax.train.metrics import read_metrics
 
 log = logging.getLogger(__name__)
 
@@ -30,398 +18,211 @@ DROPPED_COLOR = "#f4cccc"
 DPI = 120
 
 
-def _class_names(results: dict) -> list[str]:
-    from extkd_jax.experiment.report import class_names
-
-    return class_names(results)
-
-
-def _dropped(results: dict) -> list[int]:
-    return [int(c) for c in results.get("drop_classes") or []]
-
-
-def confusion_method(results: dict) -> str | None:
-    """The method whose confusion matrix is drawn: extended_kd, else the last method present."""
-    methods = list((results.get("methods") or {}).keys())
-    if not methods:
-        return None
-    return "extended_kd" if "extended_kd" in methods else methods[-1]
-
-
-def plot_filenames(results: dict) -> list[str]:
-    """The file names `write_plots` writes for these results, in order."""
-    names = [
-        "per_class_accuracy.png",
-        "per_class_accuracy_uncorrected.png",
-        "unseen_accuracy.png",
-        "training_curves.png",
-    ]
-    method = confusion_method(results)
-    if method is not None:
-        names.append(f"confusion_{method}.png")
-    return names
-
-
-def _num(x) -> float:
-    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else float("nan")
-
-
-def _save(fig, path: Path) -> Path:
+def _pyplot():
     try:
-        fig.savefig(path, dpi=DPI, bbox_inches="tight")
+        import matplotlib
+    except ImportError as err:
+        raise ImportError("plots need matplotlib: pip install 'extkd_jax[plots]'") from err
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(plt, fig, path: epath.Path) -> None:
+    buffer = io.BytesIO()
+    try:
+        fig.savefig(buffer, format="png", dpi=DPI, bbox_inches="tight")
     finally:
         plt.close(fig)
-    return path
+    path.write_bytes(buffer.getvalue())
 
 
-def _shade_dropped(ax, dropped: list[int], n_classes: int, label_y: float) -> None:
-    for i, c in enumerate(dropped):
-        if 0 <= c < n_classes:
-            ax.axvspan(
-                c - 0.5,
-                c + 0.5,
-                color=DROPPED_COLOR,
-                zorder=0,
-                label="dropped class (not in transfer set)" if i == 0 else None,
-            )
-            ax.text(
-                c,
-                label_y,
-                "dropped",
-                ha="center",
-                va="bottom",
-                fontsize=8,
-                color="#a61c00",
-                fontweight="bold",
-            )
+def _shade_dropped(ax, results: Results) -> None:
+    for i, c in enumerate(results.drop_classes):
+        ax.axvspan(c - 0.5, c + 0.5, color=DROPPED_COLOR, zorder=0, label="dropped class" if i == 0 else None)
 
 
-def _per_class_figure(results: dict, key: str, title: str, path: Path) -> Path:
-    names = _class_names(results)
-    n = len(names)
-    methods = results.get("methods") or {}
-    dropped = _dropped(results)
-    width_in = min(max(8.0, 0.22 * n * max(len(methods), 1) + 3), 40.0)
-    fig, ax = plt.subplots(figsize=(width_in, 4.8))
-    x = np.arange(n)
-    k = max(len(methods), 1)
-    bar_w = 0.8 / k
-    cmap = plt.get_cmap("tab10")
-    for j, (name, method) in enumerate(methods.items()):
-        pc = method.get(key) or {}
-        means = np.array([_num(v) for v in (pc.get("mean") or [])][:n] + [np.nan] * n)[:n] * 100
-        stds = np.array([_num(v) for v in (pc.get("std") or [])][:n] + [0.0] * n)[:n] * 100
-        stds = np.nan_to_num(stds)
+def per_class(plt, results: Results, corrected: bool):
+    names = results.class_names
+    x = np.arange(len(names))
+    methods = list(results.methods.values())
+    width = 0.8 / max(len(methods), 1)
+    fig, ax = plt.subplots(figsize=(max(8.0, 0.25 * len(names) * max(len(methods), 1) + 3), 4.8))
+    for j, m in enumerate(methods):
+        mean, std = m.per_class(corrected)
         ax.bar(
-            x - 0.4 + bar_w * (j + 0.5),
-            means,
-            bar_w,
-            yerr=stds,
-            capsize=2 if n <= 20 else 0,
-            label=name,
-            color=cmap(j % 10),
-            error_kw={"elinewidth": 0.8},
+            x - 0.4 + width * (j + 0.5),
+            np.asarray(mean) * 100,
+            width,
+            yerr=None if std is None else np.asarray(std) * 100,
+            capsize=2,
+            label=f"{m.name} (n={len(m.runs)})",
+            color=plt.get_cmap("tab10")(j % 10),
         )
-    teacher_pc = (results.get("teacher") or {}).get("per_class_acc")
-    if teacher_pc:
-        t = np.array([_num(v) for v in teacher_pc][:n] + [np.nan] * n)[:n] * 100
-        ax.scatter(
-            x,
-            t,
-            marker="_",
-            s=max(300 / max(n / 10, 1), 40),
-            color="black",
-            linewidths=2,
-            zorder=5,
-            label="teacher",
-        )
-    ax.set_ylim(0, 112)
-    _shade_dropped(ax, dropped, n, 102.5)
-    ax.set_xlim(-0.6, n - 0.4)
-    ax.set_xticks(x)
-    labels = [f"{name}*" if i in dropped else name for i, name in enumerate(names)]
-    ax.set_xticklabels(
-        labels,
-        rotation=0 if n <= 12 and max((len(s) for s in labels), default=0) <= 6 else 60,
-        ha="center" if n <= 12 else "right",
-        fontsize=9,
+    ax.scatter(
+        x,
+        np.asarray(results.teacher["per_class_acc"]) * 100,
+        marker="_",
+        s=300,
+        color="black",
+        zorder=5,
+        label="teacher",
     )
-    for i, tick in enumerate(ax.get_xticklabels()):
-        if i in dropped:
-            tick.set_color("#a61c00")
-            tick.set_fontweight("bold")
+    _shade_dropped(ax, results)
+    ax.set_xticks(x)
+    ax.set_xticklabels(
+        [f"{n}*" if i in results.drop_classes else n for i, n in enumerate(names)],
+        rotation=0 if len(names) <= 12 else 60,
+    )
+    ax.set_ylim(0, 105)
     ax.set_xlabel("class (* = dropped from the transfer set)")
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title(f"{results.get('preset', '')}: {title}")
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=9, frameon=False)
-    return _save(fig, path)
-
-
-def _unseen_figure(results: dict, path: Path) -> Path:
-    methods = results.get("methods") or {}
-    names = list(methods)
-    x = np.arange(len(names))
-
-    def stat(m, key):
-        s = methods[m].get(key) or {}
-        return _num(s.get("mean")) * 100, np.nan_to_num(_num(s.get("std"))) * 100
-
-    before = [stat(m, "unseen_acc") for m in names]
-    after = [stat(m, "unseen_acc_corrected") for m in names]
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(names) + 2), 4.5))
-    w = 0.38
-    b1 = ax.bar(
-        x - w / 2,
-        [b[0] for b in before],
-        w,
-        yerr=[b[1] for b in before],
-        capsize=3,
-        label="before correction",
-        color="#9fc5e8",
-    )
-    b2 = ax.bar(
-        x + w / 2,
-        [a[0] for a in after],
-        w,
-        yerr=[a[1] for a in after],
-        capsize=3,
-        label="after correction",
-        color="#1c4587",
-    )
-    for bars, vals in ((b1, before), (b2, after)):
-        for bar, (m, s) in zip(bars, vals):
-            if not math.isnan(m):
-                ax.text(
-                    bar.get_x() + bar.get_width() / 2,
-                    m + s + 1.5,
-                    f"{m:.1f}",
-                    ha="center",
-                    va="bottom",
-                    fontsize=8,
-                )
-    dropped_names = ", ".join(
-        _class_names(results)[c] for c in _dropped(results) if c < len(_class_names(results))
-    )
-    ax.set_xticks(x)
-    ax.set_xticklabels(
-        names, rotation=20 if len(names) > 4 else 0, ha="right" if len(names) > 4 else "center"
-    )
-    ax.set_ylim(0, 115)
-    ax.set_ylabel("accuracy on dropped classes (%)")
     ax.set_title(
-        f"{results.get('preset', '')}: never-seen class(es) {dropped_names or '-'} (mean ± std over seeds)"
+        f"{results.preset}: per-class accuracy, {'after' if corrected else 'before'} bias correction"
+        " (bars: mean; error bars: sample std over seeds)"
     )
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend(loc="upper right", fontsize=9)
-    return _save(fig, path)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=9, frameon=False)
+    return fig
 
 
-def read_metrics(path: Path) -> list[dict]:
-    """The epoch records of a metrics.jsonl; [] when missing; unreadable lines skipped."""
-    records: list[dict] = []
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError:
-        return records
-    for line in text.splitlines():
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict):
-            records.append(record)
-    return records
-
-
-def _curve(records_per_run: list[list[dict]], key: str):
-    """(epochs, mean, std) over runs, aligned on the epoch number."""
-    by_epoch: dict[float, list[float]] = {}
-    for records in records_per_run:
-        for i, r in enumerate(records):
-            v = _num(r.get(key))
-            if math.isnan(v):
-                continue
-            epoch = _num(r.get("epoch", i + 1))
-            if math.isnan(epoch):
-                epoch = float(i + 1)
-            by_epoch.setdefault(epoch, []).append(v)
-    if not by_epoch:
-        return None
-    epochs = np.array(sorted(by_epoch))
-    vals = [np.array(by_epoch[e]) for e in epochs]
-    return epochs, np.array([v.mean() for v in vals]), np.array([v.std() for v in vals])
-
-
-def _resolve(workdir: Path, run_dir) -> Path:
-    p = Path(str(run_dir))
-    return p if p.is_absolute() else workdir / p
-
-
-def _training_figure(results: dict, workdir: Path, path: Path) -> Path:
-    methods = results.get("methods") or {}
-    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(12, 4.5))
-    cmap = plt.get_cmap("tab10")
-    drawn = 0
-    series = []
-    teacher = results.get("teacher") or {}
-    if teacher.get("workdir"):
-        records = read_metrics(_resolve(workdir, teacher["workdir"]) / "metrics.jsonl")
-        if records:
-            series.append(("teacher", [records], {"color": "black", "linestyle": "--"}))
-    for j, (name, method) in enumerate(methods.items()):
-        runs = []
-        for run in method.get("runs") or []:
-            if not run.get("workdir"):
-                continue
-            metrics_path = _resolve(workdir, run["workdir"]) / "metrics.jsonl"
-            records = read_metrics(metrics_path)
-            if records:
-                runs.append(records)
-            else:
-                log.info("training curves: no metrics at %s", metrics_path)
-        if runs:
-            series.append((f"{name} (n={len(runs)})", runs, {"color": cmap(j % 10)}))
-    for label, runs, style in series:
-        for ax, key, scale in ((ax_acc, "test_acc", 100.0), (ax_loss, "train_loss", 1.0)):
-            curve = _curve(runs, key)
-            if curve is None:
-                continue
-            epochs, mean, std = curve
-            ax.plot(
-                epochs,
-                mean * scale,
-                label=label,
-                marker="o" if len(epochs) <= 15 else None,
-                markersize=3,
-                **style,
-            )
-            if len(runs) > 1:
-                ax.fill_between(
-                    epochs, (mean - std) * scale, (mean + std) * scale, alpha=0.15, color=style["color"]
-                )
-            drawn += 1
-    ax_acc.set_title("test accuracy (mean ± std over seeds)")
-    ax_acc.set_xlabel("epoch")
-    ax_acc.set_ylabel("test accuracy (%), before bias correction")
-    ax_loss.set_title("training loss (mean ± std over seeds)")
-    ax_loss.set_xlabel("epoch")
-    ax_loss.set_ylabel("train loss")
-    for ax in (ax_acc, ax_loss):
-        ax.grid(alpha=0.3)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    if drawn:
-        handles, labels = ax_acc.get_legend_handles_labels()
-        if not handles:
-            handles, labels = ax_loss.get_legend_handles_labels()
-        fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=9, frameon=False)
-    else:
-        for ax in (ax_acc, ax_loss):
+def unseen(plt, results: Results):
+    methods = list(results.methods.values())
+    x = np.arange(len(methods))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(methods) + 2), 4.5))
+    for offset, metric, label, color in (
+        (-0.2, "unseen_acc", "before correction", "#9fc5e8"),
+        (0.2, "unseen_acc_corrected", "after correction", "#1c4587"),
+    ):
+        stats = [m.stat(metric) for m in methods]
+        bars = ax.bar(
+            x + offset,
+            [s.mean * 100 for s in stats],
+            0.38,
+            label=label,
+            color=color,
+            capsize=3,
+            yerr=[(s.std or 0.0) * 100 for s in stats],
+        )
+        for bar, s in zip(bars, stats, strict=True):
             ax.text(
-                0.5,
-                0.5,
-                "no metrics.jsonl found",
-                ha="center",
-                va="center",
-                transform=ax.transAxes,
-                fontsize=11,
-                color="gray",
+                bar.get_x() + bar.get_width() / 2, s.mean * 100 + 1.5, f"{s.mean * 100:.1f}", ha="center", fontsize=8
             )
-    fig.suptitle(f"{results.get('preset', '')}: training curves")
-    fig.tight_layout()
-    return _save(fig, path)
+    ax.set_xticks(x)
+    ax.set_xticklabels([f"{m.name}\n(n={len(m.runs)})" for m in methods])
+    ax.set_ylim(0, 112)
+    ax.set_ylabel("accuracy on the dropped classes (%)")
+    ax.set_title(f"{results.preset}: never-seen class(es) {', '.join(results.dropped_names)}")
+    ax.legend(loc="upper left", fontsize=9)
+    return fig
 
 
-def _confusion_figure(results: dict, method_name: str, path: Path) -> Path:
-    method = (results.get("methods") or {}).get(method_name) or {}
-    names = _class_names(results)
-    dropped = _dropped(results)
-    cm = method.get("confusion_corrected")
-    corrected = True
-    if cm is None:
-        cm, corrected = method.get("confusion"), False
-    n = len(names)
-    cm = np.array(cm if cm is not None else np.zeros((n, n)), dtype=float)
-    if cm.ndim != 2 or cm.size == 0:
-        cm = np.zeros((n, n))
-    n = cm.shape[0]
-    names = (names + [str(i) for i in range(len(names), n)])[:n]
-    row_sums = cm.sum(axis=1, keepdims=True)
-    norm = np.divide(cm, row_sums, out=np.zeros_like(cm), where=row_sums > 0)
-    size = min(max(5.5, 0.55 * n + 2.5), 24.0)
-    fig, ax = plt.subplots(figsize=(size + 1.2, size))
-    im = ax.imshow(norm * 100, cmap="Blues", vmin=0, vmax=100)
-    cbar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
-    cbar.set_label("% of the true class's test images")
-    if n <= 20:
-        for i in range(n):
-            for j in range(n):
-                value = norm[i, j] * 100
+def training_curves(plt, results: Results, workdir: epath.Path):
+    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(12, 4.5))
+    series = [("teacher", [read_metrics(workdir / "teacher")], "black")]
+    series += [
+        (
+            f"{m.name} (n={len(m.runs)})",
+            [read_metrics(workdir / r.workdir) for r in m.runs],
+            plt.get_cmap("tab10")(j % 10),
+        )
+        for j, m in enumerate(results.methods.values())
+    ]
+    for label, runs, color in series:
+        runs = [r for r in runs if r]
+        if not runs:
+            continue
+        for ax, key, scale in ((ax_acc, "test_acc", 100.0), (ax_loss, "train_loss", 1.0)):
+            length = min(len(r) for r in runs)
+            values = np.asarray([[rec.get(key, np.nan) for rec in r[:length]] for r in runs], np.float64) * scale
+            epochs = [rec["epoch"] for rec in runs[0][:length]]
+            ax.plot(epochs, values.mean(0), label=label, color=color, linestyle="--" if label == "teacher" else "-")
+            if len(runs) > 1:
+                ax.fill_between(epochs, values.min(0), values.max(0), color=color, alpha=0.15)
+    ax_acc.set(title="test accuracy before correction (band: min..max over seeds)", xlabel="epoch", ylabel="%")
+    ax_loss.set(title="training loss", xlabel="epoch", ylabel="loss")
+    if ax_acc.get_legend_handles_labels()[0]:
+        ax_acc.legend(fontsize=8)
+    return fig
+
+
+def confusion(plt, results: Results, method: str):
+    counts = np.asarray(results.methods[method].runs[0].confusion_corrected, np.float64)
+    rates = counts / np.maximum(counts.sum(1, keepdims=True), 1)
+    fig, ax = plt.subplots(figsize=(6.5, 5.5))
+    image = ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+    names = results.class_names
+    ax.set_xticks(range(len(names)), names, rotation=60, fontsize=8)
+    ax.set_yticks(
+        range(len(names)), [f"{n}*" if i in results.drop_classes else n for i, n in enumerate(names)], fontsize=8
+    )
+    if len(names) <= 20:
+        for i in range(len(names)):
+            for j in range(len(names)):
                 ax.text(
                     j,
                     i,
-                    f"{value:.0f}" if value >= 0.5 or cm[i, j] == 0 else "<1",
+                    f"{rates[i, j]:.2f}",
                     ha="center",
                     va="center",
-                    fontsize=8 if n <= 12 else 6,
-                    color="white" if value > 55 else "black",
+                    fontsize=6,
+                    color="white" if rates[i, j] > 0.5 else "black",
                 )
-    for c in dropped:
-        if 0 <= c < n:
-            ax.add_patch(Rectangle((-0.5, c - 0.5), n, 1, fill=False, edgecolor="#cc0000", linewidth=2))
-    labels = [f"{name}*" if i in dropped else name for i, name in enumerate(names)]
-    ax.set_xticks(range(n))
-    ax.set_yticks(range(n))
-    ax.set_xticklabels(labels, rotation=0 if n <= 12 else 90, fontsize=9 if n <= 20 else 6)
-    ax.set_yticklabels(labels, fontsize=9 if n <= 20 else 6)
-    for ticks in (ax.get_xticklabels(), ax.get_yticklabels()):
-        for i, tick in enumerate(ticks):
-            if i in dropped:
-                tick.set_color("#cc0000")
-                tick.set_fontweight("bold")
-    ax.set_xlabel("predicted class")
-    ax.set_ylabel("true class (* = dropped, outlined in red)")
-    seed = (results.get("seeds") or [0])[0]
-    ax.set_title(
-        f"{method_name}: confusion {'after' if corrected else 'before'} bias correction\n"
-        f"(seed {seed}, row-normalised %)"
+    ax.set(
+        xlabel="predicted",
+        ylabel="true (* = dropped)",
+        title=f"{method}, seed {results.methods[method].runs[0].seed}, after correction",
     )
-    return _save(fig, path)
+    fig.colorbar(image, ax=ax, fraction=0.046)
+    return fig
 
 
-def write_plots(results: dict, workdir: str | Path) -> list[Path]:
-    """Draws every figure into `workdir`; returns the paths written. A figure that fails is logged
-    and skipped, so one bad entry does not cost the others."""
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    jobs = [
-        (
-            "per_class_accuracy.png",
-            lambda p: _per_class_figure(
-                results, "per_class_acc_corrected", "per-class test accuracy after bias correction", p
-            ),
-        ),
-        (
-            "per_class_accuracy_uncorrected.png",
-            lambda p: _per_class_figure(
-                results, "per_class_acc", "per-class test accuracy before bias correction", p
-            ),
-        ),
-        ("unseen_accuracy.png", lambda p: _unseen_figure(results, p)),
-        ("training_curves.png", lambda p: _training_figure(results, workdir, p)),
-    ]
-    method = confusion_method(results)
-    if method is not None:
-        jobs.append((f"confusion_{method}.png", lambda p: _confusion_figure(results, method, p)))
-    written: list[Path] = []
-    for filename, draw in jobs:
-        path = workdir / filename
-        try:
-            written.append(draw(path))
-        except Exception:
-            log.exception("could not draw %s", path)
-            plt.close("all")
+def keep_fraction_curve(plt, results: Results):
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for j, method in enumerate(dict.fromkeys(p.method for p in results.curve)):
+        points = sorted((p for p in results.curve if p.method == method), key=lambda p: p.keep_fraction)
+        x = [p.keep_fraction * 100 for p in points]
+        for metric, style in (("unseen_acc_corrected", "-o"), ("unseen_acc", ":x")):
+            stats = [getattr(p, metric) for p in points]
+            ax.errorbar(
+                x,
+                [s.mean * 100 for s in stats],
+                yerr=[(s.std or 0) * 100 for s in stats],
+                fmt=style,
+                color=plt.get_cmap("tab10")(j % 10),
+                capsize=3,
+                label=f"{method}{'' if metric.endswith('corrected') else ' (before correction)'}",
+            )
+    ax.set_xscale("symlog", linthresh=0.5)
+    ax.set(
+        xlabel="examples of the dropped class kept in the transfer set (%)",
+        ylabel="accuracy on the dropped class (%)",
+        ylim=(0, 102),
+        title=f"{results.preset}: how many labelled examples does the teacher's dark knowledge replace?",
+    )
+    ax.legend(fontsize=8)
+    return fig
+
+
+def write_plots(results: Results, workdir: epath.Path) -> dict[str, str]:
+    """Writes the figures into `workdir`; returns {figure: file name}. Missing matplotlib: a warning, no plots."""
+    try:
+        plt = _pyplot()
+    except ImportError as err:
+        log.warning("%s", err)
+        return {}
+    featured = "extended_kd" if "extended_kd" in results.methods else list(results.methods)[-1]
+    figures = {
+        "per_class_accuracy.png": lambda: per_class(plt, results, corrected=True),
+        "per_class_accuracy_uncorrected.png": lambda: per_class(plt, results, corrected=False),
+        "unseen_accuracy.png": lambda: unseen(plt, results),
+        "training_curves.png": lambda: training_curves(plt, results, workdir),
+        f"confusion_{featured}.png": lambda: confusion(plt, results, featured),
+    }
+    if results.curve:
+        figures["keep_fraction_curve.png"] = lambda: keep_fraction_curve(plt, results)
+    written = {}
+    for name, draw in figures.items():
+        _save(plt, draw(), workdir / name)
+        written[name.removesuffix(".png")] = name
     return written

@@ -1,10 +1,14 @@
 """`extkd reproduce`: the dark-knowledge experiment from one config, resumable run by run.
 
 1. the teacher trains on every class (reused when `workdir/teacher` is complete);
-2. each student method trains on the transfer set (no example of `data.drop_classes`), `config.seeds` times;
-   the fitnet / extended_kd segment weight is chosen on the validation split from `reproduce.segment_weight_grid`;
-3. every student is evaluated on the full test set before and after a bias correction of the unseen classes;
-4. `results.json`, `report.md`, PNG plots and the resolved configs are written into the workdir.
+2. selection: each distilling method trains once per value of its knob's grid (`reproduce.grid.<method>`, the same
+   size for every method) with `reproduce.selection_seed`, which is never a reported seed; the value with the best
+   corrected accuracy on validation images of the seen classes wins (no label of a dropped class is read);
+3. every method then trains with each reported seed (`seeds`): runs of different methods sharing a seed share the
+   initialisation and the data order, so methods are compared seed by seed (`comparisons`, Student t);
+4. each student is scored on the test set before and after the label-free per-class bias correction;
+5. optionally the dark-knowledge curve: the same students with `data.keep_fraction` of each dropped class kept;
+6. `results.json`, `report.md`, PNG plots and the resolved configs are written into the workdir.
 """
 
 from __future__ import annotations
@@ -12,246 +16,227 @@ from __future__ import annotations
 import json
 import logging
 import os
-import pathlib
 import socket
 import time
 
 import jax
 import ml_collections
-import numpy as np
+from etils import epath
 
-from extkd_jax.data import channel_stats
-from extkd_jax.experiment import bias_correction as bc
-from extkd_jax.experiment.runs import GRID_METHODS, methods_of, student_config, teacher_config
-from extkd_jax.train import sharding
-from extkd_jax.train.builders import DTYPES, load_trained_model
-from extkd_jax.train.loop import Evaluator, load_datasets, maybe_initialize_distributed, train_and_evaluate
-from extkd_jax.train.metrics import classification_summary, confusion_matrix, read_metrics
-from extkd_jax.train.steps import make_logits_fn
-from extkd_jax.train.workdir import check_or_write_config, config_to_dict
+from extkd_jax.data import Datasets, prepare_datasets
+from extkd_jax.experiment.results import CurvePoint, GridPoint, MethodResult, Results, Stat, compare_all
+from extkd_jax.experiment.runs import (
+    METHODS,
+    check_equal_budgets,
+    grid_of,
+    methods_of,
+    run_name,
+    student_config,
+    teacher_config,
+)
+from extkd_jax.experiment.scoring import Scorer
+from extkd_jax.train.loop import maybe_initialize_distributed, train_and_evaluate
+from extkd_jax.train.metrics import read_metrics
+from extkd_jax.train.workdir import check_or_write_config, config_to_dict, write_text_atomic
 
 log = logging.getLogger(__name__)
 
-CLASS_NAMES = {
-    "cifar10": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"],
-}
 DATASET_NOTES = {
-    ("cifar10", "npz"): "CIFAR-10 copy decoded from JPEG (quality about 75, PSNR 30 dB); accuracies run "
-    "1-3 points below published CIFAR-10 figures",
+    ("cifar10", "npz"): "CIFAR-10 copy decoded from JPEG (quality about 75, PSNR 30 dB); accuracies run 1-3 points "
+    "below published CIFAR-10 figures",
 }
 
 
-def _stats(values: list[float]) -> dict:
-    arr = np.asarray(values, np.float64)
-    return {"mean": float(arr.mean()), "std": float(arr.std()), "runs": [float(v) for v in values]}
+def check_experiment(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """The experiment's own checks, before anything runs; returns its methods."""
+    methods = methods_of(config)
+    if config.seeds < 1:
+        raise ValueError(f"seeds={config.seeds}: expected at least 1")
+    if not config.data.drop_classes:
+        raise ValueError("data.drop_classes is empty: the experiment needs at least one class to drop")
+    check_equal_budgets(config, methods)
+    if any(len(grid_of(config, m)) > 1 for m in methods) and config.data.val_size == 0:
+        raise ValueError(
+            "choosing on validation needs a validation split: set data.val_size > 0 or give each "
+            "reproduce.grid.<method> a single value"
+        )
+    if selection_seed(config) in reported_seeds(config):
+        raise ValueError(
+            f"reproduce.selection_seed={config.reproduce.selection_seed} is a reported seed "
+            f"{reported_seeds(config)}: the choice must not be made on a reported run"
+        )
+    for f in config.reproduce.keep_fractions:
+        if not 0.0 <= f < 1.0:
+            raise ValueError(f"reproduce.keep_fractions holds {f}; expected fractions in [0, 1)")
+    return methods
 
 
-class _Predictor:
-    """Logits of trained workdirs on the validation and test images (one data placement for all runs)."""
+def reported_seeds(config) -> list[int]:
+    return [config.seed + i for i in range(config.seeds)]
 
-    def __init__(self, config, datasets):
-        self.config, self.datasets = config, datasets
-        self.mesh = sharding.make_mesh()
-        self.mean, self.std = channel_stats(datasets.train)
-        self._evaluators: dict[str, Evaluator] = {}
 
-    def logits(self, workdir: pathlib.Path) -> dict[str, np.ndarray]:
-        parts, config = load_trained_model(workdir, DTYPES[self.config.compute_dtype])
-        key = f"{config.model.name}:{json.dumps(config.model.kwargs.to_dict(), sort_keys=True)}"
-        if key not in self._evaluators:
-            self._evaluators[key] = Evaluator(
-                make_logits_fn(parts), self.mesh, self.config.eval_batch_size, self.mean, self.std,
-                DTYPES[config.compute_dtype],
+def selection_seed(config) -> int:
+    """-1 means the seed after the reported ones."""
+    return config.reproduce.selection_seed if config.reproduce.selection_seed >= 0 else config.seed + config.seeds
+
+
+def _choose(grid: list[GridPoint], default: float) -> tuple[float, list[float]]:
+    """(chosen value, values tied with it); a tie goes to the value nearest the configured one."""
+    best = max(p.run.val_seen_acc_corrected for p in grid)
+    tied = [p.value for p in grid if p.run.val_seen_acc_corrected == best]
+    chosen = min(tied, key=lambda v: (abs(v - default), v))
+    return chosen, (tied if len(tied) > 1 else [])
+
+
+def reproduce(
+    config: ml_collections.ConfigDict, workdir: str | epath.PathLike, preset: str = "", command_line: str = ""
+) -> Results:
+    """Runs (or resumes) the whole experiment; returns the results also written to results.json."""
+    t_start = time.time()
+    maybe_initialize_distributed(config.distributed)  # before anything touches a JAX backend
+    workdir = epath.Path(workdir)
+    methods = check_experiment(config)
+    is_main = jax.process_index() == 0
+    check_or_write_config(workdir, config, kind="reproduce", write=is_main)
+    prepared: dict[str, Datasets] = {}  # per data config: the teacher's, the transfer students', the curve's
+
+    def data_for(run_config) -> Datasets:
+        key = json.dumps(run_config.data.to_dict(), sort_keys=True, default=str)
+        if key not in prepared:
+            prepared[key] = prepare_datasets(run_config.data)
+        return prepared[key]
+
+    datasets = data_for(config)
+    teacher_run = teacher_config(config)
+    train_and_evaluate(teacher_run, workdir / "teacher", mode="train", datasets=data_for(teacher_run))
+    scorer = Scorer(datasets, config.eval_batch_size, config.reproduce.shared_shift, config.reproduce.oracle_correction)
+    teacher_summary = scorer.set_teacher(workdir / "teacher")
+
+    def run(method: str, seed: int, knob_value=None, keep_fraction: float = 0.0, selection: bool = False):
+        name = run_name(method, seed, knob_value, keep_fraction, selection)
+        run_config = student_config(config, method, seed, str(workdir / "teacher"), knob_value, keep_fraction)
+        log.info("reproduce: %s", name)
+        mode = "distill" if METHODS[method].distils else "train"
+        train_and_evaluate(run_config, workdir / name, mode=mode, datasets=data_for(run_config))
+        return scorer.score(workdir / name, method, seed, name, knob_value, keep_fraction), run_config
+
+    results_by_method, run_configs = {}, {}
+    for method in methods:
+        spec, grid = METHODS[method], grid_of(config, method)
+        points = (
+            [GridPoint(v, run(method, selection_seed(config), v, selection=True)[0]) for v in grid]
+            if len(grid) > 1
+            else []
+        )
+        chosen, tie = _choose(points, float(config.loss[spec.knob])) if points else (grid[0] if grid else None, [])
+        finals = [run(method, s, chosen) for s in reported_seeds(config)]
+        run_configs[method] = finals[0][1]
+        results_by_method[method] = MethodResult(
+            method, spec.loss, spec.description, spec.knob, chosen, tie, points, [r for r, _ in finals]
+        )
+    curve = _curve(config, results_by_method, run)
+    results = Results(
+        preset=preset,
+        command=command_line or "extkd reproduce",
+        dataset=_dataset_info(config, datasets),
+        drop_classes=[int(c) for c in datasets.drop_classes],
+        hardware=_hardware(),
+        teacher=_teacher_info(config, teacher_summary, read_metrics(workdir / "teacher")),
+        student_model=config.model.name,
+        seeds=reported_seeds(config),
+        selection_seed=selection_seed(config),
+        epochs=config.num_epochs,
+        correction=_describe_correction(config, scorer.correction_split()),
+        methods=results_by_method,
+        comparisons=compare_all(results_by_method),
+        curve=curve,
+        wall_time_s=time.time() - t_start,
+    )
+    if is_main:
+        write_outputs(workdir, results, config, teacher_run, run_configs)
+    return results
+
+
+def _curve(config, methods: dict[str, MethodResult], run) -> list[CurvePoint]:
+    """Accuracy on the dropped classes against the fraction of their examples kept (0 = the main runs)."""
+    points = []
+    for method in config.reproduce.curve_methods if config.reproduce.keep_fractions else ():
+        if method not in methods:
+            continue
+        for fraction in sorted(set(config.reproduce.keep_fractions) | {0.0}):
+            runs = (
+                methods[method].runs
+                if fraction == 0.0
+                else [run(method, s, methods[method].chosen, fraction)[0] for s in reported_seeds(config)]
             )
-        evaluator = self._evaluators[key]
-        params = sharding.put_replicated(parts.params, self.mesh)
-        stats = sharding.put_replicated(parts.batch_stats, self.mesh)
-        return {
-            split: evaluator.logits(params, stats, getattr(self.datasets, split).images)
-            for split in ("val", "test")
-        }
+            points.append(
+                CurvePoint(
+                    method,
+                    fraction,
+                    Stat.of([r.unseen_acc for r in runs]),
+                    Stat.of([r.unseen_acc_corrected for r in runs]),
+                )
+            )
+    return points
 
 
-def _choose_shift(config, logits: dict, teacher_logits: dict, datasets) -> tuple[float, str]:
-    classes = list(datasets.drop_classes)
-    method = config.reproduce.bias_correction
-    if method == "validation":
-        if len(datasets.val) == 0:
-            raise ValueError("reproduce.bias_correction='validation' needs data.val_size > 0")
-        return bc.shift_maximizing_accuracy(logits["val"], datasets.val.labels, classes), "validation"
-    split = "val" if len(datasets.val) else "test"
-    target = bc.predicted_fraction(teacher_logits[split], classes)
-    return bc.shift_to_match_frequency(logits[split], target, classes), split
-
-
-def _describe_correction(method: str, split: str) -> str:
-    if method == "validation":
-        return ("one scalar added to the logits of the never-seen classes, chosen on a grid to maximise "
-                "accuracy on the labeled validation split (never the test set)")
-    where = "the validation split" if split == "val" else "the test set"
-    return ("one scalar added to the logits of the never-seen classes, chosen so the student predicts them as "
-            f"often as the teacher does on the images of {where}, without their labels")
-
-
-def _evaluate_run(config, predictor, teacher_logits, datasets, run_dir: pathlib.Path) -> dict:
-    logits = predictor.logits(run_dir)
-    shift, split = _choose_shift(config, logits, teacher_logits, datasets)
-    classes = list(datasets.drop_classes)
-    test, labels = logits["test"], datasets.test.labels
-    corrected = bc.shift_logits(test, classes, shift)
-    before = classification_summary(test, labels, datasets.num_classes, classes)
-    after = classification_summary(corrected, labels, datasets.num_classes, classes)
-    val_score = float("nan")
-    if len(datasets.val):
-        val_corrected = bc.shift_logits(logits["val"], classes, shift)
-        val_score = float((val_corrected.argmax(-1) == datasets.val.labels).mean())
-    records = read_metrics(run_dir)
+def _dataset_info(config, datasets: Datasets) -> dict:
     return {
-        "test_acc": before["acc"], "seen_acc": before.get("seen_acc", before["acc"]),
-        "unseen_acc": before.get("unseen_acc", float("nan")),
-        "test_acc_corrected": after["acc"], "seen_acc_corrected": after.get("seen_acc", after["acc"]),
-        "unseen_acc_corrected": after.get("unseen_acc", float("nan")),
-        "bias_shift": shift, "correction_split": split, "val_acc_corrected": val_score,
-        "per_class_acc": before["per_class_acc"], "per_class_acc_corrected": after["per_class_acc"],
-        "confusion": confusion_matrix(test, labels, datasets.num_classes).tolist(),
-        "confusion_corrected": confusion_matrix(corrected, labels, datasets.num_classes).tolist(),
-        "wall_time_s": records[-1]["wall_time_s"] if records else float("nan"),
-        "epochs": records[-1]["epoch"] if records else 0,
+        "name": config.data.name,
+        "source": config.data.source,
+        "note": DATASET_NOTES.get((config.data.name, config.data.source), ""),
+        "num_classes": datasets.num_classes,
+        "class_names": datasets.class_names,
+        "train_size": len(datasets.train),
+        "transfer_size": len(datasets.transfer),
+        "val_size": len(datasets.val),
+        "test_size": len(datasets.test),
     }
+
+
+def _teacher_info(config, summary: dict, records: list[dict]) -> dict:
+    return {
+        "model": config.teacher.name,
+        "test_acc": summary["acc"],
+        "per_class_acc": summary["per_class_acc"],
+        "unseen_acc": summary.get("unseen_acc"),
+        "epochs": records[-1]["epoch"] if records else 0,
+        "wall_time_s": records[-1]["wall_time_s"] if records else float("nan"),
+        "workdir": "teacher",
+    }
+
+
+def _describe_correction(config, split: str) -> str:
+    where = "the validation images" if split == "val" else "the test images (no validation split)"
+    how = (
+        "one shift shared by all dropped classes, chosen so the student predicts them together"
+        if config.reproduce.shared_shift
+        else "one shift per dropped class, each chosen so the student predicts that class"
+    )
+    return f"{how} as often as the teacher does on {where}, without their labels"
 
 
 def _hardware() -> dict:
     device = jax.devices()[0]
-    return {"platform": device.platform, "device_kind": device.device_kind, "device_count": jax.device_count(),
-            "process_count": jax.process_count(), "hostname": socket.gethostname(), "cpu_count": os.cpu_count()}
-
-
-def reproduce(
-    config: ml_collections.ConfigDict, workdir: str | pathlib.Path, preset: str = "", command_line: str = ""
-) -> dict:
-    """Runs (or resumes) the whole experiment; returns the results dict also written to results.json."""
-    t_start = time.time()
-    maybe_initialize_distributed(config.distributed)  # before anything touches a JAX backend
-    workdir = pathlib.Path(workdir).absolute()
-    methods = methods_of(config)
-    if config.seeds < 1:
-        raise ValueError(f"seeds={config.seeds}: expected at least 1")
-    if config.reproduce.bias_correction not in bc.BIAS_CORRECTIONS:
-        raise ValueError(f"reproduce.bias_correction={config.reproduce.bias_correction!r}; "
-                         f"expected one of {bc.BIAS_CORRECTIONS}")
-    grid = tuple(float(w) for w in config.reproduce.segment_weight_grid)
-    if not grid:
-        raise ValueError("reproduce.segment_weight_grid is empty: give at least one weight")
-    if len(grid) > 1 and config.data.val_size == 0 and any(m in GRID_METHODS for m in methods):
-        raise ValueError("choosing the segment weight needs a validation split: set data.val_size > 0 "
-                         "or give reproduce.segment_weight_grid a single weight")
-    if not config.data.drop_classes:
-        raise ValueError("data.drop_classes is empty: the experiment needs at least one class to drop")
-    is_main = jax.process_index() == 0
-    check_or_write_config(workdir, config, kind="reproduce", write=is_main)
-    datasets = load_datasets(config.data)
-    seeds = [config.seed + i for i in range(config.seeds)]
-
-    teacher_dir = workdir / "teacher"
-    train_and_evaluate(teacher_config(config), teacher_dir, mode="train")
-    predictor = _Predictor(config, datasets)
-    teacher_logits = predictor.logits(teacher_dir)
-    teacher_summary = classification_summary(teacher_logits["test"], datasets.test.labels,
-                                             datasets.num_classes, datasets.drop_classes)
-    teacher_records = read_metrics(teacher_dir)
-
-    def run(method: str, seed: int, weight: float | None) -> dict:
-        name = f"runs/{method}" + (f"/w{weight:g}" if weight is not None else "") + f"/seed_{seed}"
-        run_config = student_config(config, method, seed, str(teacher_dir), weight)
-        log.info("reproduce: %s", name)
-        train_and_evaluate(run_config, workdir / name, mode="distill" if run_config.teacher.workdir else "train")
-        evaluation = _evaluate_run(config, predictor, teacher_logits, datasets, workdir / name)
-        evaluation.update(seed=seed, workdir=name, config=config_to_dict(run_config))
-        return evaluation
-
-    grid_report, chosen_weight, method_runs = {}, {}, {}
-    for method in methods:
-        if method in GRID_METHODS:
-            first_runs = {w: run(method, seeds[0], w) for w in grid}
-            scores = [first_runs[w]["val_acc_corrected"] for w in grid]
-            best = grid[int(np.nanargmax(scores))] if len(grid) > 1 else grid[0]
-            grid_report[method] = {"weights": list(grid), "scores": scores, "chosen": best,
-                                   "criterion": "val_acc_corrected", "seed": seeds[0]}
-            chosen_weight[method] = best
-            method_runs[method] = [first_runs[best]] + [run(method, s, best) for s in seeds[1:]]
-        else:
-            method_runs[method] = [run(method, s, None) for s in seeds]
-
-    results = _assemble(config, preset, command_line, workdir, datasets, methods, method_runs, chosen_weight, grid_report,
-                        teacher_summary, teacher_records, seeds, t_start)
-    if is_main:
-        _write_outputs(config, workdir, results, method_runs)
-    return results
-
-
-def _assemble(config, preset, command_line, workdir, datasets, methods, method_runs, chosen_weight, grid_report, teacher_summary,
-              teacher_records, seeds, t_start) -> dict:
-    keys = ("test_acc", "seen_acc", "unseen_acc", "test_acc_corrected", "seen_acc_corrected",
-            "unseen_acc_corrected", "bias_shift")
-    out_methods = {}
-    for method in methods:
-        runs = method_runs[method]
-        entry = {k: _stats([r[k] for r in runs]) for k in keys}
-        for k in ("per_class_acc", "per_class_acc_corrected"):
-            arr = np.asarray([r[k] for r in runs], np.float64)
-            entry[k] = {"mean": arr.mean(0).tolist(), "std": arr.std(0).tolist()}
-        entry["confusion"] = runs[0]["confusion"]
-        entry["confusion_corrected"] = runs[0]["confusion_corrected"]
-        entry["segment_weight"] = chosen_weight.get(method)
-        entry["loss"] = runs[0]["config"]["loss"]["name"]
-        entry["correction_split"] = runs[0]["correction_split"]
-        entry["runs"] = [{"seed": r["seed"], "workdir": r["workdir"], "wall_time_s": r["wall_time_s"],
-                          "epochs": r["epochs"]} for r in runs]
-        out_methods[method] = entry
-    name = config.data.name
-    correction_split = next(iter(out_methods.values()))["correction_split"]
     return {
-        "preset": preset,
-        "command": command_line or "extkd reproduce",
-        "dataset": {
-            "name": name, "source": config.data.source, "note": DATASET_NOTES.get((name, config.data.source), ""),
-            "num_classes": datasets.num_classes,
-            "class_names": CLASS_NAMES.get(name, [str(i) for i in range(datasets.num_classes)]),
-            "train_size": len(datasets.train), "transfer_size": len(datasets.transfer),
-            "val_size": len(datasets.val), "test_size": len(datasets.test),
-        },
-        "drop_classes": [int(c) for c in datasets.drop_classes],
-        "hardware": _hardware(),
-        "teacher": {"model": config.teacher.name, "test_acc": teacher_summary["acc"],
-                    "per_class_acc": teacher_summary["per_class_acc"],
-                    "unseen_acc": teacher_summary.get("unseen_acc"),
-                    "epochs": teacher_records[-1]["epoch"] if teacher_records else 0,
-                    "wall_time_s": teacher_records[-1]["wall_time_s"] if teacher_records else float("nan"),
-                    "workdir": "teacher"},
-        "student_model": config.model.name,
-        "seeds": seeds,
-        "epochs": config.num_epochs,
-        "bias_correction": {"method": config.reproduce.bias_correction,
-                            "description": _describe_correction(config.reproduce.bias_correction,
-                                                                correction_split)},
-        "grid": grid_report,
-        "methods": out_methods,
-        "wall_time_s": time.time() - t_start,
+        "platform": device.platform,
+        "device_kind": device.device_kind,
+        "device_count": jax.device_count(),
+        "process_count": jax.process_count(),
+        "hostname": socket.gethostname(),
+        "cpu_count": os.cpu_count(),
     }
 
 
-def _write_outputs(config, workdir: pathlib.Path, results: dict, method_runs: dict) -> None:
+def write_outputs(workdir: epath.Path, results: Results, config, teacher_run, run_configs: dict) -> None:
+    """results.json, the resolved configs, report.md and the plots."""
     from extkd_jax.experiment.plots import write_plots
     from extkd_jax.experiment.report import write_report
 
     configs_dir = workdir / "configs"
     configs_dir.mkdir(parents=True, exist_ok=True)
-    (configs_dir / "reproduce.json").write_text(json.dumps(config_to_dict(config), indent=2))
-    (configs_dir / "teacher.json").write_text(json.dumps(config_to_dict(teacher_config(config)), indent=2))
-    for method, runs in method_runs.items():
-        (configs_dir / f"{method}.json").write_text(json.dumps(runs[0]["config"], indent=2))
-    tmp = workdir / "results.json.tmp"
-    tmp.write_text(json.dumps(results, indent=2))
-    tmp.replace(workdir / "results.json")
-    write_plots(results, workdir)
-    write_report(results, workdir)
+    for name, c in {"reproduce": config, "teacher": teacher_run, **run_configs}.items():
+        write_text_atomic(configs_dir / f"{name}.json", json.dumps(config_to_dict(c), indent=2))
+    write_text_atomic(workdir / "results.json", results.to_json())
+    plots = write_plots(results, workdir)
+    write_report(results, workdir, plots)

@@ -1,19 +1,45 @@
-"""The configs of the runs `extkd reproduce` makes: one teacher, and one student per method and seed."""
+"""The methods `extkd reproduce` compares, and the config of each run: one teacher, students per method and seed.
+
+Every distilling method has one main knob, tuned on validation images of the seen classes over a grid of the
+same size for every method (`reproduce.grid.<method>`); scratch students have none.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+
 import ml_collections
 
-METHODS = ("scratch_full", "scratch_transfer", "kd", "fitnet", "extended_kd", "dkd")
-METHOD_LOSS = {
-    "scratch_full": "ce",
-    "scratch_transfer": "ce",
-    "kd": "kd",
-    "fitnet": "fitnet",
-    "extended_kd": "extended_kd",
-    "dkd": "dkd",
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """A student training method: its loss, the knob tuned on validation, whether it sees the dropped classes."""
+
+    loss: str
+    description: str
+    knob: str | None = None  # a `loss.*` key
+    sees_dropped: bool = False
+
+    @property
+    def distils(self) -> bool:
+        return self.loss != "ce"
+
+
+METHODS: dict[str, Method] = {
+    "scratch_full": Method(
+        "ce", "trained from scratch with cross-entropy on the full training set (all classes)", sees_dropped=True
+    ),
+    "scratch_transfer": Method("ce", "trained from scratch with cross-entropy on the transfer set"),
+    "kd": Method("kd", "knowledge distillation (Hinton et al. 2015) on the transfer set", "temperature"),
+    "fitnet": Method(
+        "fitnet", "FitNet (Romero et al. 2015): KD + MSE of the middle segment through a connector", "segment_weight"
+    ),
+    "at": Method("at", "attention transfer (Zagoruyko & Komodakis 2017) + KD", "segment_weight"),
+    "extended_kd": Method(
+        "extended_kd", "Extended-KD (Yuan & Pan 2019): KD + MSE of every segment through connectors", "segment_weight"
+    ),
+    "dkd": Method("dkd", "decoupled knowledge distillation (Zhao et al. 2022)", "dkd_beta"),
 }
-GRID_METHODS = ("fitnet", "extended_kd")
 
 
 def _copy(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -21,13 +47,33 @@ def _copy(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 
 def methods_of(config: ml_collections.ConfigDict) -> tuple[str, ...]:
-    methods = tuple(config.reproduce.methods) + (("dkd",) if config.reproduce.dkd else ())
+    """The methods of an experiment config, checked: known names, no repeats."""
+    methods = tuple(config.reproduce.methods)
     for m in methods:
         if m not in METHODS:
-            raise ValueError(f"reproduce.methods holds {m!r}; expected names from {METHODS}")
+            raise ValueError(f"reproduce.methods holds {m!r}; expected names from {tuple(METHODS)}")
     if len(set(methods)) != len(methods):
         raise ValueError(f"reproduce.methods={methods} repeats a method")
     return methods
+
+
+def grid_of(config: ml_collections.ConfigDict, method: str) -> tuple[float, ...]:
+    """The values of `method`'s knob tried on validation; (current value,) when no grid is given."""
+    spec = METHODS[method]
+    if spec.knob is None:
+        return ()
+    grid = tuple(float(v) for v in config.reproduce.grid.get(method, ()) or ())
+    return grid or (float(config.loss[spec.knob]),)
+
+
+def check_equal_budgets(config: ml_collections.ConfigDict, methods: tuple[str, ...]) -> None:
+    """Every distilling method gets a grid of the same size: the same tuning budget."""
+    sizes = {m: len(grid_of(config, m)) for m in methods if METHODS[m].distils}
+    if len(set(sizes.values())) > 1:
+        raise ValueError(
+            f"unequal tuning budgets: grid sizes {sizes}; give every distilling method "
+            "reproduce.grid.<method> of the same length"
+        )
 
 
 def teacher_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -35,6 +81,7 @@ def teacher_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
     if not config.teacher.name:
         raise ValueError("teacher.name is empty: `reproduce` needs the teacher architecture")
     c = _copy(config)
+    c.kind = "run"
     c.model.name = config.teacher.name
     c.model.kwargs = ml_collections.ConfigDict(config.teacher.kwargs.to_dict())
     c.loss.name = "ce"
@@ -43,7 +90,6 @@ def teacher_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
     c.num_epochs = config.teacher.num_epochs or config.num_epochs
     c.optim.learning_rate = config.teacher.learning_rate or config.optim.learning_rate
     c.teacher.workdir = ""
-    c.kind = "run"
     return c
 
 
@@ -52,30 +98,43 @@ def student_config(
     method: str,
     seed: int,
     teacher_workdir: str,
-    segment_weight: float | None = None,
+    knob_value: float | None = None,
+    keep_fraction: float | None = None,
 ) -> ml_collections.ConfigDict:
-    """A student run of `method` (see METHOD_LOSS) with `seed`."""
+    """A student run of `method` with `seed`, its knob set to `knob_value` (None: as configured)."""
+    spec = METHODS[method]
     c = _copy(config)
+    c.kind = "run"
     c.seed = seed
-    c.loss.name = METHOD_LOSS[method]
-    if method == "scratch_full":
+    c.loss.name = spec.loss
+    if spec.sees_dropped:
         c.data.drop_classes = ()
         c.data.keep_fraction = 0.0
-    if c.loss.name == "ce":
-        c.teacher.workdir = ""
-    else:
-        c.teacher.workdir = str(teacher_workdir)
-    if segment_weight is not None:
-        c.loss.segment_weight = float(segment_weight)
-    c.kind = "run"
+    elif keep_fraction is not None:
+        c.data.keep_fraction = float(keep_fraction)
+    c.teacher.workdir = str(teacher_workdir) if spec.distils else ""
+    if knob_value is not None and spec.knob is not None:
+        c.loss[spec.knob] = float(knob_value)
     return c
 
 
 def role_config(config: ml_collections.ConfigDict, role: str) -> ml_collections.ConfigDict:
-    """One run of an experiment config: `teacher`, or a student method of METHODS (its teacher from
-    `teacher.workdir`, set on the command line)."""
+    """One run of an experiment config: `teacher`, or a student method (its teacher from `teacher.workdir`)."""
     if role == "teacher":
         return teacher_config(config)
     if role not in METHODS:
-        raise ValueError(f"unknown role {role!r}; expected 'teacher' or one of {METHODS}")
+        raise ValueError(f"unknown role {role!r}; expected 'teacher' or one of {tuple(METHODS)}")
     return student_config(config, role, config.seed, config.teacher.workdir)
+
+
+def run_name(
+    method: str, seed: int, knob_value: float | None = None, keep_fraction: float = 0.0, selection: bool = False
+) -> str:
+    """The run's directory under the experiment workdir, e.g. `runs/kd/seed_0`, `selection/kd/T4/seed_3`."""
+    spec = METHODS[method]
+    parts = ["selection" if selection else "runs", method]
+    if selection and spec.knob is not None:
+        parts.append(f"{spec.knob}={knob_value:g}")
+    if keep_fraction:
+        parts.append(f"keep_{keep_fraction:g}")
+    return "/".join([*parts, f"seed_{seed}"])

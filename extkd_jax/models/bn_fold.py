@@ -22,14 +22,11 @@ Which (conv, BN) attributes pair up comes from the model code, not from guessing
   follow a residual sum, not a conv, and stay;
 - ``mlp.MLP``: no BatchNorm, returned as an unchanged copy.
 
-Any other module may declare its own pairs with a method ``foldable_pairs(self) -> Iterable[tuple[str, str]]``
-of (conv attribute, BN attribute) names, where the BN must consume exactly the conv's output and nothing else
-may read the conv's output.
+Modules of other types (a user's registered model) are left as they are: their BatchNorms stay, run with their
+running statistics, which is exact and only slower.
 """
 
 from __future__ import annotations
-
-from collections.abc import Iterable
 
 import jax
 import jax.numpy as jnp
@@ -56,21 +53,10 @@ def _known_pairs() -> dict[type, tuple[tuple[str, str], ...]]:
     }
 
 
-def _pairs_of(
-    module: nnx.Module, known: dict[type, tuple[tuple[str, str], ...]]
-) -> Iterable[tuple[str, str]]:
-    custom = getattr(module, "foldable_pairs", None)
-    if callable(custom):
-        return tuple(custom())
-    return known.get(type(module), ())
-
-
 def _fold_pair(conv: nnx.Conv, bn: nnx.BatchNorm) -> None:
     """Fold ``bn`` (eval mode) into ``conv`` in place (``conv`` belongs to the copy)."""
     if not isinstance(conv, nnx.Conv) or not isinstance(bn, nnx.BatchNorm):
-        raise TypeError(
-            f"cannot fold {type(bn).__name__} into {type(conv).__name__}: need nnx.Conv -> nnx.BatchNorm"
-        )
+        raise TypeError(f"cannot fold {type(bn).__name__} into {type(conv).__name__}: need nnx.Conv -> nnx.BatchNorm")
     if bn.axis not in (-1, (-1,)):
         raise ValueError(f"BatchNorm axis must be -1 to fold, got {bn.axis}")
     kernel = conv.kernel[...]
@@ -104,19 +90,15 @@ def fold_batchnorm(model: nnx.Module) -> nnx.Module:
     seen: set[int] = set()
     work = []
     for _, module in nnx.iter_modules(folded):
-        for conv_name, bn_name in _pairs_of(module, known):
+        for conv_name, bn_name in known.get(type(module), ()):
             conv = getattr(module, conv_name, None)
             bn = getattr(module, bn_name, None)
             if conv is None and bn is None:  # e.g. an identity shortcut
                 continue
             if conv is None or bn is None:
-                raise ValueError(
-                    f"{type(module).__name__}: {conv_name!r} and {bn_name!r} must both be set or unset"
-                )
+                raise ValueError(f"{type(module).__name__}: {conv_name!r} and {bn_name!r} must both be set or unset")
             if id(conv) in seen or id(bn) in seen:
-                raise ValueError(
-                    f"{type(module).__name__}: {conv_name!r}/{bn_name!r} shared with another pair"
-                )
+                raise ValueError(f"{type(module).__name__}: {conv_name!r}/{bn_name!r} shared with another pair")
             seen.update((id(conv), id(bn)))
             work.append((module, conv, bn, bn_name))
     for module, conv, bn, bn_name in work:  # mutate only after the walk
@@ -125,9 +107,4 @@ def fold_batchnorm(model: nnx.Module) -> nnx.Module:
     return folded
 
 
-def count_batchnorms(model: nnx.Module) -> int:
-    """Number of ``nnx.BatchNorm`` modules in ``model``."""
-    return sum(isinstance(m, nnx.BatchNorm) for _, m in nnx.iter_modules(model))
-
-
-__all__ = ["Identity", "count_batchnorms", "fold_batchnorm"]
+__all__ = ["Identity", "fold_batchnorm"]

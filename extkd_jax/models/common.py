@@ -6,7 +6,9 @@ Initialisation follows RepDistiller (the PyTorch reference the CIFAR results com
 - BatchNorm: scale 1, bias 0, momentum 0.9 (PyTorch ``momentum=0.1``), epsilon 1e-5;
 - linear layers: PyTorch's default, U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for kernel and bias (VGG overrides it).
 
-Parameters are always float32; ``dtype`` is the compute dtype.
+Parameters are always float32; ``dtype`` is the compute dtype. Modules are built in inference mode (BatchNorm uses
+its running statistics, dropout is off), so a plain call of a model never changes its state; training runs through
+``nnx.view(model, use_running_average=False, deterministic=False)`` (see ``forward_with_segments``).
 """
 
 from __future__ import annotations
@@ -67,6 +69,7 @@ def batch_norm(features: int, *, rngs: nnx.Rngs, dtype: Any) -> nnx.BatchNorm:
         features,
         momentum=BN_MOMENTUM,
         epsilon=BN_EPSILON,
+        use_running_average=True,
         dtype=dtype,
         param_dtype=jnp.float32,
         rngs=rngs,
@@ -99,16 +102,28 @@ def global_avg_pool(x: jax.Array) -> jax.Array:
     return jnp.mean(x, axis=(1, 2))
 
 
+def dropout_layer(rate: float, *, rngs: nnx.Rngs) -> nnx.Dropout:
+    """Dropout, off until a view turns it on (``deterministic=False``); its stream comes from ``rngs``."""
+    return nnx.Dropout(rate, deterministic=True, rngs=rngs)
+
+
 class SegmentModel(nnx.Module):
     """Base class: a classifier that sows its segment outputs on itself under ``nnx.Intermediate``.
 
     Subclasses set ``segment_names`` and call ``self.sow_segment(name, value)`` once per segment, in order.
-    Sowing happens only inside ``nnx.capture`` (as ``forward_with_segments`` does); a plain call sows nothing,
-    so calling a model directly never adds ``Intermediate`` variables to its state.
+    Sowing is switched on by a view, ``nnx.view(model, sow_segments=True)`` (``set_view`` below, Flax's public
+    hook), under ``nnx.capture`` as ``forward_with_segments`` does it; a plain call sows nothing, so calling a
+    model directly never adds ``Intermediate`` variables to its state.
     """
 
     segment_names: tuple[str, ...] = ()
+    sow_segments: bool = False
+
+    def set_view(self, sow_segments: bool | None = None) -> None:
+        """sow_segments: if True, each segment output is sown under ``nnx.Intermediate`` for ``nnx.capture``."""
+        if sow_segments is not None:
+            self.sow_segments = sow_segments
 
     def sow_segment(self, name: str, value: jax.Array) -> None:
-        if hasattr(self, "__captures__"):  # set by nnx.capture for the duration of the call
+        if self.sow_segments:
             self.sow(nnx.Intermediate, name, value)

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from extkd_jax.models.common import SegmentModel, linear
+from extkd_jax.models.common import SegmentModel, dropout_layer, linear
 
 
 class MLP(SegmentModel):
@@ -42,13 +42,13 @@ class MLP(SegmentModel):
         self.dtype = dtype
         self.input_size = int(input_size)
         self.segment_names = tuple(f"hidden{i + 1}" for i in range(len(hidden_sizes)))
-        self.input_dropout = nnx.Dropout(input_dropout, rngs=rngs)
+        self.input_dropout = dropout_layer(input_dropout, rngs=rngs)
         layers = []
         dropouts = []
         in_features = self.input_size
         for h in hidden_sizes:
             layers.append(linear(in_features, h, rngs=rngs, dtype=dtype))
-            dropouts.append(nnx.Dropout(dropout, rngs=rngs))
+            dropouts.append(dropout_layer(dropout, rngs=rngs))
             in_features = h
         self.hidden = nnx.List(layers)
         self.dropouts = nnx.List(dropouts)

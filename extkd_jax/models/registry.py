@@ -1,4 +1,5 @@
-"""Model registry: ``create_model(name, num_classes, *, rngs, dtype, **kwargs)`` and ``MODEL_NAMES``."""
+"""Model registry: ``create_model(name, num_classes, *, rngs, dtype, **kwargs)``, ``register_model`` and
+``model_names()``."""
 
 from __future__ import annotations
 
@@ -21,7 +22,22 @@ _FACTORIES: dict[str, Callable[..., SegmentModel]] = {
     **make_mlp_factories(),
 }
 
-MODEL_NAMES: tuple[str, ...] = tuple(_FACTORIES)
+
+def register_model(name: str, factory: Callable[..., nnx.Module]) -> None:
+    """Makes ``factory(num_classes, *, rngs, dtype, **kwargs)`` buildable by name (``model.name`` in a config).
+
+    The module it returns must set ``segment_names`` and sow each segment once per call with
+    ``self.sow(nnx.Intermediate, name, value)`` (public Flax API); its parameters should be float32 and
+    ``dtype`` its compute dtype.
+    """
+    if not callable(factory):
+        raise TypeError(f"register_model({name!r}): factory must be callable, got {type(factory).__name__}")
+    _FACTORIES[name] = factory
+
+
+def model_names() -> tuple[str, ...]:
+    """The names ``create_model`` knows, registered ones included."""
+    return tuple(_FACTORIES)
 
 
 def create_model(
@@ -41,7 +57,7 @@ def create_model(
     try:
         factory = _FACTORIES[name]
     except KeyError:
-        raise ValueError(f"unknown model {name!r}; known models: {', '.join(MODEL_NAMES)}") from None
+        raise ValueError(f"unknown model {name!r}; known models: {', '.join(_FACTORIES)}") from None
     try:
         return factory(num_classes, rngs=rngs, dtype=dtype, **kwargs)
     except TypeError as err:  # a misspelt or foreign keyword (model.kwargs / teacher.kwargs)

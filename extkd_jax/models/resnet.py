@@ -63,7 +63,7 @@ class CifarResNet(SegmentModel):
         self.bn1 = batch_norm(widths[0], rngs=rngs, dtype=dtype)
         stages = []
         in_ch = widths[0]
-        for i, (out_ch, stride) in enumerate(zip(widths[1:], (1, 2, 2))):
+        for _i, (out_ch, stride) in enumerate(zip(widths[1:], (1, 2, 2))):
             blocks = []
             for j in range(n):
                 blocks.append(BasicBlock(in_ch, out_ch, stride if j == 0 else 1, rngs=rngs, dtype=dtype))

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from extkd_jax.models.common import SegmentModel, batch_norm, conv, global_avg_pool, linear
+from extkd_jax.models.common import SegmentModel, batch_norm, conv, dropout_layer, global_avg_pool, linear
 
 
 class PreActBlock(nnx.Module):
@@ -26,12 +26,10 @@ class PreActBlock(nnx.Module):
         self.bn1 = batch_norm(in_ch, rngs=rngs, dtype=dtype)
         self.conv1 = conv(in_ch, out_ch, 3, stride=stride, padding=1, rngs=rngs, dtype=dtype)
         self.bn2 = batch_norm(out_ch, rngs=rngs, dtype=dtype)
-        self.dropout = nnx.Dropout(dropout, rngs=rngs)
+        self.dropout = dropout_layer(dropout, rngs=rngs)
         self.conv2 = conv(out_ch, out_ch, 3, padding=1, rngs=rngs, dtype=dtype)
         self.equal_in_out = in_ch == out_ch and stride == 1
-        self.short_conv = (
-            None if self.equal_in_out else conv(in_ch, out_ch, 1, stride=stride, rngs=rngs, dtype=dtype)
-        )
+        self.short_conv = None if self.equal_in_out else conv(in_ch, out_ch, 1, stride=stride, rngs=rngs, dtype=dtype)
 
     def __call__(self, x: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
         act = nnx.relu(self.bn1(x))
@@ -67,9 +65,7 @@ class WideResNet(SegmentModel):
         for out_ch, stride in zip(widths, (1, 2, 2)):
             blocks = []
             for j in range(n):
-                blocks.append(
-                    PreActBlock(in_ch, out_ch, stride if j == 0 else 1, dropout, rngs=rngs, dtype=dtype)
-                )
+                blocks.append(PreActBlock(in_ch, out_ch, stride if j == 0 else 1, dropout, rngs=rngs, dtype=dtype))
                 in_ch = out_ch
             groups.append(nnx.List(blocks))
         self.groups = nnx.List(groups)

@@ -1,32 +1,64 @@
-"""Orbax checkpoints of the train state plus a JSON record of where the run stands.
+"""Orbax checkpoints of a workdir: every item a resumed run or a loader needs, one restore path for both.
 
-Orbax writes each checkpoint into a temporary directory and renames it when complete, so a checkpoint is never
-half-written. Restoring tries the newest step first and falls back to older ones, with a warning, when a step
-cannot be read (a partial or corrupted directory); a later save of that step replaces the unreadable one.
+Items of each checkpoint step:
+  state  the TrainState (params, BatchNorm statistics, optimizer state): what a resumed run restores;
+  model  the trained model's own variables ({"params", "batch_stats"}): what `extkd_jax.load` restores;
+  card   JSON: what using the model needs (architecture, classes, input shape, normalisation, dtype);
+  meta   JSON: where the run stands (epoch, partial sums of a preempted epoch).
+
+Orbax writes each step into a temporary directory and renames it when complete, so a checkpoint is never
+half-written. `restore_latest` tries the newest step first and falls back to older ones, with a warning, when a
+step cannot be read; a later save of that step replaces the unreadable one. Paths go through `etils.epath`, so a
+`gs://` workdir works like a local one.
 """
 
 from __future__ import annotations
 
 import logging
-import pathlib
 import warnings
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 log = logging.getLogger(__name__)
 
+JSON_ITEMS = ("card", "meta")
+
+
+def checkpoint_dir(workdir: str | epath.PathLike) -> epath.Path:
+    path = epath.Path(workdir)
+    return (path if path.is_absolute() or str(path).startswith(("gs://", "s3://")) else path.absolute()) / "checkpoints"
+
+
+def _save_args(items: dict[str, Any]) -> ocp.args.Composite:
+    return ocp.args.Composite(
+        **{k: ocp.args.JsonSave(v) if k in JSON_ITEMS else ocp.args.StandardSave(v) for k, v in items.items()}
+    )
+
+
+def _restore_args(targets: dict[str, Any]) -> ocp.args.Composite:
+    """`targets`: item -> a pytree of arrays or abstract arrays (shapes and dtypes), or None for JSON items."""
+    return ocp.args.Composite(
+        **{
+            k: ocp.args.JsonRestore()
+            if k in JSON_ITEMS
+            else ocp.args.StandardRestore(jax.tree.map(ocp.utils.to_shape_dtype_struct, v))
+            for k, v in targets.items()
+        }
+    )
+
 
 class Checkpointer:
-    """Saves and restores `{"state": pytree, "meta": json}` under `workdir/checkpoints`."""
+    """Saves and restores checkpoint items (see the module docstring) under `workdir/checkpoints`."""
 
-    def __init__(self, workdir: str | pathlib.Path, keep: int = 2):
-        self.directory = pathlib.Path(workdir).absolute() / "checkpoints"
+    def __init__(self, workdir: str | epath.PathLike, keep: int = 2, create: bool = True):
+        self.directory = checkpoint_dir(workdir)
         # cleanup_tmp_directories: a `<step>.orbax-checkpoint-tmp-*` directory left by a run killed mid-save is
         # deleted when the next run starts (one trainer per workdir, so no save of another run is in flight)
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=True, enable_async_checkpointing=False, cleanup_tmp_directories=True
+            max_to_keep=keep, create=create, enable_async_checkpointing=False, cleanup_tmp_directories=create
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options)
         self.unreadable: set[int] = set()  # steps restore_latest could not read: save() replaces them
@@ -34,38 +66,34 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
 
-    def save(self, step: int, state: Any, meta: dict) -> None:
+    def save(self, step: int, items: dict[str, Any]) -> None:
+        """Writes `items` as step `step` (a no-op if that step exists and is readable)."""
         if step in self.manager.all_steps():
             if step not in self.unreadable:
                 return
             log.warning("replacing the unreadable checkpoint step %d in %s", step, self.directory)
             self.manager.delete(step)
             self.unreadable.discard(step)
-        self.manager.save(
-            step,
-            args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-            force=True,
-        )
+        self.manager.save(step, args=_save_args(items), force=True)
         self.manager.wait_until_finished()
 
-    def restore_latest(self, target: Any) -> tuple[Any, dict] | None:
-        """Restores the newest readable checkpoint into the structure of `target`; None when there is none."""
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+    def reached_preemption(self, step: int) -> bool:
+        """Whether the runtime signalled a preemption (Orbax's own detection, agreed on by every process)."""
+        return bool(self.manager.reached_preemption(step))
+
+    def restore_latest(self, targets: dict[str, Any]) -> tuple[int, dict[str, Any]] | None:
+        """(step, {item: value}) of the newest step that restores into `targets`; None when there is none."""
         for step in reversed(self.all_steps()):
             try:
-                restored = self.manager.restore(
-                    step,
-                    args=ocp.args.Composite(
-                        state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
-                    ),
-                )
-                return restored["state"], dict(restored["meta"])
+                restored = self.manager.restore(step, args=_restore_args(targets))
+                return step, {k: restored[k] for k in targets}
             except Exception as err:  # noqa: BLE001 - a truncated or corrupt checkpoint: try the one before
                 self.unreadable.add(step)
                 reason = (str(err).strip().splitlines() or [""])[0][:200]
                 warnings.warn(
                     f"checkpoint step {step} in {self.directory} could not be restored "
-                    f"({type(err).__name__}: {reason}); falling back to an older one"
+                    f"({type(err).__name__}: {reason}); falling back to an older one",
+                    stacklevel=2,
                 )
         return None
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numbers
 
-from extkd_jax.train.objectives import LOSS_NAMES, TEACHER_LOSSES
+from extkd_jax.train.step import LOSS_NAMES, TEACHER_LOSSES
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
 SCHEDULES = ("cosine", "step", "constant")
@@ -34,13 +34,14 @@ def _choice(value, name: str, choices) -> None:
 
 def check_config(config, mode: str) -> None:
     """Raises ConfigError for the first bad value; `mode` is 'train', 'distill' or 'evaluate'."""
-    from extkd_jax.models import MODEL_NAMES
+    from extkd_jax.models import model_names
 
     _choice(mode, "mode", ("train", "distill", "evaluate"))
     data = config.data
     _choice(data.source, "data.source", DATA_SOURCES)
     _choice(data.augment, "data.augment", AUGMENT_KINDS)
-    _choice(data.get("placement", "auto"), "data.placement", ("auto", "replicated", "sharded"))
+    _choice(data.placement, "data.placement", ("auto", "replicated", "sharded"))
+    _number(data.max_train_examples, "data.max_train_examples", minimum=0, integer=True)
     _number(data.val_size, "data.val_size", minimum=0, integer=True)
     _number(data.keep_fraction, "data.keep_fraction", minimum=0, maximum=1)
     for c in data.drop_classes:
@@ -51,7 +52,7 @@ def check_config(config, mode: str) -> None:
             f"data.drop_classes={tuple(data.drop_classes)!r}: expected distinct classes, {repeated} repeated"
         )
 
-    _choice(config.model.name, "model.name", MODEL_NAMES)
+    _choice(config.model.name, "model.name", model_names())
     loss = config.loss
     _choice(loss.name, "loss.name", LOSS_NAMES)
     _number(loss.temperature, "loss.temperature", minimum=0, strict=True)
@@ -94,9 +95,8 @@ def check_config(config, mode: str) -> None:
         if not config.teacher.workdir:
             raise ConfigError("teacher.workdir is empty: `distill` needs the workdir of a trained teacher")
         if config.teacher.name:
-            _choice(config.teacher.name, "teacher.name", MODEL_NAMES)
+            _choice(config.teacher.name, "teacher.name", model_names())
     elif mode == "train" and loss.name != "ce":
         raise ConfigError(
-            f"loss.name={loss.name!r} needs a teacher: use `extkd distill`, or loss.name='ce' "
-            "for `extkd train`"
+            f"loss.name={loss.name!r} needs a teacher: use `extkd distill`, or loss.name='ce' for `extkd train`"
         )

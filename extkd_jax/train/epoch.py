@@ -1,4 +1,4 @@
-"""Device-resident epochs: gather, augment, normalise and step, `num_steps` steps per compiled program.
+"""Device-resident epochs: gather, augment and step, `num_steps` steps per compiled program; batched prediction.
 
 The uint8 training set lives on the devices, in one of two placements:
 
@@ -14,7 +14,6 @@ whatever `steps_per_dispatch` is.
 from __future__ import annotations
 
 import functools
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -22,22 +21,26 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from extkd_jax.data import augment_batch, normalize
+from extkd_jax.data import augment_batch
 from extkd_jax.train.sharding import DATA_AXIS, batch_sharded, put_replicated, replicated
-from extkd_jax.train.steps import StepFn
+from extkd_jax.train.step import StepFn
+
+# Folded into each epoch's key before the permutation is drawn, so the permutation and the per-step keys
+# (folded with the step index 0, 1, ...) come from different streams.
+PERMUTATION_STREAM = 0x5EED
 
 PLACEMENTS = ("replicated", "sharded")
 
 
 @functools.partial(jax.jit, static_argnames=("num_examples",))
 def epoch_permutation(key: jax.Array, num_examples: int) -> jax.Array:
-    return jax.random.permutation(jax.random.fold_in(key, 0x5EED), num_examples)
+    return jax.random.permutation(jax.random.fold_in(key, PERMUTATION_STREAM), num_examples)
 
 
 def _local_permutations(key: jax.Array, num_local: int):
     """Per device: a permutation of its own `num_local` examples (inside shard_map)."""
     device = jax.lax.axis_index(DATA_AXIS)
-    return jax.random.permutation(jax.random.fold_in(jax.random.fold_in(key, 0x5EED), device), num_local)
+    return jax.random.permutation(jax.random.fold_in(jax.random.fold_in(key, PERMUTATION_STREAM), device), num_local)
 
 
 class DeviceDataset:
@@ -90,16 +93,7 @@ def steps_per_epoch(num_examples: int, batch_size: int, num_devices: int, placem
     return num_examples // batch_size
 
 
-def make_run_steps(
-    step_fn: StepFn,
-    mesh: Mesh,
-    batch_size: int,
-    augment_kind: str,
-    mean: jax.Array,
-    std: jax.Array,
-    compute_dtype: Any,
-    placement: str = "replicated",
-):
+def make_run_steps(step_fn: StepFn, mesh: Mesh, batch_size: int, augment_kind: str, placement: str = "replicated"):
     """Returns jitted `run_steps(state, teacher_vars, images, labels, perm, key, start, num_steps)`.
 
     It runs steps `start .. start+num_steps-1` of the epoch in one program (`lax.scan`) and returns the new state
@@ -129,8 +123,7 @@ def make_run_steps(
     def one_step(state, teacher_vars, images, labels, perm, key, s):
         x, y = gather(images, labels, perm, s)
         aug_key, step_key = jax.random.split(jax.random.fold_in(key, s))
-        x = normalize(augment_batch(aug_key, x, augment_kind), mean, std).astype(compute_dtype)
-        return step_fn(state, teacher_vars, x, y, step_key)
+        return step_fn(state, teacher_vars, augment_batch(aug_key, x, augment_kind), y, step_key)
 
     def run_steps(state, teacher_vars, images, labels, perm, key, start, num_steps):
         if num_steps == 1:  # no loop: XLA:CPU runs conv gradients much slower inside one (jax#12868)
@@ -142,19 +135,17 @@ def make_run_steps(
 
         return jax.lax.scan(body, state, jnp.arange(num_steps, dtype=jnp.int32))
 
-    return jax.jit(
-        run_steps, static_argnames=("num_steps",), donate_argnums=(0,), out_shardings=replicated(mesh)
-    )
+    return jax.jit(run_steps, static_argnames=("num_steps",), donate_argnums=(0,), out_shardings=replicated(mesh))
 
 
-def make_predict(logits_fn, mesh: Mesh, batch_size: int, mean: jax.Array, std: jax.Array, compute_dtype: Any):
-    """Returns jitted `predict(params, batch_stats, images, start) -> logits` of one padded eval batch."""
+def make_predict(logits_fn, mesh: Mesh, batch_size: int):
+    """Returns jitted `predict(variables, images, start) -> float32 logits` of one padded eval batch, where
+    `logits_fn(variables, pixel_images)` is a network's eval-mode logits (it normalises its own input)."""
     batch_spec = batch_sharded(mesh)
 
-    def predict(params, batch_stats, images, start):
+    def predict(variables, images, start):
         x = jax.lax.dynamic_slice_in_dim(images, start, batch_size)
         x = jax.lax.with_sharding_constraint(x, batch_spec)
-        x = normalize(x, mean, std).astype(compute_dtype)
-        return logits_fn(params, batch_stats, x).astype(jnp.float32)
+        return logits_fn(variables, x).astype(jnp.float32)
 
     return jax.jit(predict, out_shardings=replicated(mesh))

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 DATA_AXIS = "data"
 
@@ -29,9 +30,7 @@ def batch_sharded(mesh: Mesh) -> NamedSharding:
 def check_batch_divisible(batch_size: int, mesh: Mesh, what: str = "batch_size") -> None:
     n = mesh.devices.size
     if batch_size % n:
-        raise ValueError(
-            f"{what}={batch_size} is not divisible by the {n} devices of the mesh; use a multiple of {n}"
-        )
+        raise ValueError(f"{what}={batch_size} is not divisible by the {n} devices of the mesh; use a multiple of {n}")
 
 
 def put_replicated(tree, mesh: Mesh):

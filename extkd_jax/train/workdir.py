@@ -1,13 +1,16 @@
-"""A workdir's identity: the resolved config it was started with, and loading what it trained."""
+"""A workdir's identity: the resolved config it was started with (`config.json`), checked on every rerun.
+
+Every path goes through `etils.epath`, so a workdir may be local or remote (`gs://bucket/run`).
+"""
 
 from __future__ import annotations
 
 import json
 import logging
-import pathlib
 from typing import Any
 
 import ml_collections
+from etils import epath
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +41,25 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def write_text_atomic(path: epath.Path, text: str) -> None:
+    """Writes `text` to a temporary sibling, then renames it over `path`: a reader never sees half a file."""
+    tmp = path.parent / (path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def require_workdir(workdir: str | epath.PathLike) -> epath.Path:
+    """The workdir as a Path; a clear error when it is missing or a file."""
+    path = epath.Path(workdir)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"workdir {path} is a file, not a directory")
+    if not path.is_dir():
+        raise FileNotFoundError(f"workdir {path} does not exist")
+    return path
+
+
 def check_or_write_config(
-    workdir: pathlib.Path,
+    workdir: epath.Path,
     config: ml_collections.ConfigDict,
     *,
     kind: str,
@@ -64,8 +84,7 @@ def check_or_write_config(
         stored = json.loads(path.read_text())
         if stored.get("kind") != kind:
             raise ValueError(
-                f"workdir {workdir} holds a `{stored.get('kind')}` run; this is a `{kind}` run. "
-                "Use another --workdir."
+                f"workdir {workdir} holds a `{stored.get('kind')}` run; this is a `{kind}` run. Use another --workdir."
             )
         old, new = _flatten(stored["config"]), _flatten(record["config"])
         differing = sorted(
@@ -80,33 +99,30 @@ def check_or_write_config(
         if differing:
             shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in differing[:6])
             raise ValueError(
-                f"workdir {workdir} holds a different experiment ({shown}); "
-                "use another --workdir or the same config"
+                f"workdir {workdir} holds a different experiment ({shown}); use another --workdir or the same config"
             )
     if write:
         workdir.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(record, indent=2))
-        tmp.replace(path)
+        write_text_atomic(path, json.dumps(record, indent=2))
 
 
-def _started(workdir: pathlib.Path) -> bool:
+def _started(workdir: epath.Path) -> bool:
     """Whether a workdir holds results: anything besides its config, an empty `checkpoints` folder (created
     before the first step) and an empty metrics log."""
     for p in workdir.iterdir():
         if p.name in ("config.json", "config.tmp"):
             continue
-        if p.name == "checkpoints" and p.is_dir() and not any(p.iterdir()):
+        if p.name == "checkpoints" and p.is_dir() and not any(True for _ in p.iterdir()):
             continue
-        if p.name == "metrics.jsonl" and p.is_file() and p.stat().st_size == 0:
+        if p.name == "metrics.jsonl" and p.is_file() and not p.read_text().strip():
             continue
         return True
     return False
 
 
-def read_config(workdir: str | pathlib.Path) -> tuple[dict, ml_collections.ConfigDict]:
+def read_config(workdir: str | epath.PathLike) -> tuple[dict, ml_collections.ConfigDict]:
     """(record, config) stored in a workdir; FileNotFoundError when it holds no run."""
-    path = pathlib.Path(workdir) / "config.json"
+    path = epath.Path(workdir) / "config.json"
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: {workdir} is not the workdir of an `extkd` run")
     stored = json.loads(path.read_text())

@@ -43,18 +43,23 @@ from jax.sharding import Mesh
 
 sys.path.insert(0, REPO_ROOT)
 from extkd_jax.train import sharding
-from extkd_jax.train.builders import build_model
 from extkd_jax.train.epoch import DeviceDataset, make_run_steps
-from extkd_jax.train.program import build_program
-from extkd_jax.train.state import split_model
-from tests.tiny import tiny_config
+from tests.tiny import random_teacher, tiny_config, tiny_setup
 
 
 def steps_setup():
-    config = tiny_config(".", **{"model.name": "resnet8", "loss.name": "extended_kd", "batch_size": 16,
-                                 "data.augment": "cifar", "teacher.fold_batchnorm": True})
+    config = tiny_config(
+        ".",
+        **{
+            "model.name": "resnet8",
+            "loss.name": "extended_kd",
+            "batch_size": 16,
+            "data.augment": "cifar",
+            "teacher.fold_batchnorm": True,
+        },
+    )
     config.model.kwargs = {}
-    teacher = split_model(build_model("resnet8", {}, 10, seed=5, dtype=jnp.float32))
+    teacher = random_teacher("resnet8", dtype=jnp.float32)
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, size=(64, 8, 8, 3), dtype=np.uint8)
     labels = rng.integers(0, 10, size=(64,)).astype(np.int32)
@@ -63,17 +68,22 @@ def steps_setup():
 
 def run_steps_on(mesh, placement: str) -> dict:
     config, teacher, images, labels = steps_setup()
-    mean, std = np.full(3, 120.0, np.float32), np.full(3, 60.0, np.float32)
     sharding.check_batch_divisible(16, mesh)
-    program = build_program(config, 10, (8, 8, 3), steps_per_epoch=4, teacher_parts=teacher)
-    run_steps = make_run_steps(program.step_fn, mesh, 16, "cifar", mean, std, jnp.float32, placement)
+    program = tiny_setup(config, (8, 8, 3), 4, teacher)
+    run_steps = make_run_steps(program.step_fn, mesh, 16, "cifar", placement)
     data = DeviceDataset(images, labels, mesh, placement)
     # As train_and_evaluate does: every process derives the same keys and permutation.
     epoch_key = jax.random.fold_in(jax.random.fold_in(jax.random.key(3), 1), 0)
     state, metrics = run_steps(
         sharding.put_replicated(program.init_state(), mesh),
-        sharding.put_replicated(program.teacher_vars, mesh),
-        data.images, data.labels, data.permutation(epoch_key), epoch_key, jnp.int32(0), num_steps=3)
+        sharding.put_replicated(program.teacher_variables, mesh),
+        data.images,
+        data.labels,
+        data.permutation(epoch_key),
+        epoch_key,
+        jnp.int32(0),
+        num_steps=3,
+    )
     state, metrics = sharding.to_host(state), sharding.to_host(metrics)
     return {
         "mesh_devices": int(mesh.devices.size),
@@ -101,8 +111,14 @@ def train_task(workdir: str, data_dir: str, epochs: int) -> dict:
     # a constant learning rate: a run resumed with more epochs then matches one started with them
     overrides = {"num_epochs": epochs, "data.placement": "sharded", "optim.schedule": "constant"}
     if not SINGLE:
-        overrides.update({"distributed.enabled": True, "distributed.coordinator_address": f"127.0.0.1:{port}",
-                          "distributed.num_processes": num_processes, "distributed.process_id": process_id})
+        overrides.update(
+            {
+                "distributed.enabled": True,
+                "distributed.coordinator_address": f"127.0.0.1:{port}",
+                "distributed.num_processes": num_processes,
+                "distributed.process_id": process_id,
+            }
+        )
     record = train_and_evaluate(tiny_config(data_dir, **overrides), workdir, mode="train")
     return {"returned": record, "records": read_metrics(workdir)}
 
@@ -114,6 +130,14 @@ elif TASK == "train":
 else:
     raise SystemExit(f"unknown task {TASK!r}; expected steps or train")
 if jax.process_index() == 0:
-    print(json.dumps({"process_count": jax.process_count(), "devices": jax.device_count(),
-                      "local_devices": jax.local_device_count(), **result}))
+    print(
+        json.dumps(
+            {
+                "process_count": jax.process_count(),
+                "devices": jax.device_count(),
+                "local_devices": jax.local_device_count(),
+                **result,
+            }
+        )
+    )
 sys.stdout.flush()

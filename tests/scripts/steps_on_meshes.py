@@ -11,46 +11,63 @@ import numpy as np
 from jax.sharding import Mesh
 
 sys.path.insert(0, sys.argv[1])
-from tests.tiny import tiny_config  # noqa: E402
-
 from extkd_jax.train import sharding  # noqa: E402
-from extkd_jax.train.builders import build_model  # noqa: E402
 from extkd_jax.train.epoch import epoch_permutation, make_run_steps  # noqa: E402
-from extkd_jax.train.program import build_program  # noqa: E402
-from extkd_jax.train.state import split_model  # noqa: E402
+from tests.tiny import random_teacher, tiny_config, tiny_setup  # noqa: E402
 
-config = tiny_config(".", **{"model.name": "resnet8", "loss.name": "extended_kd", "batch_size": 16,
-                             "data.augment": "cifar", "teacher.fold_batchnorm": sys.argv[2] == "fold"})
+config = tiny_config(
+    ".",
+    **{
+        "model.name": "resnet8",
+        "loss.name": "extended_kd",
+        "batch_size": 16,
+        "data.augment": "cifar",
+        "teacher.fold_batchnorm": sys.argv[2] == "fold",
+    },
+)
 config.model.kwargs = {}
-teacher = split_model(build_model("resnet8", {}, 10, seed=5, dtype=jnp.float32))
+teacher = random_teacher("resnet8", dtype=jnp.float32)
 rng = np.random.default_rng(0)
 images = rng.integers(0, 256, size=(64, 8, 8, 3), dtype=np.uint8)
 labels = rng.integers(0, 10, size=(64,)).astype(np.int32)
-mean, std = np.full(3, 120.0, np.float32), np.full(3, 60.0, np.float32)
 
 
 def run(devices):
     mesh = Mesh(np.asarray(devices), (sharding.DATA_AXIS,))
-    program = build_program(config, 10, (8, 8, 3), steps_per_epoch=4, teacher_parts=teacher)
-    run_steps = make_run_steps(program.step_fn, mesh, 16, "cifar", mean, std, jnp.float32)
+    program = tiny_setup(config, (8, 8, 3), 4, teacher)
+    run_steps = make_run_steps(program.step_fn, mesh, 16, "cifar")
     key = jax.random.key(3)
     state, metrics = run_steps(
         sharding.put_replicated(program.init_state(), mesh),
-        sharding.put_replicated(program.teacher_vars, mesh),
-        sharding.put_replicated(images, mesh), sharding.put_replicated(labels, mesh),
-        epoch_permutation(key, 64), key, jnp.int32(0), num_steps=3)
+        sharding.put_replicated(program.teacher_variables, mesh),
+        sharding.put_replicated(images, mesh),
+        sharding.put_replicated(labels, mesh),
+        epoch_permutation(key, 64),
+        key,
+        jnp.int32(0),
+        num_steps=3,
+    )
     return sharding.to_host(state), sharding.to_host(metrics)
 
 
 one_state, one_metrics = run(jax.devices()[:1])
 all_state, all_metrics = run(jax.devices())
-param_diff = max(float(np.max(np.abs(a - b))) for a, b in
-                 zip(jax.tree.leaves(one_state.params), jax.tree.leaves(all_state.params)))
-stats_diff = max(float(np.max(np.abs(a - b))) for a, b in
-                 zip(jax.tree.leaves(one_state.batch_stats), jax.tree.leaves(all_state.batch_stats)))
-print(json.dumps({
-    "devices": jax.device_count(),
-    "loss_one": one_metrics["loss"].tolist(), "loss_all": all_metrics["loss"].tolist(),
-    "loss_diff": float(np.max(np.abs(one_metrics["loss"] - all_metrics["loss"]))),
-    "param_diff": param_diff, "stats_diff": stats_diff,
-}))
+param_diff = max(
+    float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(one_state.params), jax.tree.leaves(all_state.params))
+)
+stats_diff = max(
+    float(np.max(np.abs(a - b)))
+    for a, b in zip(jax.tree.leaves(one_state.batch_stats), jax.tree.leaves(all_state.batch_stats))
+)
+print(
+    json.dumps(
+        {
+            "devices": jax.device_count(),
+            "loss_one": one_metrics["loss"].tolist(),
+            "loss_all": all_metrics["loss"].tolist(),
+            "loss_diff": float(np.max(np.abs(one_metrics["loss"] - all_metrics["loss"]))),
+            "param_diff": param_diff,
+            "stats_diff": stats_diff,
+        }
+    )
+)

@@ -1,0 +1,94 @@
+"""Scoring a trained student of the experiment: test accuracy before and after the label-free correction, and the
+selection criterion, which never reads a label of a dropped class."""
+
+from __future__ import annotations
+
+import numpy as np
+from etils import epath
+
+from extkd_jax.data import Datasets
+from extkd_jax.experiment import bias_correction as bc
+from extkd_jax.experiment.results import RunResult
+from extkd_jax.train import sharding
+from extkd_jax.train.evaluate import Predictor, restore_model
+from extkd_jax.train.metrics import classification_summary, confusion_matrix, read_metrics
+
+
+class Scorer:
+    """Logits of trained workdirs on the experiment's validation and test images (placed once on the mesh)."""
+
+    def __init__(self, datasets: Datasets, eval_batch_size: int, shared_shift: bool, oracle: bool):
+        self.datasets, self.eval_batch_size = datasets, eval_batch_size
+        self.shared_shift, self.oracle = shared_shift, oracle
+        self.mesh = sharding.make_mesh()
+        self._placed: dict[int, dict] = {}  # per eval batch size: the placed val and test images
+        self.teacher_logits: dict[str, np.ndarray] = {}
+
+    def logits(self, workdir: epath.Path) -> dict[str, np.ndarray]:
+        network, variables, _ = restore_model(workdir)
+        predictor = Predictor(network, self.mesh, self.eval_batch_size)
+        placed = self._placed.setdefault(
+            predictor.batch_size, {s: predictor.place(getattr(self.datasets, s).images) for s in ("val", "test")}
+        )
+        variables = sharding.put_replicated(variables, self.mesh)
+        return {s: predictor.logits(variables, placed[s]) for s in ("val", "test")}
+
+    def set_teacher(self, workdir: epath.Path) -> dict:
+        """Reads the teacher's logits (its predicted class frequencies are the correction's target)."""
+        self.teacher_logits = self.logits(workdir)
+        ds = self.datasets
+        return classification_summary(self.teacher_logits["test"], ds.test.labels, ds.num_classes, ds.drop_classes)
+
+    def correction_split(self) -> str:
+        """Unlabelled images for the correction: validation when there is one, else (a weaker protocol) test."""
+        return "val" if len(self.datasets.val) else "test"
+
+    def score(self, workdir: epath.Path, method: str, seed: int, name: str, knob_value, keep_fraction) -> RunResult:
+        ds, classes = self.datasets, list(self.datasets.drop_classes)
+        logits = self.logits(workdir)
+        split = self.correction_split()
+        shifts = bc.shifts_to_match_teacher(logits[split], self.teacher_logits[split], classes, self.shared_shift)
+        test, labels = logits["test"], ds.test.labels
+        corrected = bc.shift_logits(test, classes, shifts)
+        before = classification_summary(test, labels, ds.num_classes, classes)
+        after = classification_summary(corrected, labels, ds.num_classes, classes)
+        records = read_metrics(workdir)
+        return RunResult(
+            method=method,
+            seed=seed,
+            workdir=name,
+            knob_value=knob_value,
+            keep_fraction=keep_fraction,
+            test_acc=before["acc"],
+            seen_acc=before["seen_acc"],
+            unseen_acc=before["unseen_acc"],
+            test_acc_corrected=after["acc"],
+            seen_acc_corrected=after["seen_acc"],
+            unseen_acc_corrected=after["unseen_acc"],
+            bias_shift=shifts,
+            val_seen_acc_corrected=self._val_seen_accuracy(logits["val"], shifts),
+            per_class_acc=before["per_class_acc"],
+            per_class_acc_corrected=after["per_class_acc"],
+            confusion_corrected=confusion_matrix(corrected, labels, ds.num_classes).tolist(),
+            wall_time_s=records[-1]["wall_time_s"] if records else float("nan"),
+            epochs=records[-1]["epoch"] if records else 0,
+            oracle=self._oracle(logits, classes) if self.oracle else None,
+        )
+
+    def _val_seen_accuracy(self, val_logits: np.ndarray, shifts) -> float:
+        """Corrected accuracy on validation images of the seen classes: labels of dropped classes never enter."""
+        ds = self.datasets
+        seen = ~np.isin(ds.val.labels, list(ds.drop_classes))
+        if not seen.any():
+            return float("nan")
+        corrected = bc.shift_logits(val_logits[seen], list(ds.drop_classes), shifts)
+        return float((corrected.argmax(-1) == ds.val.labels[seen]).mean())
+
+    def _oracle(self, logits: dict, classes: list[int]) -> dict:
+        """The shared shift that maximises validation accuracy with the dropped classes' labels: an upper bound."""
+        ds = self.datasets
+        shift = bc.shift_maximizing_accuracy(logits["val"], ds.val.labels, classes)
+        after = classification_summary(
+            bc.shift_logits(logits["test"], classes, shift), ds.test.labels, ds.num_classes, classes
+        )
+        return {"shift": shift, "test_acc": after["acc"], "unseen_acc": after["unseen_acc"]}

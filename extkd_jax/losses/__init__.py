@@ -1,0 +1,33 @@
+"""Distillation losses as pure functions of ``jax.numpy`` arrays and pytrees, shaped like optax's losses.
+
+Contract (see docs/design.md):
+
+* no flax import: this module needs only jax, chex and numpy;
+* inputs are cast to float32 first and results are float32, whatever the input dtype (bf16 included);
+* teacher-side inputs go through ``jax.lax.stop_gradient``: no gradient ever flows into the teacher;
+* values and gradients stay finite for logits of magnitude up to 1e4 (``log_softmax`` / ``logsumexp`` only);
+* any leading batch shape: logits are ``(*batch, C)``; feature maps ``(*batch, ...)``;
+* every loss takes ``where`` (a boolean mask of the batch shape: False entries count for nothing), ``weights``
+  (non-negative, batch shape) and ``reduction``: ``"mean"`` (default, ``sum(w * l) / sum(w)`` with
+  ``w = weights * where``; 0 when ``sum(w) == 0``), ``"sum"`` (``sum(w * l)``) or ``"none"`` (``w * l``, batch
+  shape). For a padded batch split over devices, ``sum_and_count`` gives the two numbers to ``psum``;
+* shapes are checked at trace time (so also under ``jit``); a bad shape raises ``ValueError`` naming the
+  function, the argument and the shapes seen. Value checks (temperature > 0, weights >= 0) apply to concrete
+  values; traced values are not checked.
+"""
+
+from extkd_jax.losses._core import REDUCTIONS, reduce_loss, sum_and_count
+from extkd_jax.losses.features import attention_transfer, extended_kd_loss, segment_mse
+from extkd_jax.losses.logits import cross_entropy, dkd, kd_kl
+
+__all__ = [
+    "REDUCTIONS",
+    "attention_transfer",
+    "cross_entropy",
+    "dkd",
+    "extended_kd_loss",
+    "kd_kl",
+    "reduce_loss",
+    "segment_mse",
+    "sum_and_count",
+]

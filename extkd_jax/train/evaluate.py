@@ -1,0 +1,177 @@
+"""Using trained models: `load(workdir)`, batched prediction over the device mesh, `extkd evaluate`.
+
+A workdir's checkpoint carries everything needed to use its model (the `card` and `model` items, see
+`checkpoint.py`): architecture, classes, input shape, normalisation statistics and compute dtype. So
+
+    model = extkd_jax.load("/tmp/mnist_student")
+    logits = model(images_uint8_nhwc)                   # (N, num_classes) float32
+    logits, segments = model(images, segments=True)
+
+works without the training data or the config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from etils import epath
+from jax.sharding import Mesh
+
+from extkd_jax.train import sharding
+from extkd_jax.train.checkpoint import Checkpointer
+from extkd_jax.train.epoch import make_predict
+from extkd_jax.train.metrics import classification_summary
+from extkd_jax.train.setup import DTYPES, build_model
+from extkd_jax.train.step import Network, split
+from extkd_jax.train.workdir import read_config, require_workdir, write_text_atomic
+
+
+def model_card(config, num_classes: int, input_shape, mean, std, class_names: list[str]) -> dict:
+    """What a loader needs to rebuild and feed the model of `config` (stored as the checkpoint's `card`)."""
+    from extkd_jax import __version__
+
+    return {
+        "model": {"name": config.model.name, "kwargs": json.loads(json.dumps(config.model.kwargs.to_dict()))},
+        "num_classes": int(num_classes),
+        "class_names": list(class_names),
+        "input_shape": [int(d) for d in input_shape],
+        "normalization": {"mean": [float(v) for v in mean], "std": [float(v) for v in std]},
+        "compute_dtype": config.compute_dtype,
+        "seed": int(config.seed),
+        "dataset": config.data.name,
+        "extkd_jax_version": __version__,
+    }
+
+
+def network_of(card: dict, dtype: str | None = None) -> tuple[Network, dict]:
+    """(Network, freshly initialised variables) of a card's architecture; `dtype` overrides its compute dtype."""
+    compute = DTYPES[dtype or card["compute_dtype"]]
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in card["model"]["kwargs"].items()}
+    model = build_model(card["model"]["name"], kwargs, card["num_classes"], card.get("seed", 0), compute)
+    graph, variables = split(model)
+    norm = card["normalization"]
+    return Network(graph, np.asarray(norm["mean"], np.float32), np.asarray(norm["std"], np.float32), compute), variables
+
+
+def restore_model(workdir: str | epath.PathLike, dtype: str | None = None) -> tuple[Network, dict, dict]:
+    """(Network, variables, card) of the newest readable checkpoint of a `train`/`distill` workdir."""
+    workdir = require_workdir(workdir)
+    record, _ = read_config(workdir)
+    if record.get("kind") not in ("train", "distill"):
+        raise ValueError(
+            f"{workdir} holds a `{record.get('kind')}` run, not one trained model; point to one of "
+            f"its runs, e.g. {workdir / 'teacher'} or {workdir / 'runs'}/<method>/seed_0"
+        )
+    checkpointer = Checkpointer(workdir, create=False)
+    try:
+        found = checkpointer.restore_latest({"card": None})
+        if found is None:
+            raise FileNotFoundError(f"no readable checkpoint under {checkpointer.directory}")
+        card = found[1]["card"]
+        network, template = network_of(card, dtype)
+        restored = checkpointer.restore_latest({"card": None, "model": template})
+        if restored is None:
+            raise ValueError(
+                f"the arrays in {checkpointer.directory} do not fit the architecture its card describes "
+                f"({card['model']['name']!r}, {card['model']['kwargs']}): another architecture, or an "
+                "edited card"
+            )
+    finally:
+        checkpointer.close()
+    return network, restored[1]["model"], restored[1]["card"]
+
+
+class Predictor:
+    """Logits of whole image sets, in padded batches spread over the mesh, with one compiled program."""
+
+    def __init__(self, network: Network, mesh: Mesh, batch_size: int):
+        n = mesh.devices.size
+        self.mesh, self.batch_size = mesh, max(n, (batch_size // n) * n)
+        self._predict = make_predict(network.logits, mesh, self.batch_size)
+
+    def place(self, images: np.ndarray) -> tuple[jax.Array, int]:
+        """The images padded to whole batches and placed on the mesh, with their true count."""
+        extra = (-len(images)) % self.batch_size
+        padded = np.concatenate([images, np.zeros((extra, *images.shape[1:]), images.dtype)]) if extra else images
+        return sharding.put_replicated(padded, self.mesh), len(images)
+
+    def logits(self, variables, placed: tuple[jax.Array, int]) -> np.ndarray:
+        images, count = placed
+        if count == 0:
+            return np.zeros((0, 0), np.float32)
+        out = [sharding.to_host(self._predict(variables, images, start)) for start in range(0, count, self.batch_size)]
+        return np.concatenate(out)[:count]
+
+
+@dataclasses.dataclass
+class TrainedModel:
+    """A trained model ready for raw images: `model(images_uint8_nhwc) -> logits` (see the module docstring)."""
+
+    network: Network
+    variables: dict
+    card: dict
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.card["class_names"]
+
+    @property
+    def num_classes(self) -> int:
+        return self.card["num_classes"]
+
+    def __call__(self, images: Any, *, segments: bool = False, batch_size: int = 500):
+        """Logits (N, num_classes) float32 of images (N, H, W, C) with raw pixel values (uint8 0..255, or
+        float); with `segments=True`, (logits, [segment arrays])."""
+        images = np.asarray(images)
+        if images.ndim == 3 and len(self.card["input_shape"]) == 3 and self.card["input_shape"][-1] == 1:
+            images = images[..., None]  # grayscale without its channel axis
+        if tuple(images.shape[1:]) != tuple(self.card["input_shape"]):
+            raise ValueError(
+                f"images of shape {images.shape}; this model takes (N, *{tuple(self.card['input_shape'])}) "
+                "with raw pixel values"
+            )
+        fn = self._outputs if segments else self._logits
+        outs = [fn(self.variables, jnp.asarray(images[i : i + batch_size])) for i in range(0, len(images), batch_size)]
+        if not segments:
+            return np.concatenate([np.asarray(o) for o in outs]) if outs else np.zeros((0, self.num_classes))
+        logits = np.concatenate([np.asarray(o[0]) for o in outs])
+        return logits, [np.concatenate([np.asarray(o[1][k]) for o in outs]) for k in range(len(outs[0][1]))]
+
+    def __post_init__(self):
+        self._logits = jax.jit(self.network.logits)
+        self._outputs = jax.jit(self.network.outputs)
+
+
+def load(workdir: str | epath.PathLike, dtype: str | None = None) -> TrainedModel:
+    """The trained model of a `extkd train` / `extkd distill` workdir (local or gs://), ready for raw images."""
+    network, variables, card = restore_model(workdir, dtype)
+    return TrainedModel(network, variables, card)
+
+
+def evaluate_workdir(workdir: str | epath.PathLike, config=None) -> dict:
+    """`extkd evaluate`: the newest checkpoint on the validation and test splits of its (or `config`'s) data;
+    writes `eval.json` into the workdir."""
+    from extkd_jax.data import prepare_datasets
+
+    _, stored = read_config(require_workdir(workdir))
+    config = config or stored
+    network, variables, card = restore_model(workdir)
+    datasets = prepare_datasets(config.data)
+    mesh = sharding.make_mesh()
+    predictor = Predictor(network, mesh, config.eval_batch_size)
+    variables = sharding.put_replicated(variables, mesh)
+    out = {}
+    for split_name in ("val", "test"):
+        ds = getattr(datasets, split_name)
+        if len(ds):
+            logits = predictor.logits(variables, predictor.place(ds.images))
+            summary = classification_summary(logits, ds.labels, card["num_classes"], datasets.drop_classes)
+            out.update({f"{split_name}_{k}": v for k, v in summary.items()})
+    if jax.process_index() == 0:
+        write_text_atomic(epath.Path(workdir) / "eval.json", json.dumps(out, indent=2))
+    return out

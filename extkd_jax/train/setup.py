@@ -1,0 +1,178 @@
+"""Builds what a run compiles from its config: the student (+ connectors), the frozen teacher, optimizer, step."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from extkd_jax.models import Connector, create_model, fold_batchnorm, forward_with_segments
+from extkd_jax.train.step import SEGMENT_LOSSES, Network, Student, TrainState, make_train_step, split
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# Connectors are initialised from their own stream, so adding one never changes the student's initial weights.
+CONNECTOR_SEED_OFFSET = 7
+
+
+def build_model(name: str, kwargs, num_classes: int, seed: int, dtype) -> nnx.Module:
+    """`create_model` with parameters from `seed` and dropout from `seed + 1` (two independent streams)."""
+    return create_model(name, num_classes, rngs=nnx.Rngs(params=seed, dropout=seed + 1), dtype=dtype, **dict(kwargs))
+
+
+def segment_shapes(model: nnx.Module, input_shape: tuple[int, ...]) -> list[tuple[int, ...]]:
+    """Shapes (batch axis included) of a model's segments, computed abstractly (no FLOPs)."""
+    graph, variables = split(model)
+
+    def segments(variables, x):
+        return forward_with_segments(graph.merge(variables), x, train=False)[1]
+
+    out = jax.eval_shape(segments, variables, jax.ShapeDtypeStruct(input_shape, jnp.float32))
+    return [tuple(s.shape) for s in out]
+
+
+def segment_pairs(loss_config, num_student: int, num_teacher: int) -> tuple[tuple[int, int], ...]:
+    """(student_index, teacher_index) pairs a loss distils; () for logit-only losses."""
+    name = loss_config.name
+    if name not in SEGMENT_LOSSES:
+        return ()
+    student_idx, teacher_idx = tuple(loss_config.segments), tuple(loss_config.teacher_segments)
+    if not student_idx:
+        if num_student != num_teacher and not teacher_idx:
+            raise ValueError(
+                f"loss.name={name!r}: the student has {num_student} segments and the teacher {num_teacher}, and "
+                "no mapping was given; set loss.segments and loss.teacher_segments (equal-length index tuples)"
+            )
+        student_idx = (num_student // 2,) if name == "fitnet" else tuple(range(num_student))
+    teacher_idx = teacher_idx or student_idx
+    if len(student_idx) != len(teacher_idx):
+        raise ValueError(f"loss.segments={student_idx} and loss.teacher_segments={teacher_idx} differ in length")
+    for idx, count, key, who in (
+        (student_idx, num_student, "segments", "student"),
+        (teacher_idx, num_teacher, "teacher_segments", "teacher"),
+    ):
+        for i in idx:
+            if not -count <= i < count:
+                raise ValueError(f"loss.{key} holds {i}; the {who} has segments 0..{count - 1}")
+    return tuple(zip(student_idx, teacher_idx, strict=True))
+
+
+def create_learning_rate_fn(optim_config, steps_per_epoch: int, num_epochs: int) -> optax.Schedule:
+    """Per-step learning rate: linear warm-up, then cosine, step or constant."""
+    base = float(optim_config.learning_rate)
+    warmup_steps = int(round(optim_config.warmup_epochs * steps_per_epoch))
+    total_steps = max(1, num_epochs * steps_per_epoch)
+    if optim_config.schedule == "cosine":
+        main = optax.cosine_decay_schedule(base, decay_steps=max(1, total_steps - warmup_steps))
+    elif optim_config.schedule == "step":
+        boundaries = {
+            int(e * steps_per_epoch) - warmup_steps: optim_config.decay_factor for e in optim_config.decay_epochs
+        }
+        main = optax.piecewise_constant_schedule(base, boundaries)
+    else:  # constant (config_checks allows nothing else)
+        main = optax.constant_schedule(base)
+    if warmup_steps == 0:
+        return main
+    return optax.join_schedules([optax.linear_schedule(0.0, base, warmup_steps), main], [warmup_steps])
+
+
+def create_optimizer(optim_config, learning_rate_fn: optax.Schedule) -> optax.GradientTransformation:
+    """SGD with (Nesterov) momentum and coupled L2 weight decay, as in the PyTorch recipes."""
+    return optax.chain(
+        optax.add_decayed_weights(float(optim_config.weight_decay)),
+        optax.sgd(
+            learning_rate_fn, momentum=float(optim_config.momentum) or None, nesterov=bool(optim_config.nesterov)
+        ),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSetup:
+    """Everything static a run compiles, and the initial values of what it trains."""
+
+    student: Network  # the Student wrapper (model + connectors): what the step trains
+    model: Network  # the student model alone: what evaluation and checkpoints' "model" item use
+    variables: dict  # initial {"params", "batch_stats"} of the Student wrapper
+    teacher: Network | None
+    teacher_variables: dict | None
+    pairs: tuple[tuple[int, int], ...]
+    tx: optax.GradientTransformation
+    learning_rate_fn: optax.Schedule
+    step_fn: Any
+
+    def init_state(self) -> TrainState:
+        params = self.variables["params"]
+        return TrainState(jnp.zeros((), jnp.int32), params, self.variables["batch_stats"], self.tx.init(params))
+
+
+def model_variables(variables: dict) -> dict:
+    """The student model's own variables out of the Student wrapper's."""
+    return {"params": variables["params"]["model"], "batch_stats": variables["batch_stats"].get("model", {})}
+
+
+def build(
+    config,
+    num_classes: int,
+    input_shape: tuple[int, ...],
+    steps_per_epoch: int,
+    mean: np.ndarray,
+    std: np.ndarray,
+    teacher: tuple[Network, dict] | None = None,
+) -> TrainSetup:
+    """The student of `config` (connectors sized from the teacher's segments), the optimizer and the pure step.
+
+    `input_shape` is one example's (H, W, C); `mean`, `std` the student's input normalisation; `teacher` is
+    None (a run without a teacher) or (Network, variables) of the trained teacher.
+    """
+    dtype = DTYPES[config.compute_dtype]
+    batch_shape = (2, *input_shape)
+    model = build_model(config.model.name, config.model.kwargs, num_classes, config.seed, dtype)
+    pairs, connectors = (), []
+    teacher_network, teacher_variables = teacher if teacher is not None else (None, None)
+    if teacher is not None:
+        teacher_shapes = segment_shapes(teacher_network.graph.merge(teacher_variables), batch_shape)
+        student_shapes = segment_shapes(model, batch_shape)
+        pairs = segment_pairs(config.loss, len(student_shapes), len(teacher_shapes))
+        if config.loss.name in ("fitnet", "extended_kd"):
+            rngs = nnx.Rngs(params=config.seed + CONNECTOR_SEED_OFFSET)
+            connectors = [
+                Connector(student_shapes[s][1:], teacher_shapes[t][1:], rngs=rngs, dtype=dtype) for s, t in pairs
+            ]
+        if config.teacher.fold_batchnorm:
+            teacher_network, teacher_variables = fold_network(teacher_network, teacher_variables)
+    model_graph, _ = split(model)
+    graph, variables = split(Student(model, connectors))
+    student = Network(graph, mean, std, dtype)
+    learning_rate_fn = create_learning_rate_fn(config.optim, steps_per_epoch, config.num_epochs)
+    tx = create_optimizer(config.optim, learning_rate_fn)
+    step_fn = make_train_step(
+        student,
+        config.loss,
+        tx,
+        learning_rate_fn,
+        steps_per_epoch,
+        teacher_network,
+        pairs,
+        skip_nonfinite=config.on_nonfinite == "skip",
+    )
+    return TrainSetup(
+        student,
+        Network(model_graph, mean, std, dtype),
+        variables,
+        teacher_network,
+        teacher_variables,
+        pairs,
+        tx,
+        learning_rate_fn,
+        step_fn,
+    )
+
+
+def fold_network(network: Network, variables: dict) -> tuple[Network, dict]:
+    """The network with every conv -> BatchNorm pair folded into one conv (exact in inference mode)."""
+    graph, folded = split(fold_batchnorm(network.graph.merge(variables)))
+    return dataclasses.replace(network, graph=graph), folded
