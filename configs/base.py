@@ -107,10 +107,10 @@ def with_variant(
     arg: str | None,
     sizes: dict[str, Callable[[ml_collections.ConfigDict], None]] | None = None,
 ) -> ml_collections.ConfigDict:
-    """The experiment `config` at the size and in the role named by `arg` ("", "cpu", "teacher", "cpu,kd").
+    """The experiment `config` at the sizes and in the role named by `arg` ("", "cpu", "cpu,two", "cpu,teacher").
 
-    A size is applied first (a function of the preset that edits the config); a role then turns the experiment
-    into the config of one of its runs (`extkd_jax.experiment.runs`). Unknown names raise ValueError.
+    Sizes (functions of the preset that edit the config) apply in the order given; a role then turns the
+    experiment into the config of one of its runs (`extkd_jax.experiment.runs`). Unknown names raise ValueError.
     """
     from extkd_jax.experiment.runs import METHODS, role_config
 
@@ -123,10 +123,10 @@ def with_variant(
                 f"unknown config variant {word!r}; expected sizes {sorted(sizes)} or roles "
                 f"{['teacher', *METHODS]}, comma-separated (e.g. 'cpu,teacher')"
             )
-    size = [w for w in words if w in sizes]
     roles = [w for w in words if w not in sizes]
-    if len(size) > 1 or len(roles) > 1:
-        raise ValueError(f"config variant {arg!r}: expected at most one size and one role")
-    if size:
-        sizes[size[0]](config)
+    if len(roles) > 1:
+        raise ValueError(f"config variant {arg!r}: expected at most one role, got {roles}")
+    for word in words:  # sizes in the order given, e.g. "cpu,two"
+        if word in sizes:
+            sizes[word](config)
     return role_config(config, roles[0]) if roles else config

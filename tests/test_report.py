@@ -50,7 +50,7 @@ def _results(seeds=(0, 1, 2)) -> Results:
         Comparison.paired(methods["extended_kd"], methods["kd"], m)
         for m in ("unseen_acc_corrected", "test_acc_corrected")
     ]
-    curve = [CurvePoint("kd", f, Stat.of([0.3 + f]), Stat.of([0.6 + f])) for f in (0.0, 0.02)]
+    curve = [CurvePoint("kd", f, Stat.of([0.3 + f]), Stat.of([0.6 + f]), 10.0 * f) for f in (0.0, 0.02)]
     return Results(
         preset="synthetic",
         command="extkd reproduce --config=synthetic --workdir=/tmp/x",

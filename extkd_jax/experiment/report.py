@@ -119,8 +119,9 @@ def write_report(results: Results, workdir: epath.Path, plots: dict[str, str]) -
         f"- **Students:** {results.student_model}, {results.epochs} epochs; reported seeds {results.seeds}; "
         f"knobs chosen with seed {results.selection_seed}, which is not reported.",
         f"- **Hardware:** {results.hardware['device_kind']} x{results.hardware['device_count']} "
-        f"({results.hardware['platform']}), {results.hardware['cpu_count']} CPU cores; total wall time "
-        f"{seconds(results.wall_time_s)}.",
+        f"({results.hardware['platform']}), {results.hardware['cpu_count']} CPU cores; training time of all runs "
+        f"{seconds(results.training_time_s)} (this invocation: {seconds(results.wall_time_s)}, runs found done "
+        "are reused).",
         f"- **Command:** `{results.command}`",
         "",
         "## Bias correction",

@@ -169,12 +169,14 @@ def _curve(config, methods: dict[str, MethodResult], run) -> list[CurvePoint]:
                 if fraction == 0.0
                 else [run(method, s, methods[method].chosen, fraction)[0] for s in reported_seeds(config)]
             )
+            own_runs_s = sum(r.wall_time_s for r in runs) if fraction > 0.0 else 0.0  # 0: the main runs
             points.append(
                 CurvePoint(
                     method,
                     fraction,
                     Stat.of([r.unseen_acc for r in runs]),
                     Stat.of([r.unseen_acc_corrected for r in runs]),
+                    own_runs_s,
                 )
             )
     return points

@@ -169,6 +169,7 @@ class CurvePoint:
     keep_fraction: float
     unseen_acc: Stat
     unseen_acc_corrected: Stat
+    wall_time_s: float  # of the point's own runs (0 for keep_fraction 0: the main runs)
 
 
 @dataclasses.dataclass
@@ -197,6 +198,13 @@ class Results:
     def dropped_names(self) -> list[str]:
         return [self.class_names[c] for c in self.drop_classes]
 
+    @property
+    def training_time_s(self) -> float:
+        """The wall time of every run behind these results (teacher, grid, reported seeds, curve), summed: what a
+        rerun from scratch costs on the same machine, whatever was resumed."""
+        runs = [r for m in self.methods.values() for r in m.runs + [p.run for p in m.grid]]
+        return self.teacher["wall_time_s"] + sum(r.wall_time_s for r in runs) + sum(p.wall_time_s for p in self.curve)
+
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=1, default=_json_default)
 
@@ -212,7 +220,13 @@ class Results:
             grid = [GridPoint(g["value"], run(g["run"])) for g in m["grid"]]
             methods[name] = MethodResult(**{**m, "grid": grid, "runs": [run(r) for r in m["runs"]]})
         curve = [
-            CurvePoint(p["method"], p["keep_fraction"], Stat(**p["unseen_acc"]), Stat(**p["unseen_acc_corrected"]))
+            CurvePoint(
+                **{
+                    **p,
+                    "unseen_acc": Stat(**p["unseen_acc"]),
+                    "unseen_acc_corrected": Stat(**p["unseen_acc_corrected"]),
+                }
+            )
             for p in raw["curve"]
         ]
         return cls(

@@ -25,6 +25,13 @@ RESUMABLE_KEYS = (
     "on_nonfinite",
     "teacher.workdir",  # a moved workdir (e.g. copied back from a TPU VM) is the same experiment
 )
+# Keys that do not change what a workdir of that kind computed: a single run ignores the experiment's settings,
+# and an experiment may be extended (a dark-knowledge curve, the oracle table) without redoing its runs.
+IGNORED_BY_KIND = {
+    "train": ("reproduce", "seeds"),
+    "distill": ("reproduce", "seeds"),
+    "reproduce": ("reproduce.keep_fractions", "reproduce.curve_methods", "reproduce.oracle_correction"),
+}
 
 
 def config_to_dict(config: ml_collections.ConfigDict) -> dict:
@@ -93,6 +100,7 @@ def check_or_write_config(
             if old.get(k) != new.get(k)
             and k.split(".")[0] not in RESUMABLE_KEYS
             and k not in RESUMABLE_KEYS
+            and not any(k == i or k.startswith(i + ".") for i in IGNORED_BY_KIND.get(kind, ()))
             # the cosine / step schedules depend on the run length; a constant rate does not
             and not (k == "num_epochs" and new.get("optim.schedule") == "constant")
         )
