@@ -30,8 +30,13 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.max_train_examples = 0  # 0 = the whole training split; else a fixed random subset (small budgets)
     c.data.drop_classes = ()  # labels removed from the student's transfer set
     c.data.keep_fraction = 0.0  # fraction of each dropped class kept (0 = drop all)
-    c.data.augment = "auto"  # auto | cifar | mnist | none
+    c.data.augment = "auto"  # auto | cifar | mnist | flip (ImageNet, after the host's crops) | none
     c.data.placement = "auto"  # replicated | sharded (each device holds a slice) | auto (sharded if multi-host)
+    c.data.pipeline = "auto"  # device (the set on the devices) | stream (read while training, grain) | auto
+    c.data.device_budget_gb = 8.0  # auto: stream when the uint8 transfer set is larger (or its images vary)
+    c.data.crop_size = 0  # stream: ImageNet crops to this size (random resized / centre); 0 = images as they are
+    c.data.stats_sample = 0  # stream: normalisation statistics from this many training images (0 = all)
+    c.data.read_threads = 8  # stream: threads reading and decoding images per process
 
     c.model = ml_collections.ConfigDict()
     c.model.name = "mlp"  # student (or the model trained by `extkd train`)

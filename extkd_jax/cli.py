@@ -21,9 +21,10 @@ COMMANDS = {
     "distill": "distill a student from a trained teacher (--config.teacher.workdir)",
     "evaluate": "evaluate the newest checkpoint of a workdir (writes eval.json)",
     "reproduce": "the dark-knowledge experiment: teacher, every method, results.json, report.md, plots",
+    "import-torch": "a teacher workdir from torchvision ResNet weights (--weights=STATE_DICT.pth)",
 }
 DEFAULT_PRESET = {"reproduce": "digits_omit3"}
-KINDS = {"train": "run", "distill": "run", "reproduce": "experiment"}
+KINDS = {"train": "run", "distill": "run", "reproduce": "experiment", "import-torch": "run"}
 CONFIG_DOCS = "every config key, with its default and meaning: extkd_jax/configs/base.py (README: Config reference)"
 
 
@@ -83,7 +84,7 @@ def usage(command: str | None = None) -> str:
 
 
 def parse_flags(command: str, args: list[str]):
-    """(config or None, workdir) from `--config=... --config.key=value --workdir=...`."""
+    """(config or None, workdir, weights or None) from `--config=... --config.key=value --workdir=...`."""
     from absl import flags
     from ml_collections import config_flags
 
@@ -96,6 +97,7 @@ def parse_flags(command: str, args: list[str]):
     argv = [f"extkd {command}"] + args
     flag_values = flags.FlagValues()  # one per call: the CLI is also called in-process (tests, notebooks)
     flags.DEFINE_string("workdir", None, "directory of the run", flag_values=flag_values)
+    flags.DEFINE_string("weights", None, "import-torch: a torchvision ResNet state_dict file", flag_values=flag_values)
     config_flags.DEFINE_config_file("config", None, "config file", flag_values=flag_values, sys_argv=argv)
     try:
         rest = flag_values(argv)
@@ -125,7 +127,9 @@ def parse_flags(command: str, args: list[str]):
         raise UsageError(f"`extkd {command}` needs --workdir=DIR")
     if config is not None and command in KINDS and config.get("kind", "run") != KINDS[command]:
         raise UsageError(_wrong_kind(command, config.get("kind", "run"), given[0] if given else ""))
-    return config, flag_values.workdir
+    if (command == "import-torch") != bool(flag_values.weights):
+        raise UsageError("--weights=FILE goes with `extkd import-torch` (and it needs one)")
+    return config, flag_values.workdir, flag_values.weights
 
 
 def _wrong_kind(command: str, kind: str, given: str) -> str:
@@ -148,8 +152,12 @@ def _enable_compilation_cache() -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
-def run(command: str, config, workdir: str, command_line: str) -> dict:
+def run(command: str, config, workdir: str, command_line: str, weights: str | None = None) -> dict:
     """Runs one parsed command; returns its result record."""
+    if command == "import-torch":
+        from extkd_jax.models.torch_weights import import_teacher
+
+        return {"workdir": import_teacher(config, weights, workdir), "model": config.model.name}
     if command in ("train", "distill"):
         from extkd_jax.train.loop import train_and_evaluate
 
@@ -187,9 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("extkd_jax").setLevel(logging.INFO)
     try:
-        config, workdir = parse_flags(command, args)
+        config, workdir, weights = parse_flags(command, args)
         _enable_compilation_cache()
-        result = run(command, config, workdir, shlex.join(["extkd", command, *args]))
+        result = run(command, config, workdir, shlex.join(["extkd", command, *args]), weights)
     except UsageError as err:
         print(f"extkd: error: {err}", file=sys.stderr)
         return 2

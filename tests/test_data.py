@@ -17,6 +17,7 @@ from extkd_jax.data import (
     default_augmentation,
     drop_classes,
     load_split,
+    open_split,
     prepare_datasets,
     split_validation,
 )
@@ -226,12 +227,18 @@ def test_prepare_datasets(tmp_path):
     _write_npz_folder(tmp_path, name="mnist", parts=(40, 40), n_test=30, hw=(5, 5))
     cfg = _data_config(source="npz", name="mnist", dir=str(tmp_path), val_size=10, drop_classes=(2, 7))
     d = prepare_datasets(cfg)
-    assert len(d.train) == 70 and len(d.val) == 10 and len(d.test) == 30
+    train_labels = d.plan.train_source.labels[d.plan.train]
+    assert d.train_size == 70 and len(d.val) == 10 and len(d.test) == 30
     assert d.drop_classes == (2, 7) and d.num_classes == 10
     assert not np.isin(d.transfer.labels, [2, 7]).any()
-    assert len(d.transfer) == int((~np.isin(d.train.labels, [2, 7])).sum())
-    assert np.isin(d.train.labels, [2, 7]).any() and np.isin(d.test.labels, [2, 7]).any()
+    assert len(d.transfer) == d.transfer_size == int((~np.isin(train_labels, [2, 7])).sum())
+    assert np.isin(train_labels, [2, 7]).any() and np.isin(d.test.labels, [2, 7]).any()
     assert d.val.num_classes == d.test.num_classes == 10
+    # one process's share of the transfer set: exactly those rows of the whole, and only they are read
+    share = prepare_datasets(cfg, transfer_rows=slice(5, 15))
+    np.testing.assert_array_equal(share.transfer.images, d.transfer.images[5:15])
+    np.testing.assert_array_equal(share.transfer.labels, d.transfer.labels[5:15])
+    assert share.transfer_size == d.transfer_size and share.transfer_rows == slice(5, 15)
     # Empty transfer set is an error.
     cfg2 = _data_config(source="npz", name="one", dir=str(tmp_path), val_size=0, drop_classes=(0,))
     folder = tmp_path / "one"
@@ -240,6 +247,24 @@ def test_prepare_datasets(tmp_path):
     np.savez(folder / "test.npz", x_test=np.zeros((2, 2, 2), np.uint8), y_test=np.array([0, 1], np.uint8))
     with pytest.raises(ValueError, match="transfer set is empty"):
         prepare_datasets(cfg2)
+
+
+def test_npz_images_are_read_by_row_when_stored_and_whole_when_compressed(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, size=(50, 6, 6, 3), dtype=np.uint8)
+    y = (np.arange(50) % 10).astype(np.uint8)
+    for folder, save in (("stored", np.savez), ("compressed", np.savez_compressed)):
+        (tmp_path / folder).mkdir()
+        save(tmp_path / folder / "train_0.npz", x_train=x, y_train=y)
+        save(tmp_path / folder / "test.npz", x_test=x[:5], y_test=y[:5])
+    stored = open_split("npz", "stored", "train", str(tmp_path))
+    compressed = open_split("npz", "compressed", "train", str(tmp_path))
+    assert stored.bytes_read == 0 and compressed.bytes_read == x.nbytes  # a compressed member is read whole
+    rows = np.array([40, 3, 17, 3])
+    np.testing.assert_array_equal(stored.read(rows), x[rows])
+    np.testing.assert_array_equal(compressed.read(rows), x[rows])
+    assert stored.bytes_read == 4 * x[0].nbytes  # only the rows asked for
+    np.testing.assert_array_equal(stored.labels, y)
 
 
 # -------------------------------------------------------------------------------------------------- augment

@@ -6,6 +6,7 @@ mid-run by test_sigkill_mid_run_resumes_to_the_same_result.)
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import re
@@ -139,23 +140,26 @@ def test_sigterm_writes_a_checkpoint_exits_1_and_the_rerun_matches_an_uninterrup
 
 
 def _terminate_after_dispatch(monkeypatch, dispatch: int) -> None:
-    """Makes the training loop receive a real SIGTERM right after its `dispatch`-th call of run_steps."""
-    real = loop.make_run_steps
+    """Makes the training loop receive a real SIGTERM right after its `dispatch`-th dispatch of steps."""
+    from extkd_jax.train import data
 
-    def make_run_steps(*args, **kwargs):
-        run_steps = real(*args, **kwargs)
-        calls = {"n": 0}
+    for name in ("make_run_steps", "make_run_batches"):  # the device-resident and the stream pipeline
+        real = getattr(data, name)
 
-        def wrapped(*a, **k):
-            out = run_steps(*a, **k)
-            calls["n"] += 1
-            if calls["n"] == dispatch:
-                os.kill(os.getpid(), signal.SIGTERM)
-            return out
+        def make(*args, real=real, **kwargs):
+            run = real(*args, **kwargs)
+            calls = {"n": 0}
 
-        return wrapped
+            def wrapped(*a, **k):
+                out = run(*a, **k)
+                calls["n"] += 1
+                if calls["n"] == dispatch:
+                    os.kill(os.getpid(), signal.SIGTERM)
+                return out
 
-    monkeypatch.setattr(loop, "make_run_steps", make_run_steps)
+            return wrapped
+
+        monkeypatch.setattr(data, name, make)
 
 
 @pytest.fixture(scope="module")
@@ -165,16 +169,13 @@ def uninterrupted(data_dir, tmp_path_factory) -> list[dict]:
     return read_metrics(workdir)
 
 
-@pytest.mark.parametrize(
-    "dispatch",
-    [
-        10,
-        STEPS_PER_EPOCH,
-    ],
-    ids=["mid_epoch", "epoch_boundary"],
-)
-def test_sigterm_in_process_resumes_exactly(dispatch, data_dir, tmp_path, monkeypatch, uninterrupted):
-    config = tiny_config(data_dir, steps_per_dispatch=1)
+@pytest.mark.parametrize("pipeline", ["device", "stream"])
+@pytest.mark.parametrize("dispatch", [10, STEPS_PER_EPOCH], ids=["mid_epoch", "epoch_boundary"])
+def test_sigterm_in_process_resumes_exactly(dispatch, pipeline, data_dir, tmp_path, monkeypatch, uninterrupted):
+    """Killed mid-epoch or at an epoch's end and resumed, a run equals the uninterrupted one; the streamed one too
+    (and it equals the device-resident one: the same batches in the same order), restored from the grain
+    iterator state its checkpoint holds."""
+    config = tiny_config(data_dir, steps_per_dispatch=1, **{"data.pipeline": pipeline})
     _terminate_after_dispatch(monkeypatch, dispatch)
     handler = signal.getsignal(signal.SIGTERM)
     with pytest.raises(SystemExit, match=rf"preempted \(SIGTERM\): checkpoint at step {dispatch} written"):
@@ -183,8 +184,14 @@ def test_sigterm_in_process_resumes_exactly(dispatch, data_dir, tmp_path, monkey
     checkpointer = Checkpointer(tmp_path / "w")
     try:
         assert max(checkpointer.all_steps()) == dispatch
+        saved = checkpointer.restore_latest({"data": None})[1]["data"]
     finally:
         checkpointer.close()
+    if pipeline == "stream":  # the iterator's position: `dispatch` batches into the epoch
+        assert saved["epoch"] == (dispatch - 1) // STEPS_PER_EPOCH
+        assert json.loads(saved["iterator"])["next_index"] == (dispatch - 1) % STEPS_PER_EPOCH + 1
+    else:
+        assert saved == {}
     monkeypatch.undo()
     train_and_evaluate(config, tmp_path / "w", mode="train")
     assert_same_records(uninterrupted, read_metrics(tmp_path / "w"))

@@ -131,8 +131,9 @@ def _same_records(a: list[dict], b: list[dict]) -> None:
 
 @pytest.mark.slow
 def test_two_process_training_checkpoints_and_resumes_like_one_process(tmp_path):
-    """`train_and_evaluate` on 2 processes (sharded data, orbax checkpoints written by both, metrics by process 0),
-    stopped after epoch 1 and resumed to epoch 2, gives the records of 1 process with 2 devices."""
+    """`train_and_evaluate` on 2 processes (sharded data, each process reading only its rows of the transfer set,
+    orbax checkpoints written by both, metrics by process 0), stopped after epoch 1 and resumed to epoch 2, gives
+    the records of 1 process with 2 devices."""
     data_dir = write_tiny_npz(tmp_path / "data" / "mnist")
     single_dir, multi_dir = tmp_path / "single_run", tmp_path / "multi_run"
     [out] = _finish(
@@ -162,3 +163,8 @@ def test_two_process_training_checkpoints_and_resumes_like_one_process(tmp_path)
     assert sorted(int(p.name) for p in (multi_dir / "checkpoints").iterdir()) == [7, 14]
     assert len((multi_dir / "metrics.jsonl").read_text().splitlines()) == 2  # process 0 wrote, once per epoch
     _same_records(single["records"], multi["records"])
+    # each process read only its own rows of the transfer set: half the single process's bytes, the same results
+    whole = single["transfer_bytes"][0]
+    assert single["transfer_rows"] == [0, single["transfer_size"]]
+    assert multi["transfer_bytes"] == [whole // 2, whole // 2]
+    assert max(multi["bytes_read"]) < single["bytes_read"][0]

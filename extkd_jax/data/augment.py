@@ -12,15 +12,17 @@ import numpy as np
 
 from extkd_jax.data.dataset import ArrayDataset
 
-AUGMENTATIONS = ("cifar", "mnist", "none")
-_PAD = {"cifar": 4, "mnist": 2}
-_FLIP = {"cifar": True, "mnist": False}
+AUGMENTATIONS = ("cifar", "mnist", "flip", "none")
+_PAD = {"cifar": 4, "mnist": 2, "flip": 0}
+_FLIP = {"cifar": True, "mnist": False, "flip": True}
 _DEFAULT_AUGMENTATION = {
     "cifar10": "cifar",
     "cifar100": "cifar",
     "mnist": "mnist",
     "fashion_mnist": "mnist",
     "digits": "none",
+    "imagenet2012": "flip",
+    "imagenette": "flip",
 }
 
 
@@ -31,27 +33,34 @@ def default_augmentation(name: str) -> str:
     return _DEFAULT_AUGMENTATION[name]
 
 
-def channel_stats(ds: ArrayDataset, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
-    """Per-channel (mean, std) of `ds.images` in pixel units, float32 arrays of shape (C,).
-
-    Computed in float64 numpy, chunk by chunk (no float copy of the whole set). A channel with zero spread gets
-    std 1 so that normalising never divides by zero.
-    """
-    images = ds.images
-    if len(ds) == 0:
-        raise ValueError(f"channel_stats needs a non-empty dataset; {ds.name!r} has 0 examples")
+def channel_sums(images: np.ndarray, chunk: int = 4096) -> np.ndarray:
+    """(3, C) float64: per channel, the number of pixels, their sum and their sum of squares (pixel units),
+    chunk by chunk (no float copy of the whole set). Sums of shards add up to the sums of the whole."""
     channels = images.shape[-1]
-    total = np.zeros(channels, np.float64)
-    total_sq = np.zeros(channels, np.float64)
+    out = np.zeros((3, channels), np.float64)
+    out[0] = images.shape[0] * int(np.prod(images.shape[1:-1]))
     for start in range(0, images.shape[0], chunk):
         x = images[start : start + chunk].astype(np.float64)
-        total += x.sum(axis=(0, 1, 2))
-        total_sq += np.square(x).sum(axis=(0, 1, 2))
-    count = images.shape[0] * images.shape[1] * images.shape[2]
+        out[1] += x.sum(axis=tuple(range(x.ndim - 1)))
+        out[2] += np.square(x).sum(axis=tuple(range(x.ndim - 1)))
+    return out
+
+
+def stats_from_sums(sums: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, std) float32 of `channel_sums`; a channel with zero spread gets std 1 (no division by zero)."""
+    count, total, total_sq = sums
+    if not np.all(count > 0):
+        raise ValueError("channel statistics of an empty set")
     mean = total / count
     std = np.sqrt(np.maximum(total_sq / count - np.square(mean), 0.0))
-    std = np.where(std > 1e-6, std, 1.0)
-    return mean.astype(np.float32), std.astype(np.float32)
+    return mean.astype(np.float32), np.where(std > 1e-6, std, 1.0).astype(np.float32)
+
+
+def channel_stats(ds: ArrayDataset, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel (mean, std) of `ds.images` in pixel units, float32 arrays of shape (C,), in float64 inside."""
+    if len(ds) == 0:
+        raise ValueError(f"channel_stats needs a non-empty dataset; {ds.name!r} has 0 examples")
+    return stats_from_sums(channel_sums(ds.images, chunk))
 
 
 def _shift_one(key, image, pad: int, flip: bool):
@@ -71,7 +80,8 @@ def _shift_one(key, image, pad: int, flip: bool):
 def augment_batch(key, images_uint8, kind: str) -> jax.Array:
     """Augments a batch (N, H, W, C) of uint8 images; returns uint8 of the same shape.
 
-    kind: "cifar" (random crop with 4-pixel zero padding + random horizontal flip), "mnist" (random translation
+    kind: "cifar" (random crop with 4-pixel zero padding + random horizontal flip), "flip" (random horizontal
+    flip only: ImageNet, after the host's crops), "mnist" (random translation
     by up to 2 pixels in each direction, zero fill, no flip) or "none" (identity). `kind` is a Python string
     (static under jit).
     """

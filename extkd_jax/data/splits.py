@@ -1,4 +1,4 @@
-"""Deterministic validation splits and class dropping (all numpy, seeded)."""
+"""Deterministic validation splits and class dropping, as index arrays (numpy, seeded) and on datasets."""
 
 from __future__ import annotations
 
@@ -13,39 +13,35 @@ def _check_int(value, what: str) -> int:
     return int(value)
 
 
-def split_validation(ds: ArrayDataset, val_size: int, seed: int) -> tuple[ArrayDataset, ArrayDataset]:
-    """Splits `ds` into (train, val) with `val_size` examples in val, chosen uniformly at random by `seed`.
-
-    Both parts keep the original order of `ds`. `val_size=0` gives an empty val (0 examples, same H, W, C).
-    """
-    val_size = _check_int(val_size, "val_size")
-    seed = _check_int(seed, "seed")
+def validation_indices(n: int, val_size: int, seed: int, name: str = "dataset") -> tuple[np.ndarray, np.ndarray]:
+    """(train positions, val positions) of `n` examples: `val_size` chosen uniformly at random by `seed`, both
+    in their original order."""
+    val_size, seed = _check_int(val_size, "val_size"), _check_int(seed, "seed")
     if val_size < 0:
         raise ValueError(f"val_size must be >= 0, got {val_size}")
-    if val_size >= len(ds):
+    if val_size >= n:
         raise ValueError(
-            f"val_size {val_size} must be smaller than the dataset {ds.name!r} ({len(ds)} examples), "
-            f"so that some training examples remain"
+            f"val_size {val_size} must be smaller than the dataset {name!r} ({n} examples), so that "
+            "some training examples remain"
         )
-    perm = np.random.default_rng(seed).permutation(len(ds))
-    val_idx = np.sort(perm[:val_size])
-    train_idx = np.sort(perm[val_size:])
-    return ds.select(train_idx), ds.select(val_idx)
+    perm = np.random.default_rng(seed).permutation(n)
+    return np.sort(perm[val_size:]), np.sort(perm[:val_size])
 
 
-def drop_classes(ds: ArrayDataset, classes, keep_fraction: float = 0.0, seed: int = 0) -> ArrayDataset:
-    """Removes the examples whose label is in `classes`, keeping order.
+def drop_class_indices(
+    labels: np.ndarray, num_classes: int, classes, keep_fraction: float = 0.0, seed: int = 0
+) -> np.ndarray:
+    """Positions of `labels` kept when `classes` are dropped, in order.
 
     With `keep_fraction > 0`, ``round(keep_fraction * count)`` examples of each dropped class stay (chosen at random
     with a generator seeded by ``(seed, class)``, so one class's choice does not depend on the other classes).
-    Errors (ValueError): a class out of [0, num_classes), duplicate classes, keep_fraction outside [0, 1), or
-    dropping every class.
+    Errors (ValueError): a class out of [0, num_classes), duplicates, keep_fraction outside [0, 1), every class.
     """
     classes = tuple(_check_int(c, "each class to drop") for c in classes)
     seed = _check_int(seed, "seed")
     for c in classes:
-        if not 0 <= c < ds.num_classes:
-            raise ValueError(f"class {c} to drop is out of range [0, num_classes={ds.num_classes})")
+        if not 0 <= c < num_classes:
+            raise ValueError(f"class {c} to drop is out of range [0, num_classes={num_classes})")
     duplicates = sorted({c for c in classes if classes.count(c) > 1})
     if duplicates:
         raise ValueError(f"classes to drop {classes} contain duplicates: {duplicates}")
@@ -55,18 +51,31 @@ def drop_classes(ds: ArrayDataset, classes, keep_fraction: float = 0.0, seed: in
         raise ValueError(f"keep_fraction must be a number in [0, 1), got {keep_fraction!r}") from None
     if not 0.0 <= keep_fraction < 1.0:
         raise ValueError(f"keep_fraction {keep_fraction} is outside [0, 1)")
-    if len(classes) >= ds.num_classes:
-        raise ValueError(
-            f"dropping classes {classes} would drop every one of the {ds.num_classes} classes of {ds.name!r}"
-        )
-    if not classes:
+    if len(classes) >= num_classes:
+        raise ValueError(f"dropping classes {classes} would drop every one of the {num_classes} classes")
+    labels = np.asarray(labels)
+    keep = ~np.isin(labels, np.asarray(classes, dtype=labels.dtype))
+    for c in classes if keep_fraction > 0.0 else ():
+        idx = np.flatnonzero(labels == c)
+        k = int(round(keep_fraction * idx.size))
+        if k:
+            keep[np.random.default_rng([seed, c]).choice(idx, size=k, replace=False)] = True
+    return np.flatnonzero(keep)
+
+
+def split_validation(ds: ArrayDataset, val_size: int, seed: int) -> tuple[ArrayDataset, ArrayDataset]:
+    """`ds` split into (train, val) as `validation_indices` chooses."""
+    train, val = validation_indices(len(ds), val_size, seed, ds.name)
+    return ds.select(train), ds.select(val)
+
+
+def drop_classes(ds: ArrayDataset, classes, keep_fraction: float = 0.0, seed: int = 0) -> ArrayDataset:
+    """`ds` without the examples of `classes` (see `drop_class_indices`); `ds` itself when there are none."""
+    if not tuple(classes):
         return ds
-    keep = ~np.isin(ds.labels, np.asarray(classes, dtype=np.int32))
-    if keep_fraction > 0.0:
-        for c in classes:
-            idx = np.flatnonzero(ds.labels == c)
-            k = int(round(keep_fraction * idx.size))
-            if k:
-                rng = np.random.default_rng([seed, c])
-                keep[rng.choice(idx, size=k, replace=False)] = True
-    return ds.select(np.flatnonzero(keep))
+    try:
+        return ds.select(drop_class_indices(ds.labels, ds.num_classes, classes, keep_fraction, seed))
+    except ValueError as err:
+        if "would drop every one" in str(err):
+            raise ValueError(f"{err} of {ds.name!r}") from None
+        raise

@@ -189,8 +189,8 @@ def _dataset_info(config, datasets: Datasets) -> dict:
         "note": DATASET_NOTES.get((config.data.name, config.data.source), ""),
         "num_classes": datasets.num_classes,
         "class_names": datasets.class_names,
-        "train_size": len(datasets.train),
-        "transfer_size": len(datasets.transfer),
+        "train_size": datasets.train_size,
+        "transfer_size": datasets.transfer_size,
         "val_size": len(datasets.val),
         "test_size": len(datasets.test),
     }

@@ -20,6 +20,7 @@ Which (conv, BN) attributes pair up comes from the model code, not from guessing
 - ``vgg.ConvBNReLU``: ``conv/bn``  -> every BN folds;
 - ``wrn.PreActBlock``: ``conv1/bn2`` (BN-ReLU-conv1-**BN**-ReLU-conv2); its ``bn1`` and the model's final ``bn``
   follow a residual sum, not a conv, and stay;
+- ``imagenet_resnet``: the stem ``conv1/bn1``, each block's ``convK/bnK`` and the ``downsample`` conv/bn;
 - ``mlp.MLP``: no BatchNorm, returned as an unchanged copy.
 
 Modules of other types (a user's registered model) are left as they are: their BatchNorms stay, run with their
@@ -41,6 +42,7 @@ class Identity(nnx.Module):
 
 
 def _known_pairs() -> dict[type, tuple[tuple[str, str], ...]]:
+    from extkd_jax.models import imagenet_resnet as inet
     from extkd_jax.models.resnet import BasicBlock, CifarResNet
     from extkd_jax.models.vgg import ConvBNReLU
     from extkd_jax.models.wrn import PreActBlock
@@ -50,6 +52,10 @@ def _known_pairs() -> dict[type, tuple[tuple[str, str], ...]]:
         BasicBlock: (("conv1", "bn1"), ("conv2", "bn2"), ("short_conv", "short_bn")),
         ConvBNReLU: (("conv", "bn"),),
         PreActBlock: (("conv1", "bn2"),),
+        inet.ImageNetResNet: (("conv1", "bn1"),),
+        inet.BasicBlock: (("conv1", "bn1"), ("conv2", "bn2")),
+        inet.Bottleneck: (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3")),
+        inet.Downsample: (("conv", "bn"),),
     }
 
 

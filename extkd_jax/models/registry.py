@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from extkd_jax.models.common import SegmentModel
+from extkd_jax.models.imagenet_resnet import make_imagenet_resnet_factories
 from extkd_jax.models.mlp import make_mlp_factories
 from extkd_jax.models.resnet import make_resnet_factories
 from extkd_jax.models.vgg import make_vgg_factories
@@ -17,6 +18,7 @@ from extkd_jax.models.wrn import make_wrn_factories
 
 _FACTORIES: dict[str, Callable[..., SegmentModel]] = {
     **make_resnet_factories(),
+    **make_imagenet_resnet_factories(),
     **make_wrn_factories(),
     **make_vgg_factories(),
     **make_mlp_factories(),

@@ -4,7 +4,8 @@ Items of each checkpoint step:
   state  the TrainState (params, BatchNorm statistics, optimizer state): what a resumed run restores;
   model  the trained model's own variables ({"params", "batch_stats"}): what `extkd_jax.load` restores;
   card   JSON: what using the model needs (architecture, classes, input shape, normalisation, dtype);
-  meta   JSON: where the run stands (epoch, partial sums of a preempted epoch).
+  meta   JSON: where the run stands (epoch, partial sums of a preempted epoch);
+  data   JSON: the stream pipeline's iterator state (empty for the device-resident pipeline).
 
 Orbax writes each step into a temporary directory and renames it when complete, so a checkpoint is never
 half-written. `restore_latest` tries the newest step first and falls back to older ones, with a warning, when a
@@ -24,7 +25,7 @@ from etils import epath
 
 log = logging.getLogger(__name__)
 
-JSON_ITEMS = ("card", "meta")
+JSON_ITEMS = ("card", "meta", "data")
 
 
 def checkpoint_dir(workdir: str | epath.PathLike) -> epath.Path:

@@ -8,7 +8,7 @@ from extkd_jax.train.step import LOSS_NAMES, TEACHER_LOSSES
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
 SCHEDULES = ("cosine", "step", "constant")
-AUGMENT_KINDS = ("auto", "cifar", "mnist", "none")
+AUGMENT_KINDS = ("auto", "cifar", "mnist", "flip", "none")
 DATA_SOURCES = ("npz", "tfds", "sklearn")
 
 
@@ -42,6 +42,11 @@ def check_config(config, mode: str) -> None:
     _choice(data.augment, "data.augment", AUGMENT_KINDS)
     _choice(data.placement, "data.placement", ("auto", "replicated", "sharded"))
     _number(data.max_train_examples, "data.max_train_examples", minimum=0, integer=True)
+    _choice(data.pipeline, "data.pipeline", ("auto", "device", "stream"))
+    _number(data.device_budget_gb, "data.device_budget_gb", minimum=0, strict=True)
+    _number(data.crop_size, "data.crop_size", minimum=0, integer=True)
+    _number(data.stats_sample, "data.stats_sample", minimum=0, integer=True)
+    _number(data.read_threads, "data.read_threads", minimum=1, integer=True)
     _number(data.val_size, "data.val_size", minimum=0, integer=True)
     _number(data.keep_fraction, "data.keep_fraction", minimum=0, maximum=1)
     for c in data.drop_classes:

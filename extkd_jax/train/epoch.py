@@ -43,21 +43,54 @@ def _local_permutations(key: jax.Array, num_local: int):
     return jax.random.permutation(jax.random.fold_in(jax.random.fold_in(key, PERMUTATION_STREAM), device), num_local)
 
 
-class DeviceDataset:
-    """The uint8 training images and labels placed on the mesh, and their per-epoch permutations."""
+def process_rows(total: int, mesh: Mesh) -> slice:
+    """The rows of a `total`-example set that this process's devices hold in the sharded placement (device k of the
+    mesh holds rows [k * n, (k + 1) * n), n = total // devices): what this process needs to read."""
+    per_device = total // mesh.devices.size
+    positions = [k for k, d in enumerate(mesh.devices.flat) if d.process_index == jax.process_index()]
+    if positions != list(range(positions[0], positions[-1] + 1)):
+        raise ValueError(f"this process's devices are not contiguous in the mesh (positions {positions})")
+    return slice(positions[0] * per_device, (positions[-1] + 1) * per_device)
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, mesh: Mesh, placement: str = "replicated"):
+
+class DeviceDataset:
+    """The uint8 training images and labels placed on the mesh, and their per-epoch permutations.
+
+    `images` and `labels` are rows `offset ..` of a set of `total` examples (the whole set unless this process
+    read only its share, `process_rows`, for the sharded placement).
+    """
+
+    def __init__(
+        self,
+        images: np.ndarray,
+        labels: np.ndarray,
+        mesh: Mesh,
+        placement: str = "replicated",
+        total: int | None = None,
+        offset: int = 0,
+    ):
         if placement not in PLACEMENTS:
             raise ValueError(f"data placement {placement!r}; expected one of {PLACEMENTS}")
         self.mesh, self.placement = mesh, placement
+        total = len(images) if total is None else total
         devices = mesh.devices.size
         if placement == "sharded":
-            self.num_local = len(images) // devices  # a remainder of < D examples is left out
+            self.num_local = total // devices  # a remainder of < D examples is left out
             keep = self.num_local * devices
             spec = NamedSharding(mesh, P(DATA_AXIS))
+
+            def rows(index, array):
+                start, stop = index[0].start - offset, index[0].stop - offset
+                if start < 0 or stop > len(array):
+                    raise ValueError(
+                        f"this process holds rows {offset}..{offset + len(array)} of the training set, "
+                        f"a device needs {index[0].start}..{index[0].stop}"
+                    )
+                return array[start:stop]
+
             # each process materialises only the slices of its own devices
-            self.images = jax.make_array_from_callback((keep,) + images.shape[1:], spec, lambda i: images[i])
-            self.labels = jax.make_array_from_callback((keep,), spec, lambda i: labels[i])
+            self.images = jax.make_array_from_callback((keep, *images.shape[1:]), spec, lambda i: rows(i, images))
+            self.labels = jax.make_array_from_callback((keep,), spec, lambda i: rows(i, labels))
             self.num_examples = keep
             self._perm = jax.jit(
                 jax.shard_map(
@@ -68,8 +101,10 @@ class DeviceDataset:
                 )
             )
         else:
+            if len(images) != total:
+                raise ValueError(f"the replicated placement needs every row: got {len(images)} of {total}")
             self.images, self.labels = put_replicated((images, labels), mesh)
-            self.num_examples = self.num_local = len(images)
+            self.num_examples = self.num_local = total
 
     def permutation(self, key: jax.Array) -> jax.Array:
         if self.placement == "sharded":
@@ -80,10 +115,17 @@ class DeviceDataset:
         return steps_per_epoch(self.num_examples, batch_size, self.mesh.devices.size, self.placement)
 
 
-def default_steps_per_dispatch(steps_per_epoch: int) -> int:
-    """One compiled program per epoch on accelerators; one step per dispatch on CPU, where XLA runs the
-    convolution gradients 10-50x slower inside a loop (jax-ml/jax#12868; measured in benchmarks/)."""
-    return 1 if jax.default_backend() == "cpu" else steps_per_epoch
+# Steps per dispatch of the stream pipeline on accelerators: enough to hide the dispatch, few enough that the
+# host's read-ahead keeps up.
+STREAM_STEPS_PER_DISPATCH = 8
+
+
+def default_steps_per_dispatch(steps_per_epoch: int, pipeline: str = "device") -> int:
+    """One compiled program per epoch on accelerators (a few steps when streaming); one step per dispatch on CPU,
+    where XLA runs the convolution gradients 10-50x slower inside a loop (jax-ml/jax#12868; see benchmarks/)."""
+    if jax.default_backend() == "cpu":
+        return 1
+    return steps_per_epoch if pipeline == "device" else min(STREAM_STEPS_PER_DISPATCH, steps_per_epoch)
 
 
 def steps_per_epoch(num_examples: int, batch_size: int, num_devices: int, placement: str) -> int:
@@ -122,20 +164,41 @@ def make_run_steps(step_fn: StepFn, mesh: Mesh, batch_size: int, augment_kind: s
 
     def one_step(state, teacher_vars, images, labels, perm, key, s):
         x, y = gather(images, labels, perm, s)
-        aug_key, step_key = jax.random.split(jax.random.fold_in(key, s))
-        return step_fn(state, teacher_vars, augment_batch(aug_key, x, augment_kind), y, step_key)
+        return _augmented_step(step_fn, augment_kind, state, teacher_vars, x, y, key, s)
 
     def run_steps(state, teacher_vars, images, labels, perm, key, start, num_steps):
-        if num_steps == 1:  # no loop: XLA:CPU runs conv gradients much slower inside one (jax#12868)
-            state, metrics = one_step(state, teacher_vars, images, labels, perm, key, start)
-            return state, jax.tree.map(lambda m: m[None], metrics)
-
-        def body(state, i):
-            return one_step(state, teacher_vars, images, labels, perm, key, start + i)
-
-        return jax.lax.scan(body, state, jnp.arange(num_steps, dtype=jnp.int32))
+        return _steps(lambda st, s: one_step(st, teacher_vars, images, labels, perm, key, s), state, start, num_steps)
 
     return jax.jit(run_steps, static_argnames=("num_steps",), donate_argnums=(0,), out_shardings=replicated(mesh))
+
+
+def _augmented_step(step_fn: StepFn, augment_kind: str, state, teacher_vars, x, y, key, s):
+    """Step `s` of an epoch: its augmentation and step keys come from (epoch key, s) alone, whatever the pipeline,
+    the dispatch size or the number of devices."""
+    aug_key, step_key = jax.random.split(jax.random.fold_in(key, s))
+    return step_fn(state, teacher_vars, augment_batch(aug_key, x, augment_kind), y, step_key)
+
+
+def _steps(one_step, state, start, num_steps: int):
+    """Steps start .. start+num_steps-1 with per-step metrics stacked on axis 0."""
+    if num_steps == 1:  # no loop: XLA:CPU runs conv gradients much slower inside one (jax#12868)
+        state, metrics = one_step(state, start)
+        return state, jax.tree.map(lambda m: m[None], metrics)
+    return jax.lax.scan(lambda st, i: one_step(st, start + i), state, jnp.arange(num_steps, dtype=jnp.int32))
+
+
+def make_run_batches(step_fn: StepFn, mesh: Mesh, augment_kind: str):
+    """Returns jitted `run_batches(state, teacher_vars, images, labels, key, start)` for the stream pipeline:
+    steps `start ..` on the given batches, images (K, B, ...) and labels (K, B). `state` is donated."""
+
+    def run_batches(state, teacher_vars, images, labels, key, start):
+        def one_step(st, s):
+            i = s - start
+            return _augmented_step(step_fn, augment_kind, st, teacher_vars, images[i], labels[i], key, s)
+
+        return _steps(one_step, state, start, images.shape[0])
+
+    return jax.jit(run_batches, donate_argnums=(0,), out_shardings=replicated(mesh))
 
 
 def make_predict(logits_fn, mesh: Mesh, batch_size: int):

@@ -100,6 +100,12 @@ class Predictor:
         padded = np.concatenate([images, np.zeros((extra, *images.shape[1:]), images.dtype)]) if extra else images
         return sharding.put_replicated(padded, self.mesh), len(images)
 
+    def logits_of(self, variables, split) -> np.ndarray:
+        """Logits of an evaluation split (`train.data.EvalSplit`): placed once, or read batch by batch."""
+        if split.placed is not None:
+            return self.logits(variables, split.placed)
+        return np.concatenate([self.logits(variables, self.place(batch)) for batch in split.batches()])
+
     def logits(self, variables, placed: tuple[jax.Array, int]) -> np.ndarray:
         images, count = placed
         if count == 0:

@@ -12,16 +12,16 @@ import signal
 import time
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from etils import epath
 
-from extkd_jax.data import Datasets, channel_stats, default_augmentation, prepare_datasets
+from extkd_jax.data import Datasets
 from extkd_jax.train import sharding
 from extkd_jax.train.checkpoint import Checkpointer
 from extkd_jax.train.config_checks import check_config
-from extkd_jax.train.epoch import DeviceDataset, default_steps_per_dispatch, make_run_steps, steps_per_epoch
+from extkd_jax.train.data import Batches, data_placement, eval_splits, run_data
+from extkd_jax.train.epoch import default_steps_per_dispatch
 from extkd_jax.train.evaluate import Predictor, model_card, restore_model
 from extkd_jax.train.metrics import MetricsLog, classification_summary, read_metrics
 from extkd_jax.train.progress import Progress
@@ -37,13 +37,6 @@ TRAIN_STREAM = 1
 
 class NonFiniteLossError(FloatingPointError):
     """The loss became NaN or Inf with `on_nonfinite='stop'`."""
-
-
-def data_placement(data_config) -> str:
-    """`auto`: each process holds only its shard when there are several processes, else replicated."""
-    if data_config.placement == "auto":
-        return "sharded" if jax.process_count() > 1 else "replicated"
-    return data_config.placement
 
 
 def maybe_initialize_distributed(distributed_config) -> None:
@@ -107,43 +100,37 @@ def train_and_evaluate(
     maybe_initialize_distributed(config.distributed)
     workdir = epath.Path(workdir)
     is_main = jax.process_index() == 0
-    datasets = datasets or prepare_datasets(config.data)
-    train_set = datasets.transfer
     mesh = sharding.make_mesh()
     sharding.check_batch_divisible(config.batch_size, mesh)
     placement = data_placement(config.data)
-    num_steps = steps_per_epoch(len(train_set), config.batch_size, mesh.devices.size, placement)
+    data = run_data(config, mesh, placement, datasets)
+    num_steps = data.steps_per_epoch
     if num_steps == 0:
-        raise ValueError(f"batch_size={config.batch_size} exceeds the {len(train_set)} training examples")
-    mean, std = channel_stats(train_set)  # of what this model is trained on (a transfer set lacks some classes)
-    input_shape = tuple(train_set.images.shape[1:])
+        raise ValueError(f"batch_size={config.batch_size} exceeds the {data.transfer_size} training examples")
     teacher = None
     if mode == "distill":
-        teacher = _load_teacher(config, datasets.num_classes, input_shape, config.compute_dtype)
-    setup = build(config, datasets.num_classes, input_shape, num_steps, mean, std, teacher)
-    card = model_card(config, datasets.num_classes, input_shape, mean, std, datasets.class_names)
+        teacher = _load_teacher(config, data.num_classes, data.input_shape, config.compute_dtype)
+    setup = build(config, data.num_classes, data.input_shape, num_steps, data.mean, data.std, teacher)
+    card = model_card(config, data.num_classes, data.input_shape, data.mean, data.std, data.plan.class_names)
     info = {
-        "num_classes": datasets.num_classes,
-        "input_shape": list(input_shape),
-        "drop_classes": list(datasets.drop_classes),
+        "num_classes": data.num_classes,
+        "input_shape": list(data.input_shape),
+        "drop_classes": list(data.plan.drop_classes),
+        "pipeline": data.pipeline,
     }
     # written only once every check that can refuse the run has passed: a refused start leaves nothing
     check_or_write_config(workdir, config, kind=mode, write=is_main, info=info)
 
-    augment = default_augmentation(config.data.name) if config.data.augment == "auto" else config.data.augment
-    run_steps = make_run_steps(setup.step_fn, mesh, config.batch_size, augment, placement)
+    batches = Batches(data, setup.step_fn, mesh, config, placement)
     predictor = Predictor(setup.model, mesh, config.eval_batch_size)
-    eval_sets = {
-        s: (getattr(datasets, s), predictor.place(getattr(datasets, s).images))
-        for s in ("val", "test")
-        if len(getattr(datasets, s))
-    }
+    evaluations = eval_splits(data, config, predictor)
 
     checkpointer = Checkpointer(workdir, keep=config.keep_checkpoints)
-    state, partial = setup.init_state(), {}
-    restored = checkpointer.restore_latest({"state": state, "meta": None})
+    state, partial, data_state = setup.init_state(), {}, None
+    restored = checkpointer.restore_latest({"state": state, "meta": None, "data": None})
     if restored is not None:
-        state, partial = restored[1]["state"], restored[1]["meta"].get("partial_sums", {})
+        state, meta, data_state = restored[1]["state"], restored[1]["meta"], restored[1]["data"] or None
+        partial = meta.get("partial_sums", {})
     start_step = int(sharding.to_host(state.step))
     total_steps = num_steps * config.num_epochs
     metrics_log = MetricsLog(workdir, enabled=is_main)
@@ -151,24 +138,16 @@ def train_and_evaluate(
 
     state = sharding.put_replicated(state, mesh)
     teacher_variables = None if setup.teacher is None else sharding.put_replicated(setup.teacher_variables, mesh)
-    device_data = DeviceDataset(train_set.images, train_set.labels, mesh, placement)
     seed_key = jax.random.fold_in(jax.random.key(config.seed), TRAIN_STREAM)
-    chunk = config.steps_per_dispatch or default_steps_per_dispatch(num_steps)
+    chunk = config.steps_per_dispatch or default_steps_per_dispatch(num_steps, data.pipeline)
     earlier = read_metrics(workdir) if start_step else []
     run_start = time.time() - (earlier[-1]["wall_time_s"] if earlier else 0.0)  # wall time spans resumes
     progress = Progress(total_steps, start_step, f"{mode} {config.model.name}", config.progress and is_main)
 
     def save(step: int, meta: dict) -> None:
         host = sharding.to_host(state)
-        checkpointer.save(
-            step,
-            {
-                "state": host,
-                "model": model_variables({"params": host.params, "batch_stats": host.batch_stats}),
-                "card": card,
-                "meta": meta,
-            },
-        )
+        model = model_variables({"params": host.params, "batch_stats": host.batch_stats})
+        checkpointer.save(step, {"state": host, "model": model, "card": card, "meta": meta, "data": batches.state()})
 
     def stop_if_preempted(step: int, sigterm: dict, meta: dict) -> None:
         reason = _preemption(sigterm, checkpointer, step) if step < total_steps else None
@@ -176,9 +155,10 @@ def train_and_evaluate(
             save(step, {**meta, "reason": reason})
             checkpointer.close()
             progress.close()
+            batches.close()
             raise SystemExit(
-                f"preempted ({reason}): checkpoint at step {step} written in {workdir}; rerun the same "
-                "command to resume"
+                f"preempted ({reason}): checkpoint at step {step} written in {workdir}; rerun the "
+                "same command to resume"
             )
 
     last_record: dict = {}
@@ -186,24 +166,16 @@ def train_and_evaluate(
         step = start_step
         while step < total_steps:
             epoch = step // num_steps
-            epoch_key = jax.random.fold_in(seed_key, epoch)
-            perm = device_data.permutation(epoch_key)
+            # a mid-epoch resume of the stream continues from its saved iterator state
+            batches.start(epoch, jax.random.fold_in(seed_key, epoch), data_state if step % num_steps else None)
+            data_state = None
             sums, partial = dict(partial), {}
             epoch_t0, images_seen = time.time(), 0
             while step < (epoch + 1) * num_steps:
                 offset = step - epoch * num_steps
                 count = min(chunk, num_steps - offset)
                 t0 = time.time()
-                state, step_metrics = run_steps(
-                    state,
-                    teacher_variables,
-                    device_data.images,
-                    device_data.labels,
-                    perm,
-                    epoch_key,
-                    jnp.int32(offset),
-                    num_steps=count,
-                )
+                state, step_metrics = batches.run(state, teacher_variables, offset, count)
                 step_metrics = sharding.to_host(step_metrics)
                 _check_finite(step_metrics, step, config.on_nonfinite)
                 _accumulate(sums, step_metrics)
@@ -218,18 +190,18 @@ def train_and_evaluate(
                 if step < (epoch + 1) * num_steps:
                     stop_if_preempted(step, sigterm, {"partial_sums": sums})
             record = _epoch_record(epoch + 1, step, sums, time.time() - epoch_t0, images_seen, time.time() - run_start)
-            for split_name, (ds, placed) in eval_sets.items():
-                logits = predictor.logits(
-                    model_variables({"params": state.params, "batch_stats": state.batch_stats}), placed
-                )
-                summary = classification_summary(logits, ds.labels, datasets.num_classes, datasets.drop_classes)
-                record.update({f"{split_name}_{k}": v for k, v in summary.items()})
+            variables = model_variables({"params": state.params, "batch_stats": state.batch_stats})
+            for name, split in evaluations.items():
+                logits = predictor.logits_of(variables, split)
+                summary = classification_summary(logits, split.labels, data.num_classes, data.plan.drop_classes)
+                record.update({f"{name}_{k}": v for k, v in summary.items()})
             metrics_log.write(record)
             progress.epoch_done(epoch + 1, config.num_epochs, _epoch_line(record))
             last_record = record
             if (epoch + 1) % config.checkpoint_every_epochs == 0 or step == total_steps:
                 save(step, {"epoch": epoch + 1})
             stop_if_preempted(step, sigterm, {"epoch": epoch + 1})
+    batches.close()
     progress.close()
     checkpointer.close()
     metrics_log.close()

@@ -119,8 +119,25 @@ def train_task(workdir: str, data_dir: str, epochs: int) -> dict:
                 "distributed.process_id": process_id,
             }
         )
-    record = train_and_evaluate(tiny_config(data_dir, **overrides), workdir, mode="train")
-    return {"returned": record, "records": read_metrics(workdir)}
+    config = tiny_config(data_dir, **overrides)
+    record = train_and_evaluate(config, workdir, mode="train")
+    # what the run read: this process's rows of the transfer set, as the loop chooses them
+    from jax.experimental import multihost_utils
+
+    from extkd_jax.train.loop import _datasets_for
+
+    datasets = _datasets_for(config, "sharded", sharding.make_mesh(), None)
+    source = datasets.plan.train_source
+    transfer_bytes = int(datasets.transfer.images.nbytes)
+    gathered = multihost_utils.process_allgather(np.asarray([transfer_bytes, source.bytes_read]))
+    return {
+        "returned": record,
+        "records": read_metrics(workdir),
+        "transfer_bytes": np.asarray(gathered).reshape(-1, 2)[:, 0].tolist(),
+        "bytes_read": np.asarray(gathered).reshape(-1, 2)[:, 1].tolist(),
+        "transfer_rows": [datasets.transfer_rows.start, datasets.transfer_rows.stop],
+        "transfer_size": datasets.transfer_size,
+    }
 
 
 if TASK == "steps":
