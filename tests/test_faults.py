@@ -20,7 +20,6 @@ import warnings
 import numpy as np
 import pytest
 
-from extkd_jax.train import loop
 from extkd_jax.train.checkpoint import Checkpointer
 from extkd_jax.train.loop import train_and_evaluate
 from extkd_jax.train.metrics import read_metrics
