@@ -15,6 +15,35 @@ from collections.abc import Callable
 
 import ml_collections
 
+# extkd_jax.experiment.runs.METHODS that distil (each tunes one knob on validation)
+DISTILLING_METHODS = (
+    "kd",
+    "fitnet",
+    "at",
+    "extended_kd",
+    "dkd",
+    "mkd",
+    "mtkd_ssr",
+    "amkd",
+    "pfkd",
+    "mismatch",
+    "purf_kd",
+    "ssd_kd",
+    "kd_mixup",
+    "kd_cutmix",
+    "kd_auto",
+)
+# a two-value grid per knob for the comparison of every method (with_all_methods); the temperature's is the preset's
+TWO_VALUE_GRIDS = {
+    "segment_weight": (0.1, 1.0),
+    "dkd_beta": (2.0, 8.0),
+    "mix_alpha": (0.2, 1.0),
+    "triplet_weight": (0.1, 1.0),
+    "feature_temperature": (2.0, 8.0),
+    "sample_weight": (0.3, 1.0),
+    "relation_weight": (0.1, 1.0),
+}
+
 
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
@@ -30,7 +59,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.max_train_examples = 0  # 0 = the whole training split; else a fixed random subset (small budgets)
     c.data.drop_classes = ()  # labels removed from the student's transfer set
     c.data.keep_fraction = 0.0  # fraction of each dropped class kept (0 = drop all)
-    c.data.augment = "auto"  # auto | cifar | mnist | flip (ImageNet, after the host's crops) | none
+    c.data.augment = "auto"  # auto | cifar | mnist | flip | none, then optionally +auto (an AutoAugment-style
+    #                          policy) and +mixup or +cutmix (mixed in the step, for teacher and student alike)
     c.data.placement = "auto"  # replicated | sharded (each device holds a slice) | auto (sharded if multi-host)
     c.data.pipeline = "auto"  # device (the set on the devices) | stream (read while training, grain) | auto
     c.data.device_budget_gb = 8.0  # auto: stream when the uint8 transfer set is larger (or its images vary)
@@ -51,7 +81,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.teacher.learning_rate = 0.0  # `reproduce`: teacher learning rate (0 = optim.learning_rate)
 
     c.loss = ml_collections.ConfigDict()
-    c.loss.name = "ce"  # ce | kd | fitnet | extended_kd | at | dkd
+    c.loss.name = "ce"  # ce | purf (alone) | kd | fitnet | extended_kd | at | dkd | mkd | mtkd_ssr | amkd | pfkd
+    #                     | mismatch | ssd_kd (with a teacher): see extkd_jax/train/objectives.py
     c.loss.temperature = 4.0
     c.loss.ce_weight = 1.0
     c.loss.kd_weight = 1.0
@@ -63,6 +94,23 @@ def get_config() -> ml_collections.ConfigDict:
     c.loss.dkd_alpha = 1.0
     c.loss.dkd_beta = 8.0
     c.loss.dkd_warmup_epochs = 0
+    # the methods of train/objectives.py (docs/methods.md): their knobs, with the defaults their papers use or the
+    # simplest reading where they say nothing
+    c.loss.mix_alpha = 1.0  # Beta(a, a) of mixup / CutMix (data.augment '+mixup', '+cutmix') and of mkd
+    c.loss.srd_weight = 1.0  # mtkd_ssr: stage heads taught by the teacher
+    c.loss.crd_weight = 1.0  # mtkd_ssr: stage heads taught by the next stage
+    c.loss.adv_steps = 5  # amkd: attack steps towards the boundary; mismatch: steps towards the sampled class
+    c.loss.adv_step_size = 8.0  # ... of this size, in pixels (L2 for amkd, per pixel for mismatch)
+    c.loss.triplet_weight = 1.0  # amkd
+    c.loss.triplet_margin = 0.2  # amkd, on L2-normalised embeddings
+    c.loss.embedding_size = 64  # amkd: the projector's output
+    c.loss.feature_temperature = 4.0  # pfkd
+    c.loss.feature_weight = 1.0  # pfkd
+    c.loss.sample_weight = 1.0  # mismatch: KL on the sampled images
+    c.loss.purf_weight = 0.1  # purf (a teacher's objective): smoothness under input noise
+    c.loss.purf_sigma = 8.0  # ... of this standard deviation, in pixels
+    c.loss.relation_weight = 1.0  # ssd_kd: relational KD
+    c.loss.ss_weight = 1.0  # ssd_kd: the rotation task
 
     c.optim = ml_collections.ConfigDict()
     c.optim.learning_rate = 0.1
@@ -87,11 +135,11 @@ def get_config() -> ml_collections.ConfigDict:
     # `extkd reproduce`: the dark-knowledge experiment
     c.seeds = 1  # reported runs per student method: seeds seed, seed+1, ...
     c.reproduce = ml_collections.ConfigDict()
-    c.reproduce.methods = ("scratch_full", "scratch_transfer", "kd", "fitnet", "extended_kd")  # also: at, dkd
+    c.reproduce.methods = ("scratch_full", "scratch_transfer", "kd", "fitnet", "extended_kd")  # see with_all_methods
     # the knob grid tried on validation per distilling method (kd: loss.temperature; fitnet, at, extended_kd:
     # loss.segment_weight; dkd: loss.dkd_beta); every distilling method needs a grid of the same size
     c.reproduce.grid = ml_collections.ConfigDict()
-    for method in ("kd", "fitnet", "at", "extended_kd", "dkd"):
+    for method in DISTILLING_METHODS:
         c.reproduce.grid[method] = ()  # () = no tuning: the configured loss value
     c.reproduce.selection_seed = -1  # seed of the grid runs; -1 = seed + seeds (never a reported seed)
     c.reproduce.shared_shift = False  # one correction shift for all dropped classes instead of one per class
@@ -135,3 +183,16 @@ def with_variant(
         if word in sizes:
             sizes[word](config)
     return role_config(config, roles[0]) if roles else config
+
+
+def with_all_methods(config: ml_collections.ConfigDict, spatial: bool) -> None:
+    """Every method of `extkd reproduce`, each with a two-value grid of its knob (equal budgets): the preset's
+    kd temperature grid for the methods tuning the temperature. `spatial`: the networks have feature maps (attention
+    transfer needs them)."""
+    from extkd_jax.experiment.runs import METHODS
+
+    temperatures = tuple(config.reproduce.grid.kd) or (config.loss.temperature / 2, config.loss.temperature)
+    config.reproduce.methods = tuple(m for m in METHODS if spatial or m != "at")
+    for method in DISTILLING_METHODS:
+        knob = METHODS[method].knob
+        config.reproduce.grid[method] = temperatures if knob == "temperature" else TWO_VALUE_GRIDS[knob]

@@ -10,6 +10,8 @@ Variants (`--config=cifar10_drop:<variant>`):
   validation), teacher resnet14 for 8 epochs, students resnet8 for 5 epochs, batch 128, two seeds, float32,
   methods scratch_full, scratch_transfer, kd and extended_kd;
 - `two`: cat and dog both dropped (the paper's "some labels");
+- `conv` (after `cpu`): the methods that use the networks' feature maps (at, mtkd_ssr, ssd_kd, amkd, pfkd) with
+  kd and extended_kd, each on a two-value grid, for the comparison of docs/results/methods;
 - `short`: the accelerator device check (benchmarks/device_check.sh): the full-size models, teacher 12 epochs,
   students 8, one seed, kd and extended_kd at segment weight 1;
 - `teacher` (alone or after a size, `cpu,teacher`): the teacher run alone, for `extkd train`.
@@ -52,7 +54,7 @@ def get_config(arg=None):
     c.reproduce.grid.kd = (2.0, 4.0, 8.0)
     c.reproduce.grid.fitnet = (0.1, 1.0, 10.0)
     c.reproduce.grid.extended_kd = (0.1, 1.0, 10.0)
-    return base.with_variant(c, arg, {"cpu": cpu, "short": short, "two": two})
+    return base.with_variant(c, arg, {"cpu": cpu, "short": short, "two": two, "conv": conv})
 
 
 def cpu(c):
@@ -86,3 +88,9 @@ def short(c):
 def two(c):
     """Cat and dog dropped together."""
     c.data.drop_classes = (3, 5)
+
+
+def conv(c):
+    """The feature-map methods of docs/methods.md next to kd and extended_kd."""
+    base.with_all_methods(c, spatial=True)
+    c.reproduce.methods = ("scratch_transfer", "kd", "extended_kd", "at", "mtkd_ssr", "ssd_kd", "amkd", "pfkd")

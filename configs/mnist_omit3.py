@@ -12,6 +12,7 @@ Variants (`--config=mnist_omit3:<variant>`):
 - `curve`: the dark-knowledge curve, accuracy on the 3s when 0.5%, 2% or 10% of them are kept, for
   scratch_transfer, kd and extended_kd;
 - `long`: Hinton's number, the students for 60 epochs (kd and extended_kd, knobs as the main preset chose);
+- `all`: every method of docs/methods.md, each tuned on a two-value grid;
 - `teacher`: the teacher alone, for `extkd train`.
 """
 
@@ -44,7 +45,9 @@ def get_config(arg=None):
     c.reproduce.methods = ("scratch_full", "scratch_transfer", "kd", "extended_kd")
     c.reproduce.grid.kd = (10.0, 20.0)
     c.reproduce.grid.extended_kd = (0.1, 1.0)
-    return base.with_variant(c, arg, {"two": two, "curve": curve, "long": long})
+    return base.with_variant(
+        c, arg, {"two": two, "curve": curve, "long": long, "all": lambda c: base.with_all_methods(c, spatial=False)}
+    )
 
 
 def two(c):

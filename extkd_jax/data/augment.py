@@ -12,7 +12,8 @@ import numpy as np
 
 from extkd_jax.data.dataset import ArrayDataset
 
-AUGMENTATIONS = ("cifar", "mnist", "flip", "none")
+AUGMENTATIONS = ("cifar", "mnist", "flip", "none")  # the base kinds; "+auto", "+mixup", "+cutmix" add to them
+EXTRAS = ("auto", "mixup", "cutmix")
 _PAD = {"cifar": 4, "mnist": 2, "flip": 0}
 _FLIP = {"cifar": True, "mnist": False, "flip": True}
 _DEFAULT_AUGMENTATION = {
@@ -77,14 +78,34 @@ def _shift_one(key, image, pad: int, flip: bool):
     return out
 
 
+def parse_augment(spec: str, dataset: str) -> tuple[str, bool, str]:
+    """`data.augment` ("auto", "cifar", "cifar+auto+mixup", ...) -> (base kind, AutoAugment-style policy?, mix).
+
+    The base kind and the policy run in the data pipeline (label-preserving); the mix ("none", "mixup", "cutmix")
+    runs in the step, where teacher and student see the same mixed images and the labels become soft targets."""
+    words = spec.split("+")
+    base = default_augmentation(dataset) if words[0] == "auto" else words[0]
+    extras = words[1:]
+    if base not in AUGMENTATIONS or any(w not in EXTRAS for w in extras) or len(set(extras)) != len(extras):
+        raise ValueError(
+            f"data.augment={spec!r}: expected a base kind {('auto', *AUGMENTATIONS)} optionally "
+            f"followed by '+' and extras from {EXTRAS}, e.g. 'cifar+auto+mixup'"
+        )
+    mixes = [w for w in extras if w in ("mixup", "cutmix")]
+    if len(mixes) > 1:
+        raise ValueError(f"data.augment={spec!r}: mixup and cutmix exclude each other")
+    return base, "auto" in extras, mixes[0] if mixes else "none"
+
+
 def augment_batch(key, images_uint8, kind: str) -> jax.Array:
     """Augments a batch (N, H, W, C) of uint8 images; returns uint8 of the same shape.
 
     kind: "cifar" (random crop with 4-pixel zero padding + random horizontal flip), "flip" (random horizontal
     flip only: ImageNet, after the host's crops), "mnist" (random translation
-    by up to 2 pixels in each direction, zero fill, no flip) or "none" (identity). `kind` is a Python string
-    (static under jit).
+    by up to 2 pixels in each direction, zero fill, no flip) or "none" (identity), optionally followed by "+auto"
+    (the AutoAugment-style policy of `data.mixing`). `kind` is a Python string (static under jit).
     """
+    kind, auto = (kind[: -len("+auto")], True) if kind.endswith("+auto") else (kind, False)
     if kind not in AUGMENTATIONS:
         raise ValueError(f"unknown augmentation {kind!r}; known kinds: {AUGMENTATIONS}")
     images = jnp.asarray(images_uint8)
@@ -92,7 +113,11 @@ def augment_batch(key, images_uint8, kind: str) -> jax.Array:
         raise ValueError(f"augment_batch expects images (N, H, W, C), got shape {images.shape}")
     if images.dtype != jnp.uint8:
         raise ValueError(f"augment_batch expects uint8 images, got dtype {images.dtype}")
-    if kind == "none":
-        return images
-    keys = jax.random.split(key, images.shape[0])
-    return jax.vmap(lambda k, im: _shift_one(k, im, _PAD[kind], _FLIP[kind]))(keys, images)
+    if kind != "none":
+        keys = jax.random.split(key, images.shape[0])
+        images = jax.vmap(lambda k, im: _shift_one(k, im, _PAD[kind], _FLIP[kind]))(keys, images)
+    if auto:
+        from extkd_jax.data.mixing import auto_policy
+
+        images = auto_policy(jax.random.fold_in(key, 1), images)  # a stream apart from the shifts' keys
+    return images

@@ -71,7 +71,8 @@ def _table(header: list[str], rows: list[list[str]], align: str = "---:") -> lis
 def _shifts(results: Results, runs) -> str:
     per_class = list(zip(*[r.bias_shift for r in runs], strict=True))
     return ", ".join(
-        f"{results.class_names[c]} {sum(v) / len(v):+.2f}" for c, v in zip(results.drop_classes, per_class, strict=True)
+        f"{results.class_names[c]}: {sum(v) / len(v):+.2f}"
+        for c, v in zip(results.drop_classes, per_class, strict=True)
     )
 
 
@@ -91,7 +92,8 @@ def summary(results: Results) -> list[str]:
             f"{pct(m.stat('test_acc_corrected'))}% of the whole test set."
         )
     if results.comparisons:
-        lines += ["", "Against KD, seed by seed:", ""] + [f"- {verdict(c)}." for c in results.comparisons]
+        lines += ["", "Seed by seed, against KD and against Extended-KD:", ""]
+        lines += [f"- {verdict(c)}." for c in results.comparisons]
     return lines
 
 
@@ -115,7 +117,12 @@ def write_report(results: Results, workdir: epath.Path, plots: dict[str, str]) -
         f"- **Teacher:** {results.teacher['model']}, {results.teacher['epochs']} epochs, "
         f"{results.teacher['test_acc'] * 100:.1f}% test accuracy, "
         f"{(results.teacher['unseen_acc'] or 0) * 100:.1f}% on the dropped class(es), "
-        f"{seconds(results.teacher['wall_time_s'])}.",
+        f"{seconds(results.teacher['wall_time_s'])}."
+        + "".join(
+            f" Teacher `{run}` (same architecture, its own objective): {t['test_acc'] * 100:.1f}% test accuracy, "
+            f"{(t['unseen_acc'] or 0) * 100:.1f}% on the dropped class(es)."
+            for run, t in results.teacher.get("others", {}).items()
+        ),
         f"- **Students:** {results.student_model}, {results.epochs} epochs; reported seeds {results.seeds}; "
         f"knobs chosen with seed {results.selection_seed}, which is not reported.",
         f"- **Hardware:** {results.hardware['device_kind']} x{results.hardware['device_count']} "
@@ -149,17 +156,18 @@ def write_report(results: Results, workdir: epath.Path, plots: dict[str, str]) -
     out += _table(header, rows) + [MAIN_TABLE_END, ""]
     if results.comparisons:
         out += [
-            "## Paired comparisons with KD",
+            "## Paired comparisons with KD and Extended-KD",
             "",
-            "Per-seed differences (method − kd, same seed: same initialisation and data order); 95% interval "
+            "Per-seed differences (method − baseline, same seed: same initialisation and data order); 95% interval "
             "from Student's t.",
             "",
         ]
         out += _table(
-            ["method", "metric", "n", "mean difference (points)", "95% CI", "verdict"],
+            ["method", "baseline", "metric", "n", "mean difference (points)", "95% CI", "verdict"],
             [
                 [
                     c.method,
+                    c.baseline,
                     c.metric,
                     c.n,
                     points(c.diff_mean),

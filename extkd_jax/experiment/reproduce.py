@@ -101,24 +101,27 @@ def reproduce(
     prepared: dict[str, Datasets] = {}  # per data config: the teacher's, the transfer students', the curve's
 
     def data_for(run_config) -> Datasets:
-        key = json.dumps(run_config.data.to_dict(), sort_keys=True, default=str)
+        # the augmentation does not change what is read: one read serves every augmentation
+        key = json.dumps({**run_config.data.to_dict(), "augment": ""}, sort_keys=True, default=str)
         if key not in prepared:
             prepared[key] = prepare_datasets(run_config.data)
         return prepared[key]
 
     datasets = data_for(config)
-    teacher_run = teacher_config(config)
-    train_and_evaluate(teacher_run, workdir / "teacher", mode="train", datasets=data_for(teacher_run))
     scorer = Scorer(datasets, config.eval_batch_size, config.reproduce.shared_shift, config.reproduce.oracle_correction)
-    teacher_summary = scorer.set_teacher(workdir / "teacher")
+    teachers, teacher_summaries = {}, {}
+    for teacher in dict.fromkeys(METHODS[m].teacher for m in methods if METHODS[m].distils) or ("teacher",):
+        teachers[teacher] = teacher_config(config, teacher)
+        train_and_evaluate(teachers[teacher], workdir / teacher, mode="train", datasets=data_for(teachers[teacher]))
+        teacher_summaries[teacher] = scorer.set_teacher(workdir / teacher, teacher)
 
     def run(method: str, seed: int, knob_value=None, keep_fraction: float = 0.0, selection: bool = False):
-        name = run_name(method, seed, knob_value, keep_fraction, selection)
-        run_config = student_config(config, method, seed, str(workdir / "teacher"), knob_value, keep_fraction)
+        name, teacher = run_name(method, seed, knob_value, keep_fraction, selection), METHODS[method].teacher
+        run_config = student_config(config, method, seed, str(workdir / teacher), knob_value, keep_fraction)
         log.info("reproduce: %s", name)
         mode = "distill" if METHODS[method].distils else "train"
         train_and_evaluate(run_config, workdir / name, mode=mode, datasets=data_for(run_config))
-        return scorer.score(workdir / name, method, seed, name, knob_value, keep_fraction), run_config
+        return scorer.score(workdir / name, method, seed, name, knob_value, keep_fraction, teacher), run_config
 
     results_by_method, run_configs = {}, {}
     for method in methods:
@@ -141,7 +144,7 @@ def reproduce(
         dataset=_dataset_info(config, datasets),
         drop_classes=[int(c) for c in datasets.drop_classes],
         hardware=_hardware(),
-        teacher=_teacher_info(config, teacher_summary, read_metrics(workdir / "teacher")),
+        teacher=_teacher_info(config, teacher_summaries, workdir),
         student_model=config.model.name,
         seeds=reported_seeds(config),
         selection_seed=selection_seed(config),
@@ -153,7 +156,7 @@ def reproduce(
         wall_time_s=time.time() - t_start,
     )
     if is_main:
-        write_outputs(workdir, results, config, teacher_run, run_configs)
+        write_outputs(workdir, results, config, teachers, run_configs)
     return results
 
 
@@ -196,16 +199,22 @@ def _dataset_info(config, datasets: Datasets) -> dict:
     }
 
 
-def _teacher_info(config, summary: dict, records: list[dict]) -> dict:
-    return {
-        "model": config.teacher.name,
-        "test_acc": summary["acc"],
-        "per_class_acc": summary["per_class_acc"],
-        "unseen_acc": summary.get("unseen_acc"),
-        "epochs": records[-1]["epoch"] if records else 0,
-        "wall_time_s": records[-1]["wall_time_s"] if records else float("nan"),
-        "workdir": "teacher",
-    }
+def _teacher_info(config, summaries: dict[str, dict], workdir: epath.Path) -> dict:
+    """The main teacher (the first trained), and the others under "others" (e.g. the PURF teacher)."""
+    info = {}
+    for run, summary in summaries.items():
+        records = read_metrics(workdir / run)
+        info[run] = {
+            "model": config.teacher.name,
+            "test_acc": summary["acc"],
+            "per_class_acc": summary["per_class_acc"],
+            "unseen_acc": summary.get("unseen_acc"),
+            "epochs": records[-1]["epoch"] if records else 0,
+            "wall_time_s": records[-1]["wall_time_s"] if records else float("nan"),
+            "workdir": run,
+        }
+    main, *others = info
+    return {**info[main], "others": {run: info[run] for run in others}}
 
 
 def _describe_correction(config, split: str) -> str:
@@ -230,14 +239,14 @@ def _hardware() -> dict:
     }
 
 
-def write_outputs(workdir: epath.Path, results: Results, config, teacher_run, run_configs: dict) -> None:
+def write_outputs(workdir: epath.Path, results: Results, config, teachers: dict, run_configs: dict) -> None:
     """results.json, the resolved configs, report.md and the plots."""
     from extkd_jax.experiment.plots import write_plots
     from extkd_jax.experiment.report import write_report
 
     configs_dir = workdir / "configs"
     configs_dir.mkdir(parents=True, exist_ok=True)
-    for name, c in {"reproduce": config, "teacher": teacher_run, **run_configs}.items():
+    for name, c in {"reproduce": config, **teachers, **run_configs}.items():
         write_text_atomic(configs_dir / f"{name}.json", json.dumps(config_to_dict(c), indent=2))
     write_text_atomic(workdir / "results.json", results.to_json())
     plots = write_plots(results, workdir)

@@ -203,7 +203,8 @@ class Results:
         """The wall time of every run behind these results (teacher, grid, reported seeds, curve), summed: what a
         rerun from scratch costs on the same machine, whatever was resumed."""
         runs = [r for m in self.methods.values() for r in m.runs + [p.run for p in m.grid]]
-        return self.teacher["wall_time_s"] + sum(r.wall_time_s for r in runs) + sum(p.wall_time_s for p in self.curve)
+        teachers = self.teacher["wall_time_s"] + sum(t["wall_time_s"] for t in self.teacher.get("others", {}).values())
+        return teachers + sum(r.wall_time_s for r in runs) + sum(p.wall_time_s for p in self.curve)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=1, default=_json_default)
@@ -240,13 +241,16 @@ def _json_default(value: Any):
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
-def compare_all(methods: dict[str, MethodResult], baseline: str = "kd") -> list[Comparison]:
-    """Every distilling method against `baseline`, on the headline metrics."""
-    if baseline not in methods:
-        return []
+BASELINES = ("kd", "extended_kd")
+
+
+def compare_all(methods: dict[str, MethodResult]) -> list[Comparison]:
+    """Every distilling method against KD, then every other one against Extended-KD, on the headline metrics."""
     return [
         Comparison.paired(m, methods[baseline], metric)
+        for baseline in BASELINES
+        if baseline in methods
         for name, m in methods.items()
-        if name != baseline and m.loss != "ce"
+        if m.loss != "ce" and name not in BASELINES[: BASELINES.index(baseline) + 1]
         for metric in HEADLINE_METRICS
     ]

@@ -13,12 +13,15 @@ import ml_collections
 
 @dataclasses.dataclass(frozen=True)
 class Method:
-    """A student training method: its loss, the knob tuned on validation, whether it sees the dropped classes."""
+    """A student training method: its loss, the knob tuned on validation, whether it sees the dropped classes,
+    what it adds to the data augmentation, and which teacher it learns from."""
 
     loss: str
     description: str
     knob: str | None = None  # a `loss.*` key
     sees_dropped: bool = False
+    augment: str = ""  # appended to data.augment, e.g. "+mixup"
+    teacher: str = "teacher"  # the experiment's teacher run it distils from: "teacher" or "teacher_purf"
 
     @property
     def distils(self) -> bool:
@@ -39,7 +42,39 @@ METHODS: dict[str, Method] = {
         "extended_kd", "Extended-KD (Yuan & Pan 2019): KD + MSE of every segment through connectors", "segment_weight"
     ),
     "dkd": Method("dkd", "decoupled knowledge distillation (Zhao et al. 2022)", "dkd_beta"),
+    "mkd": Method("mkd", "MKD (Algorithms 2022): mixup inputs, KD mixed at the loss level", "mix_alpha"),
+    "mtkd_ssr": Method(
+        "mtkd_ssr", "MTKD-SSR (IJCV 2023): stage-wise channel and response KD, cross-stage review", "segment_weight"
+    ),
+    "amkd": Method("amkd", "AMKD (2020): KD on boundary samples + triplet margin on embeddings", "triplet_weight"),
+    "pfkd": Method("pfkd", "penultimate-feature KD with teacher labels (Applied Sciences 2024)", "feature_temperature"),
+    "mismatch": Method(
+        "mismatch",
+        "KD under distribution mismatch (LNCS 2021): KD on images sampled near the data "
+        "and classified well by the teacher",
+        "sample_weight",
+    ),
+    "purf_kd": Method(
+        "kd",
+        "KD from a teacher trained with PURF's smoothness regulariser (Applied Soft Computing 2024)",
+        "temperature",
+        teacher="teacher_purf",
+    ),
+    "ssd_kd": Method(
+        "ssd_kd", "SSD-KD (Medical Image Analysis 2023): KD + relational KD + a rotation task", "relation_weight"
+    ),
+    "kd_mixup": Method(
+        "kd",
+        "KD with mixup inputs, teacher and student on the same mix (Neurocomputing 2024)",
+        "temperature",
+        augment="+mixup",
+    ),
+    "kd_cutmix": Method("kd", "KD with CutMix inputs (Neurocomputing 2024)", "temperature", augment="+cutmix"),
+    "kd_auto": Method(
+        "kd", "KD with an AutoAugment-style policy (Neurocomputing 2024)", "temperature", augment="+auto"
+    ),
 }
+TEACHER_RUNS = ("teacher", "teacher_purf")
 
 
 def _copy(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -76,15 +111,16 @@ def check_equal_budgets(config: ml_collections.ConfigDict, methods: tuple[str, .
         )
 
 
-def teacher_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """The teacher: `teacher.name` trained alone with cross-entropy on every class."""
+def teacher_config(config: ml_collections.ConfigDict, run: str = "teacher") -> ml_collections.ConfigDict:
+    """A teacher: `teacher.name` trained alone on every class, with cross-entropy (`teacher`) or with PURF's
+    regulariser (`teacher_purf`)."""
     if not config.teacher.name:
         raise ValueError("teacher.name is empty: `reproduce` needs the teacher architecture")
     c = _copy(config)
     c.kind = "run"
     c.model.name = config.teacher.name
     c.model.kwargs = ml_collections.ConfigDict(config.teacher.kwargs.to_dict())
-    c.loss.name = "ce"
+    c.loss.name = "purf" if run == "teacher_purf" else "ce"
     c.data.drop_classes = ()
     c.data.keep_fraction = 0.0
     c.num_epochs = config.teacher.num_epochs or config.num_epochs
@@ -113,6 +149,7 @@ def student_config(
     elif keep_fraction is not None:
         c.data.keep_fraction = float(keep_fraction)
     c.teacher.workdir = str(teacher_workdir) if spec.distils else ""
+    c.data.augment = config.data.augment + spec.augment
     if knob_value is not None and spec.knob is not None:
         c.loss[spec.knob] = float(knob_value)
     return c

@@ -22,7 +22,7 @@ class Scorer:
         self.shared_shift, self.oracle = shared_shift, oracle
         self.mesh = sharding.make_mesh()
         self._placed: dict[int, dict] = {}  # per eval batch size: the placed val and test images
-        self.teacher_logits: dict[str, np.ndarray] = {}
+        self.teacher_logits: dict[str, dict[str, np.ndarray]] = {}  # per teacher run: val and test logits
 
     def logits(self, workdir: epath.Path) -> dict[str, np.ndarray]:
         network, variables, _ = restore_model(workdir)
@@ -33,21 +33,33 @@ class Scorer:
         variables = sharding.put_replicated(variables, self.mesh)
         return {s: predictor.logits(variables, placed[s]) for s in ("val", "test")}
 
-    def set_teacher(self, workdir: epath.Path) -> dict:
-        """Reads the teacher's logits (its predicted class frequencies are the correction's target)."""
-        self.teacher_logits = self.logits(workdir)
+    def set_teacher(self, workdir: epath.Path, name: str = "teacher") -> dict:
+        """Reads a teacher's logits (its predicted class frequencies are its students' correction target)."""
+        self.teacher_logits[name] = self.logits(workdir)
         ds = self.datasets
-        return classification_summary(self.teacher_logits["test"], ds.test.labels, ds.num_classes, ds.drop_classes)
+        return classification_summary(
+            self.teacher_logits[name]["test"], ds.test.labels, ds.num_classes, ds.drop_classes
+        )
 
     def correction_split(self) -> str:
         """Unlabelled images for the correction: validation when there is one, else (a weaker protocol) test."""
         return "val" if len(self.datasets.val) else "test"
 
-    def score(self, workdir: epath.Path, method: str, seed: int, name: str, knob_value, keep_fraction) -> RunResult:
+    def score(
+        self,
+        workdir: epath.Path,
+        method: str,
+        seed: int,
+        name: str,
+        knob_value,
+        keep_fraction,
+        teacher: str = "teacher",
+    ) -> RunResult:
         ds, classes = self.datasets, list(self.datasets.drop_classes)
         logits = self.logits(workdir)
         split = self.correction_split()
-        shifts = bc.shifts_to_match_teacher(logits[split], self.teacher_logits[split], classes, self.shared_shift)
+        target = self.teacher_logits[teacher][split]  # the student's own teacher
+        shifts = bc.shifts_to_match_teacher(logits[split], target, classes, self.shared_shift)
         test, labels = logits["test"], ds.test.labels
         corrected = bc.shift_logits(test, classes, shifts)
         before = classification_summary(test, labels, ds.num_classes, classes)

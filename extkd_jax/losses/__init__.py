@@ -19,10 +19,26 @@ Contract (see docs/design.md):
 from extkd_jax.losses._core import REDUCTIONS, reduce_loss, sum_and_count
 from extkd_jax.losses.features import attention_transfer, extended_kd_loss, segment_mse
 from extkd_jax.losses.logits import cross_entropy, dkd, kd_kl
+from extkd_jax.losses.relations import (
+    channel_distillation,
+    feature_kl,
+    mixture_kd,
+    rkd_angle,
+    rkd_distance,
+    smoothness,
+    triplet_margin,
+)
 
 __all__ = [
     "REDUCTIONS",
     "attention_transfer",
+    "channel_distillation",
+    "feature_kl",
+    "mixture_kd",
+    "rkd_angle",
+    "rkd_distance",
+    "smoothness",
+    "triplet_margin",
     "cross_entropy",
     "dkd",
     "extended_kd_loss",

@@ -82,12 +82,16 @@ class Checkpointer:
         """Whether the runtime signalled a preemption (Orbax's own detection, agreed on by every process)."""
         return bool(self.manager.reached_preemption(step))
 
-    def restore_latest(self, targets: dict[str, Any]) -> tuple[int, dict[str, Any]] | None:
-        """(step, {item: value}) of the newest step that restores into `targets`; None when there is none."""
+    def restore_latest(self, targets: dict[str, Any], optional: tuple[str, ...] = ()) -> tuple[int, dict] | None:
+        """(step, {item: value}) of the newest step that restores into `targets`; None when there is none. Items in
+        `optional` that a step lacks (written by an older version) come back as None."""
         for step in reversed(self.all_steps()):
+            present = {
+                k: v for k, v in targets.items() if k not in optional or (self.directory / str(step) / k).exists()
+            }
             try:
-                restored = self.manager.restore(step, args=_restore_args(targets))
-                return step, {k: restored[k] for k in targets}
+                restored = self.manager.restore(step, args=_restore_args(present))
+                return step, {k: restored[k] if k in present else None for k in targets}
             except Exception as err:  # noqa: BLE001 - a truncated or corrupt checkpoint: try the one before
                 self.unreadable.add(step)
                 reason = (str(err).strip().splitlines() or [""])[0][:200]

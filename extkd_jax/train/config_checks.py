@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import numbers
 
-from extkd_jax.train.step import LOSS_NAMES, TEACHER_LOSSES
+from extkd_jax.data.augment import parse_augment
+from extkd_jax.train.objectives import LOSS_NAMES, TEACHER_LOSSES
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
 SCHEDULES = ("cosine", "step", "constant")
-AUGMENT_KINDS = ("auto", "cifar", "mnist", "flip", "none")
 DATA_SOURCES = ("npz", "tfds", "sklearn")
 
 
@@ -39,7 +39,10 @@ def check_config(config, mode: str) -> None:
     _choice(mode, "mode", ("train", "distill", "evaluate"))
     data = config.data
     _choice(data.source, "data.source", DATA_SOURCES)
-    _choice(data.augment, "data.augment", AUGMENT_KINDS)
+    try:
+        _, _, mix = parse_augment(data.augment, data.name)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     _choice(data.placement, "data.placement", ("auto", "replicated", "sharded"))
     _number(data.max_train_examples, "data.max_train_examples", minimum=0, integer=True)
     _choice(data.pipeline, "data.pipeline", ("auto", "device", "stream"))
@@ -68,6 +71,24 @@ def check_config(config, mode: str) -> None:
         _number(w, "loss.segment_weight", minimum=0)
     _number(loss.label_smoothing, "loss.label_smoothing", minimum=0, maximum=1)
     _number(loss.at_p, "loss.at_p", minimum=0, strict=True)
+    for key in ("mix_alpha", "feature_temperature"):
+        _number(loss[key], f"loss.{key}", minimum=0, strict=True)
+    for key in (
+        "srd_weight",
+        "crd_weight",
+        "adv_step_size",
+        "triplet_weight",
+        "triplet_margin",
+        "feature_weight",
+        "sample_weight",
+        "purf_weight",
+        "purf_sigma",
+        "relation_weight",
+        "ss_weight",
+    ):
+        _number(loss[key], f"loss.{key}", minimum=0)
+    _number(loss.adv_steps, "loss.adv_steps", minimum=0, integer=True)
+    _number(loss.embedding_size, "loss.embedding_size", minimum=1, integer=True)
     for key in ("segments", "teacher_segments"):
         for i in loss[key]:
             _number(i, f"loss.{key} entry", integer=True)
@@ -101,7 +122,10 @@ def check_config(config, mode: str) -> None:
             raise ConfigError("teacher.workdir is empty: `distill` needs the workdir of a trained teacher")
         if config.teacher.name:
             _choice(config.teacher.name, "teacher.name", model_names())
-    elif mode == "train" and loss.name != "ce":
+    elif mode == "train" and loss.name not in ("ce", "purf"):
         raise ConfigError(
-            f"loss.name={loss.name!r} needs a teacher: use `extkd distill`, or loss.name='ce' for `extkd train`"
+            f"loss.name={loss.name!r} needs a teacher: use `extkd distill`, or loss.name='ce' (or 'purf') for "
+            "`extkd train`"
         )
+    if loss.name == "mkd" and mix != "none":
+        raise ConfigError(f"loss.name='mkd' mixes its own inputs; data.augment={data.augment!r} mixes them again")

@@ -135,9 +135,10 @@ class Batches:
     """The training batches of one epoch after another, one dispatch (`count` steps) at a time."""
 
     def __init__(self, data: RunData, step_fn, mesh, config, placement: str):
-        from extkd_jax.data import default_augmentation
+        from extkd_jax.data.augment import parse_augment
 
-        augment = default_augmentation(config.data.name) if config.data.augment == "auto" else config.data.augment
+        base, auto, _ = parse_augment(config.data.augment, config.data.name)  # the mix happens in the step
+        augment = base + ("+auto" if auto else "")
         self.data, self.key = data, None
         if data.pipeline == "device":
             ds = data.datasets

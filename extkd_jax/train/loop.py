@@ -127,7 +127,7 @@ def train_and_evaluate(
 
     checkpointer = Checkpointer(workdir, keep=config.keep_checkpoints)
     state, partial, data_state = setup.init_state(), {}, None
-    restored = checkpointer.restore_latest({"state": state, "meta": None, "data": None})
+    restored = checkpointer.restore_latest({"state": state, "meta": None, "data": None}, optional=("data",))
     if restored is not None:
         state, meta, data_state = restored[1]["state"], restored[1]["meta"], restored[1]["data"] or None
         partial = meta.get("partial_sums", {})

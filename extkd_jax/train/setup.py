@@ -1,4 +1,5 @@
-"""Builds what a run compiles from its config: the student (+ connectors), the frozen teacher, optimizer, step."""
+"""Builds what a run compiles from its config: the student (+ the modules its loss adds), the frozen teacher, the
+optimizer and the step."""
 
 from __future__ import annotations
 
@@ -11,8 +12,11 @@ import numpy as np
 import optax
 from flax import nnx
 
+from extkd_jax.data.augment import parse_augment
 from extkd_jax.models import Connector, create_model, fold_batchnorm, forward_with_segments
-from extkd_jax.train.step import SEGMENT_LOSSES, Network, Student, TrainState, make_train_step, split
+from extkd_jax.models.common import linear
+from extkd_jax.train.objectives import CONNECTOR_LOSSES, SEGMENT_LOSSES
+from extkd_jax.train.step import Network, Student, TrainState, make_train_step, split
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # Connectors are initialised from their own stream, so adding one never changes the student's initial weights.
@@ -47,7 +51,7 @@ def segment_pairs(loss_config, num_student: int, num_teacher: int) -> tuple[tupl
                 f"loss.name={name!r}: the student has {num_student} segments and the teacher {num_teacher}, and "
                 "no mapping was given; set loss.segments and loss.teacher_segments (equal-length index tuples)"
             )
-        student_idx = (num_student // 2,) if name == "fitnet" else tuple(range(num_student))
+        student_idx = (num_student // 2,) if name == "fitnet" else tuple(range(num_student))  # at, mtkd_ssr: all
     teacher_idx = teacher_idx or student_idx
     if len(student_idx) != len(teacher_idx):
         raise ValueError(f"loss.segments={student_idx} and loss.teacher_segments={teacher_idx} differ in length")
@@ -94,7 +98,7 @@ def create_optimizer(optim_config, learning_rate_fn: optax.Schedule) -> optax.Gr
 class TrainSetup:
     """Everything static a run compiles, and the initial values of what it trains."""
 
-    student: Network  # the Student wrapper (model + connectors): what the step trains
+    student: Network  # the Student wrapper (model + the loss's modules): what the step trains
     model: Network  # the student model alone: what evaluation and checkpoints' "model" item use
     variables: dict  # initial {"params", "batch_stats"} of the Student wrapper
     teacher: Network | None
@@ -131,24 +135,23 @@ def build(
     dtype = DTYPES[config.compute_dtype]
     batch_shape = (2, *input_shape)
     model = build_model(config.model.name, config.model.kwargs, num_classes, config.seed, dtype)
-    pairs, connectors = (), []
+    pairs, extras = (), {}
     teacher_network, teacher_variables = teacher if teacher is not None else (None, None)
     if teacher is not None:
         teacher_shapes = segment_shapes(teacher_network.graph.merge(teacher_variables), batch_shape)
         student_shapes = segment_shapes(model, batch_shape)
         pairs = segment_pairs(config.loss, len(student_shapes), len(teacher_shapes))
-        if config.loss.name in ("fitnet", "extended_kd"):
-            rngs = nnx.Rngs(params=config.seed + CONNECTOR_SEED_OFFSET)
-            connectors = [
-                Connector(student_shapes[s][1:], teacher_shapes[t][1:], rngs=rngs, dtype=dtype) for s, t in pairs
-            ]
+        extras = student_extras(config, num_classes, student_shapes, teacher_shapes, pairs, dtype)
         if config.teacher.fold_batchnorm:
             teacher_network, teacher_variables = fold_network(teacher_network, teacher_variables)
+    elif config.loss.name == "ssd_kd":
+        raise ValueError("loss.name='ssd_kd' needs a teacher")
     model_graph, _ = split(model)
-    graph, variables = split(Student(model, connectors))
+    graph, variables = split(Student(model, **extras))
     student = Network(graph, mean, std, dtype)
     learning_rate_fn = create_learning_rate_fn(config.optim, steps_per_epoch, config.num_epochs)
     tx = create_optimizer(config.optim, learning_rate_fn)
+    _, _, mix = parse_augment(config.data.augment, config.data.name)
     step_fn = make_train_step(
         student,
         config.loss,
@@ -158,6 +161,8 @@ def build(
         teacher_network,
         pairs,
         skip_nonfinite=config.on_nonfinite == "skip",
+        mix=mix,
+        num_classes=num_classes,
     )
     return TrainSetup(
         student,
@@ -170,6 +175,37 @@ def build(
         learning_rate_fn,
         step_fn,
     )
+
+
+class Head(nnx.Module):
+    """A classifier on a stage: global average pooling, then one linear layer (MTKD-SSR's stage heads)."""
+
+    def __init__(self, features: int, classes: int, *, rngs: nnx.Rngs, dtype):
+        self.linear = linear(features, classes, rngs=rngs, dtype=dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.linear(x).astype(jnp.float32)
+
+
+def student_extras(config, num_classes: int, student_shapes, teacher_shapes, pairs, dtype) -> dict:
+    """The trainable modules a loss adds to the student (`Student`'s connectors, heads, projector), initialised
+    from a stream of their own so that adding them never changes the student's initial weights."""
+    rngs = nnx.Rngs(params=config.seed + CONNECTOR_SEED_OFFSET)
+    name, out = config.loss.name, {}
+    if name in CONNECTOR_LOSSES:
+        out["connectors"] = [
+            Connector(student_shapes[s][1:], teacher_shapes[t][1:], rngs=rngs, dtype=dtype) for s, t in pairs
+        ]
+    student_dim, teacher_dim = student_shapes[-1][-1], teacher_shapes[-1][-1]  # penultimate features: channels
+    if name == "mtkd_ssr":
+        out["heads"] = [Head(shape[-1], num_classes, rngs=rngs, dtype=dtype) for shape in student_shapes]
+    elif name == "amkd":
+        out["projector"] = linear(student_dim, config.loss.embedding_size, rngs=rngs, dtype=dtype)
+    elif name == "pfkd":
+        out["projector"] = linear(student_dim, teacher_dim, rngs=rngs, dtype=dtype)
+    elif name == "ssd_kd":
+        out["projector"] = linear(student_dim, 4, rngs=rngs, dtype=dtype)  # the rotation head: 4 quarter turns
+    return out
 
 
 def fold_network(network: Network, variables: dict) -> tuple[Network, dict]:

@@ -4,18 +4,9 @@ A step is the pure function ``step(state, teacher_variables, images, labels, key
 ``make_train_step`` from static pieces (graph definitions, the loss config, the optimizer), so nothing in Python
 runs per step once it is jitted. ``images`` are pixel values (uint8, or float after augmentation); each network
 normalises them with its own statistics (the student with those of its training set, the teacher with those it was
-trained with), so teacher and student see the same images, each as it was taught to.
-
-| loss.name   | total                                                                             |
-|-------------|-----------------------------------------------------------------------------------|
-| ce          | ce                                                                                |
-| kd          | ce_weight * ce + kd_weight * T^2 KL                                               |
-| fitnet      | ce_weight * ce + kd_weight * T^2 KL + segment_weight * MSE(one middle segment)    |
-| extended_kd | ce_weight * ce + kd_weight * T^2 KL + segment_weight * sum_k MSE(segment k)       |
-| at          | ce_weight * ce + kd_weight * T^2 KL + segment_weight * AT(segments)               |
-| dkd         | ce_weight * ce + min(1, epoch / dkd_warmup_epochs) * DKD(alpha, beta, T)          |
-
-Every part is also returned unweighted, for the metrics log.
+trained with), so teacher and student see the same images, each as it was taught to. A batch-level mix
+(`data.augment` "+mixup" / "+cutmix") happens here, before both networks, and turns the labels into soft targets.
+The objectives themselves (what each `loss.name` computes) are in `train/objectives.py`.
 """
 
 from __future__ import annotations
@@ -31,12 +22,9 @@ import numpy as np
 import optax
 from flax import nnx
 
-from extkd_jax import losses
+from extkd_jax.data.mixing import cutmix, mixup
 from extkd_jax.models import forward_with_segments
-
-LOSS_NAMES = ("ce", "kd", "fitnet", "extended_kd", "at", "dkd")
-SEGMENT_LOSSES = ("fitnet", "extended_kd", "at")
-TEACHER_LOSSES = ("kd", "fitnet", "extended_kd", "at", "dkd")
+from extkd_jax.train import objectives
 
 StepFn = Callable[..., tuple["TrainState", dict]]
 
@@ -72,11 +60,21 @@ def split(model: nnx.Module) -> tuple[Graph, dict]:
 
 
 class Student(nnx.Module):
-    """What the optimizer updates: the student model and the modules its loss adds (one connector per pair)."""
+    """What the optimizer updates: the student model and the modules its loss adds: one connector per segment pair
+    (fitnet, extended_kd, mtkd_ssr), heads on its stages (mtkd_ssr), a projector of its penultimate features
+    (amkd's embedding, pfkd's feature match, ssd_kd's rotation head)."""
 
-    def __init__(self, model: nnx.Module, connectors: Sequence[nnx.Module] = ()):
+    def __init__(
+        self,
+        model: nnx.Module,
+        connectors: Sequence[nnx.Module] = (),
+        heads: Sequence[nnx.Module] = (),
+        projector: nnx.Module | None = None,
+    ):
         self.model = model
         self.connectors = nnx.List(list(connectors))
+        self.heads = nnx.List(list(heads))
+        self.projector = projector
 
 
 def normalize(images: jax.Array, mean: Any, std: Any, dtype: Any) -> jax.Array:
@@ -108,52 +106,6 @@ class Network:
         return self.outputs(variables, images)[0]
 
 
-# ------------------------------------------------------------------------------------------------- objective
-
-
-def objective(
-    loss_config,
-    logits: jax.Array,
-    labels: jax.Array,
-    teacher_logits: jax.Array | None = None,
-    student_segments: Sequence[jax.Array] = (),
-    teacher_segments: Sequence[jax.Array] = (),
-    epoch: jax.Array | float = 0.0,
-) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """(total, unweighted parts) of ``loss_config.name``; segments are already paired and through connectors."""
-    name = loss_config.name
-    ce = losses.cross_entropy(logits, labels, loss_config.label_smoothing)
-    if name == "ce":
-        return ce, {"ce": ce}
-    temperature = loss_config.temperature
-    if name in ("fitnet", "extended_kd"):
-        return losses.extended_kd_loss(
-            logits,
-            teacher_logits,
-            labels,
-            list(student_segments),
-            list(teacher_segments),
-            temperature=temperature,
-            ce_weight=loss_config.ce_weight,
-            kd_weight=loss_config.kd_weight,
-            segment_weight=loss_config.segment_weight,
-            label_smoothing=loss_config.label_smoothing,
-        )
-    if name == "dkd":
-        decoupled = losses.dkd(logits, teacher_logits, labels, loss_config.dkd_alpha, loss_config.dkd_beta, temperature)
-        warmup = loss_config.dkd_warmup_epochs
-        ramp = jnp.minimum(1.0, jnp.asarray(epoch, jnp.float32) / warmup) if warmup > 0 else 1.0
-        return loss_config.ce_weight * ce + ramp * decoupled, {"ce": ce, "dkd": decoupled}
-    kd = losses.kd_kl(logits, teacher_logits, temperature)
-    total = loss_config.ce_weight * ce + loss_config.kd_weight * kd
-    if name == "kd":
-        return total, {"ce": ce, "kd": kd}
-    if name == "at":
-        at = losses.attention_transfer(list(student_segments), list(teacher_segments), p=loss_config.at_p)
-        return total + loss_config.segment_weight * at, {"ce": ce, "kd": kd, "at": at}
-    raise ValueError(f"loss.name={name!r}; expected one of {LOSS_NAMES}")
-
-
 # ------------------------------------------------------------------------------------------------------- step
 
 
@@ -166,27 +118,47 @@ def make_train_step(
     teacher: Network | None = None,
     pairs: tuple[tuple[int, int], ...] = (),
     skip_nonfinite: bool = False,
+    mix: str = "none",
+    num_classes: int = 0,
 ) -> StepFn:
-    """The pure step; without a teacher the objective must be ``ce``. ``pairs``: (student, teacher) segments."""
+    """The pure step; without a teacher the objective must be `ce` or `purf`. `pairs`: (student, teacher)
+    segments; `mix`: "none", "mixup" or "cutmix" (with `loss.mix_alpha`)."""
+    mixers = {"mixup": mixup, "cutmix": cutmix}
 
     def step(state: TrainState, teacher_variables, images, labels, key):
-        teacher_logits, teacher_segments = None, []
-        if teacher is not None:
-            teacher_logits, all_segments = teacher.frozen_outputs(teacher_variables, images)
-            teacher_segments = [all_segments[t] for _, t in pairs]
+        mix_key, objective_key, dropout_key = (
+            jax.random.split(key, 3)
+            if mix != "none" or loss_config.name in ("mkd", "amkd", "mismatch", "purf", "ssd_kd")
+            else (None, key, key)
+        )
+        images = jnp.asarray(images, jnp.float32)
+        targets = jax.nn.one_hot(labels, num_classes)
+        if mix != "none":
+            images, targets, _, _ = mixers[mix](mix_key, images, targets, loss_config.mix_alpha)
         epoch = state.step.astype(jnp.float32) / steps_per_epoch
+        run_teacher = None if teacher is None else (lambda x: teacher.frozen_outputs(teacher_variables, x))
+        teacher_logits_fn = None if teacher is None else (lambda x: teacher.logits(teacher_variables, x))
 
         def loss_fn(params):
-            variables = {"params": params, "batch_stats": state.batch_stats}
-            module = student.graph.merge(variables)  # a Student: model + connectors
-            x = normalize(images, student.mean, student.std, student.dtype)
-            logits, segments = forward_with_segments(module.model, x, train=True, rngs=nnx.Rngs(dropout=key))
-            connectors = nnx.view(module.connectors, use_running_average=False, raise_if_not_found=False)
-            # fitnet / extended_kd map each segment through its connector; AT compares raw (channel-pooled) maps
-            paired = [connectors[j](segments[s]) if len(connectors) else segments[s] for j, (s, _) in enumerate(pairs)]
-            total, parts = objective(loss_config, logits, labels, teacher_logits, paired, teacher_segments, epoch)
-            new_stats = nnx.to_pure_dict(nnx.state(module, nnx.BatchStat))
-            return total, (parts, new_stats, logits)
+            module = student.graph.merge({"params": params, "batch_stats": state.batch_stats})
+            run = objectives.run_student_fn(
+                module, lambda x: normalize(x, student.mean, student.std, student.dtype), dropout_key
+            )
+            ctx = objectives.Context(
+                loss_config,
+                images,
+                labels,
+                targets,
+                objective_key,
+                epoch,
+                module,
+                pairs,
+                run,
+                run_teacher,
+                teacher_logits_fn,
+            )
+            total, parts, logits = objectives.objective(ctx)
+            return total, (parts, nnx.to_pure_dict(nnx.state(module, nnx.BatchStat)), logits)
 
         (total, (parts, new_stats, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)

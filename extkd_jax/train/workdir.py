@@ -26,11 +26,17 @@ RESUMABLE_KEYS = (
     "teacher.workdir",  # a moved workdir (e.g. copied back from a TPU VM) is the same experiment
 )
 # Keys that do not change what a workdir of that kind computed: a single run ignores the experiment's settings,
-# and an experiment may be extended (a dark-knowledge curve, the oracle table) without redoing its runs.
+# and an experiment may be extended (more methods, a dark-knowledge curve, the oracle table) without redoing its runs.
 IGNORED_BY_KIND = {
     "train": ("reproduce", "seeds"),
     "distill": ("reproduce", "seeds"),
-    "reproduce": ("reproduce.keep_fractions", "reproduce.curve_methods", "reproduce.oracle_correction"),
+    "reproduce": (
+        "reproduce.methods",
+        "reproduce.grid",
+        "reproduce.keep_fractions",
+        "reproduce.curve_methods",
+        "reproduce.oracle_correction",
+    ),
 }
 
 
@@ -94,10 +100,14 @@ def check_or_write_config(
                 f"workdir {workdir} holds a `{stored.get('kind')}` run; this is a `{kind}` run. Use another --workdir."
             )
         old, new = _flatten(stored["config"]), _flatten(record["config"])
+        defaults = _defaults()
         differing = sorted(
             k
             for k in set(old) | set(new)
             if old.get(k) != new.get(k)
+            # a key a newer version added, at its default (what the older version did), or one it removed
+            and not (k not in old and new.get(k) == defaults.get(k, object()))
+            and k in new
             and k.split(".")[0] not in RESUMABLE_KEYS
             and k not in RESUMABLE_KEYS
             and not any(k == i or k.startswith(i + ".") for i in IGNORED_BY_KIND.get(kind, ()))
@@ -112,6 +122,13 @@ def check_or_write_config(
     if write:
         workdir.mkdir(parents=True, exist_ok=True)
         write_text_atomic(path, json.dumps(record, indent=2))
+
+
+def _defaults() -> dict[str, Any]:
+    """configs/base.py, flattened: what a key absent from an older workdir's config.json meant."""
+    from extkd_jax.configs import base
+
+    return _flatten(config_to_dict(base.get_config()))
 
 
 def _started(workdir: epath.Path) -> bool:
