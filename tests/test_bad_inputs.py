@@ -532,7 +532,10 @@ def test_cli_config_file_with_a_syntax_error(tmp_path, capsys):
 @pytest.mark.parametrize(
     "config,expected",
     [
-        (REPO_ROOT / "configs/cifar10_drop.py", "unknown config variant 'gpu'; expected sizes ['cpu', 'short', 'two']"),
+        (
+            REPO_ROOT / "configs/cifar10_drop.py",
+            "unknown config variant 'gpu'; expected sizes ['conv', 'cpu', 'short', 'two']",
+        ),
         (TINY_CONFIG, "get_config() takes 0 positional arguments but 1 was given"),
     ],
     ids=["preset_with_other_sizes", "preset_without_variants"],

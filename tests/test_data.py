@@ -329,7 +329,7 @@ def test_augment_reproducible_and_position_based(batch):
     np.testing.assert_array_equal(np.asarray(augment_batch(key, batch, "none")), batch)
     with pytest.raises(ValueError, match="known kinds"):
         augment_batch(key, batch, "rotate")
-    assert set(AUGMENTATIONS) == {"cifar", "mnist", "none"}
+    assert set(AUGMENTATIONS) == {"cifar", "mnist", "flip", "none"}
     assert [default_augmentation(n) for n in ("cifar10", "cifar100", "mnist", "fashion_mnist", "digits")] == [
         "cifar",
         "cifar",

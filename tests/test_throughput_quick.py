@@ -66,8 +66,10 @@ def test_device_check_cpu_rehearsal(tmp_path):
         timeout=600,
     )
     summary = json.loads(out.stdout.strip().splitlines()[-1])
-    assert out.returncode == 0, (summary, (tmp_path / "device_check.log").read_text()[-4000:])
-    assert summary["phases"] == {"tests": "ok", "throughput": "ok", "cifar10": "ok", "baseline": "ok"}
+    assert summary["phases"] == {"tests": "ok", "throughput": "ok", "cifar10": "ok", "baseline": "ok"}, (
+        tmp_path / "device_check.log"
+    ).read_text()[-4000:]
+    assert out.returncode == 0
     assert summary["checks"]["tests_passed"] and summary["tests"]["tests"] > 20
     assert summary["throughput"]["img_per_s"]["jax scan bf16_fold"]["8"] > 0
     assert summary["throughput"]["breakdown"]["teacher_forward_ms"] > 0

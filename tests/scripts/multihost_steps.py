@@ -124,9 +124,9 @@ def train_task(workdir: str, data_dir: str, epochs: int) -> dict:
     # what the run read: this process's rows of the transfer set, as the loop chooses them
     from jax.experimental import multihost_utils
 
-    from extkd_jax.train.loop import _datasets_for
+    from extkd_jax.train.data import run_data
 
-    datasets = _datasets_for(config, "sharded", sharding.make_mesh(), None)
+    datasets = run_data(config, sharding.make_mesh(), "sharded").datasets
     source = datasets.plan.train_source
     transfer_bytes = int(datasets.transfer.images.nbytes)
     gathered = multihost_utils.process_allgather(np.asarray([transfer_bytes, source.bytes_read]))
