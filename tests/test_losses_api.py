@@ -17,8 +17,6 @@ from extkd_jax import losses
 from tests.test_losses import ref_ce, ref_kd
 from tests.tiny import REPO_ROOT
 
-pytestmark = pytest.mark.accelerator
-
 
 @pytest.fixture
 def rng():

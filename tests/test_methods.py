@@ -15,7 +15,6 @@ from extkd_jax.train.epoch import make_run_steps
 from tests.test_losses import np_softmax
 from tests.tiny import random_teacher, tiny_config, tiny_setup
 
-pytestmark = pytest.mark.accelerator
 RTOL = 1e-5
 
 
