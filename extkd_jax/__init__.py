@@ -6,7 +6,16 @@ Importing the package imports nothing heavy: `from extkd_jax.losses import kd_kl
 
 from __future__ import annotations
 
+import os
+
 __version__ = "0.2.0"
+
+# A source checkout keeps the presets in <repo>/configs (the wheel ships them as extkd_jax/configs): make them
+# importable as extkd_jax.configs from a checkout used without installing it (tests, PYTHONPATH=., a device copy).
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_CHECKOUT_CONFIGS = os.path.join(os.path.dirname(_HERE), "configs", "base.py")
+if not os.path.isdir(os.path.join(_HERE, "configs")) and os.path.isfile(_CHECKOUT_CONFIGS):
+    __path__.append(os.path.dirname(_HERE))  # noqa: F821 - a package's own __path__
 
 
 def load(workdir, dtype: str | None = None):
