@@ -18,6 +18,8 @@ import re
 # First matching pattern wins; names are cuDNN/cuBLAS/XLA kernel or HLO op names, lower-cased.
 CATEGORIES = (
     ("convolution", r"conv|cudnn|xmma|implicit_gemm|winograd|dgrad|wgrad|fprop"),
+    # XLA:CPU hands convolutions and dots (with what fuses around them) to XNNPACK/YNNPACK or oneDNN
+    ("XNNPACK/oneDNN fusion (conv, dot)", r"^[xy]nn_fusion|onednn"),
     ("matmul", r"gemm|cublas|matmul|dot|sm\d+_xmma|cutlass"),
     ("reduction", r"reduce|reduction"),
     ("copy/transpose", r"copy|memcpy|memset|transpose|dynamic.update|dynamic_update|slice"),

@@ -137,14 +137,16 @@ def main(argv=None) -> dict:
 def _breakdown(args, jax_results: dict) -> dict:
     """The distill step taken apart at the first config's largest batch: teacher forward, student CE step."""
     label, batch = args.configs[0], args.batch_sizes[-1]
-    distill = jax_results[label][str(batch)].get("scan")
+    form = args.forms[0]  # scan on an accelerator, dispatch (the CPU default path) when timed on CPU
+    distill = jax_results[label][str(batch)].get(form)
     if distill is None:
-        return {"error": "no scan measurement to compare with (--forms must include scan)"}
+        return {"error": f"no {form} measurement of {label} at batch {batch} to compare with"}
     dtype, fold = timing.JAX_CONFIGS[label]
     teacher_ms = timing.teacher_forward_ms(timing.Bench(batch, dtype, fold, args.steps), args.reps)
-    student_ms = timing.time_form(timing.Bench(batch, dtype, fold, args.steps, loss="ce"), "scan", args.reps)["step_ms"]
+    student_ms = timing.time_form(timing.Bench(batch, dtype, fold, args.steps, loss="ce"), form, args.reps)["step_ms"]
     out = {
         "config": label,
+        "form": form,
         "batch_size": batch,
         "distill_step_ms": distill["step_ms"],
         "teacher_forward_ms": teacher_ms,

@@ -125,8 +125,14 @@ def test_eight_devices_match_one_device():
     assert result["loss_all"][0] != result["loss_all"][-1]
 
 
-def _extkd(*args, cwd=REPO_ROOT, **popen):
+def _extkd(*args):
     return [sys.executable, "-m", "extkd_jax.cli", *args]
+
+
+def _run_extkd(*args) -> subprocess.CompletedProcess:
+    """`extkd ARGS` in a fresh process on the CPU, from the checkout; output captured."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO_ROOT))
+    return subprocess.run(_extkd(*args), env=env, capture_output=True, text=True, timeout=600, cwd=REPO_ROOT)
 
 
 def _config_flags(config_path, data_dir, extra=()):
@@ -141,14 +147,7 @@ def test_sigkill_mid_run_resumes_to_the_same_result(data_dir, tmp_path):
         ["--config.num_epochs=20", "--config.steps_per_dispatch=1"],
     )
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO_ROOT))
-    full = subprocess.run(
-        _extkd("train", *flags, f"--workdir={tmp_path / 'full'}"),
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=REPO_ROOT,
-    )
+    full = _run_extkd("train", *flags, f"--workdir={tmp_path / 'full'}")
     assert full.returncode == 0, full.stderr[-3000:]
 
     killed_dir = tmp_path / "killed"
@@ -169,14 +168,7 @@ def test_sigkill_mid_run_resumes_to_the_same_result(data_dir, tmp_path):
         proc.send_signal(signal.SIGKILL)
     proc.wait()
     done_before_restart = len(read_metrics(killed_dir))
-    resumed = subprocess.run(
-        _extkd("train", *flags, f"--workdir={killed_dir}"),
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=REPO_ROOT,
-    )
+    resumed = _run_extkd("train", *flags, f"--workdir={killed_dir}")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     a, b = read_metrics(tmp_path / "full"), read_metrics(killed_dir)
     assert [r["epoch"] for r in a] == [r["epoch"] for r in b] == list(range(1, 21))
@@ -201,36 +193,21 @@ def test_sigkill_mid_run_resumes_to_the_same_result(data_dir, tmp_path):
 
 @pytest.mark.slow
 def test_cli_train_distill_evaluate(data_dir, tmp_path):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO_ROOT))
     base = _config_flags(
         REPO_ROOT / "tests/scripts/tiny_config.py",
         data_dir,
         ["--config.optim.learning_rate=0.3", "--config.num_epochs=6", "--config.batch_size=25"],
     )
-    teacher = subprocess.run(
-        _extkd("train", *base, "--config.model.kwargs.hidden_sizes=(64,64)", f"--workdir={tmp_path / 't'}"),
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=REPO_ROOT,
-    )
+    teacher = _run_extkd("train", *base, "--config.model.kwargs.hidden_sizes=(64,64)", f"--workdir={tmp_path / 't'}")
     assert teacher.returncode == 0, teacher.stderr[-3000:]
-    student = subprocess.run(
-        _extkd(
-            "distill",
-            *base,
-            "--config.loss.name=extended_kd",
-            f"--config.teacher.workdir={tmp_path / 't'}",
-            "--config.teacher.name=mlp",
-            "--config.data.drop_classes=(3,)",
-            f"--workdir={tmp_path / 's'}",
-        ),
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=REPO_ROOT,
+    student = _run_extkd(
+        "distill",
+        *base,
+        "--config.loss.name=extended_kd",
+        f"--config.teacher.workdir={tmp_path / 't'}",
+        "--config.teacher.name=mlp",
+        "--config.data.drop_classes=(3,)",
+        f"--workdir={tmp_path / 's'}",
     )
     assert student.returncode == 0, student.stderr[-3000:]
     records = read_metrics(tmp_path / "s")
@@ -250,32 +227,18 @@ def test_cli_train_distill_evaluate(data_dir, tmp_path):
         assert key in records[-1], key
     assert records[-1]["train_loss"] < 0.8 * records[0]["train_loss"]  # it learned
     assert records[-1]["test_acc"] > 0.2  # 10 classes: chance is 0.1
-    evaluation = subprocess.run(
-        _extkd("evaluate", f"--workdir={tmp_path / 's'}"),
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=REPO_ROOT,
-    )
+    evaluation = _run_extkd("evaluate", f"--workdir={tmp_path / 's'}")
     assert evaluation.returncode == 0, evaluation.stderr[-3000:]
     stored = json.loads((tmp_path / "s" / "eval.json").read_text())
     assert stored["test_acc"] == pytest.approx(records[-1]["test_acc"], abs=1e-9)
     # a teacher of another architecture is refused with a clear message
-    wrong = subprocess.run(
-        _extkd(
-            "distill",
-            *base,
-            "--config.loss.name=kd",
-            f"--config.teacher.workdir={tmp_path / 't'}",
-            "--config.teacher.name=resnet20",
-            f"--workdir={tmp_path / 'w'}",
-        ),
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=REPO_ROOT,
+    wrong = _run_extkd(
+        "distill",
+        *base,
+        "--config.loss.name=kd",
+        f"--config.teacher.workdir={tmp_path / 't'}",
+        "--config.teacher.name=resnet20",
+        f"--workdir={tmp_path / 'w'}",
     )
     assert wrong.returncode == 1
     assert "'mlp'" in wrong.stderr and "resnet20" in wrong.stderr

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from tests.tiny import REPO_ROOT
+from tests.tiny import REPO_ROOT, build_wheel
 
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 import profile_summary  # noqa: E402
@@ -56,22 +56,32 @@ def test_bench_times_the_real_step_and_profiles_it(tmp_path):
 
 @pytest.mark.slow
 def test_device_check_cpu_rehearsal(tmp_path):
-    """The whole device check at toy sizes on the CPU, so the GPU run is never its first run."""
+    """The whole device check at toy sizes on the CPU, installing from a wheelhouse as on the device (there only
+    the project's wheel: this interpreter has the dependencies), so the GPU run is never its first run."""
+    wheelhouse = build_wheel(tmp_path / "wheelhouse").parent
+    out_dir = tmp_path / "out"
     env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS")}
     out = subprocess.run(
-        ["bash", str(REPO_ROOT / "benchmarks/device_check.sh"), "--cpu", "--out", str(tmp_path)],
+        [
+            "bash",
+            str(REPO_ROOT / "benchmarks/device_check.sh"),
+            "--cpu",
+            "--wheelhouse",
+            str(wheelhouse),
+            "--out",
+            str(out_dir),
+        ],
         env=env,
         capture_output=True,
         text=True,
         timeout=600,
     )
     summary = json.loads(out.stdout.strip().splitlines()[-1])
-    assert summary["phases"] == {"tests": "ok", "throughput": "ok", "cifar10": "ok", "baseline": "ok"}, (
-        tmp_path / "device_check.log"
-    ).read_text()[-4000:]
+    phases = {"install": "ok", "tests": "ok", "throughput": "ok", "cifar10": "ok", "baseline": "ok"}
+    assert summary["phases"] == phases, (out_dir / "device_check.log").read_text()[-4000:]
     assert out.returncode == 0
     assert summary["checks"]["tests_passed"] and summary["tests"]["tests"] > 20
     assert summary["throughput"]["img_per_s"]["jax scan bf16_fold"]["8"] > 0
     assert summary["throughput"]["breakdown"]["teacher_forward_ms"] > 0
     assert set(summary["cifar10"]["students"]) == {"kd", "extended_kd"}
-    assert len(list(tmp_path.iterdir())) <= 8  # the device tool brings back at most 8 files
+    assert len(list(out_dir.iterdir())) <= 8  # the device tool brings back at most 8 files

@@ -12,7 +12,7 @@ import zipfile
 
 import pytest
 
-from tests.tiny import REPO_ROOT
+from tests.tiny import REPO_ROOT, build_wheel
 
 pytestmark = pytest.mark.slow
 
@@ -21,24 +21,7 @@ pytestmark = pytest.mark.slow
 def venv(tmp_path_factory):
     """A virtualenv holding only the wheel; the dependencies come from this interpreter's site-packages."""
     root = tmp_path_factory.mktemp("wheel")
-    built = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "--no-deps",
-            "--no-build-isolation",
-            "-w",
-            str(root / "dist"),
-            str(REPO_ROOT),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert built.returncode == 0, built.stderr[-3000:]
-    (wheel,) = (root / "dist").glob("extkd_jax-*.whl")
+    wheel = build_wheel(root / "dist")
     names = zipfile.ZipFile(wheel).namelist()
     for module in (
         "extkd_jax/train/loop.py",

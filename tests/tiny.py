@@ -98,3 +98,37 @@ def tiny_setup(config, input_shape, steps_per_epoch: int, teacher=None, mean: fl
         np.full(channels, std, np.float32),
         teacher,
     )
+
+
+def resnet8_step_setup(fold_batchnorm: bool = True):
+    """Config, random teacher and 64 random 8x8 RGB images for the few-step mesh checks (resnet8 -> resnet8,
+    extended_kd, batch 16): the same work on every mesh, so results compare across device counts and hosts."""
+    import jax.numpy as jnp
+
+    config = tiny_config(
+        ".",
+        **{
+            "model.name": "resnet8",
+            "loss.name": "extended_kd",
+            "batch_size": 16,
+            "data.augment": "cifar",
+            "teacher.fold_batchnorm": fold_batchnorm,
+        },
+    )
+    config.model.kwargs = {}
+    teacher = random_teacher("resnet8", dtype=jnp.float32)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(64, 8, 8, 3), dtype=np.uint8)
+    labels = rng.integers(0, 10, size=(64,)).astype(np.int32)
+    return config, teacher, images, labels
+
+
+def build_wheel(dest: pathlib.Path) -> pathlib.Path:
+    """The project's wheel built from this checkout into `dest` (no dependencies, no network)."""
+    import subprocess
+
+    cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(dest), str(REPO_ROOT)]
+    built = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert built.returncode == 0, built.stderr[-3000:]
+    (wheel,) = pathlib.Path(dest).glob("extkd_jax-*.whl")
+    return wheel

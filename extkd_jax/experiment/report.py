@@ -260,3 +260,26 @@ def write_report(results: Results, workdir: epath.Path, plots: dict[str, str]) -
     path = epath.Path(workdir) / "report.md"
     write_text_atomic(path, "\n".join(out))
     return path
+
+
+def readme_table(results: Results) -> str:
+    """The short table the README shows for an experiment (regenerate: python -m extkd_jax.experiment.report
+    docs/results/<name>/results.json); tests/test_docs.py checks the README against the committed results."""
+    dropped = ", ".join(results.dropped_names)
+    rows = [
+        [
+            name if m.knob is None else f"{name} ({m.knob}={m.chosen:g})",
+            pct(m.stat("test_acc_corrected")),
+            pct(m.stat("unseen_acc")),
+            pct(m.stat("unseen_acc_corrected")),
+        ]
+        for name, m in results.methods.items()
+    ]
+    header = ["student", "test acc, corrected (%)", f"{dropped} right, before (%)", f"{dropped} right, corrected (%)"]
+    return "\n".join(_table(header, rows))
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(readme_table(Results.from_json(epath.Path(sys.argv[1]).read_text())))

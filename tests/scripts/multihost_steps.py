@@ -44,30 +44,11 @@ from jax.sharding import Mesh
 sys.path.insert(0, REPO_ROOT)
 from extkd_jax.train import sharding
 from extkd_jax.train.epoch import DeviceDataset, make_run_steps
-from tests.tiny import random_teacher, tiny_config, tiny_setup
-
-
-def steps_setup():
-    config = tiny_config(
-        ".",
-        **{
-            "model.name": "resnet8",
-            "loss.name": "extended_kd",
-            "batch_size": 16,
-            "data.augment": "cifar",
-            "teacher.fold_batchnorm": True,
-        },
-    )
-    config.model.kwargs = {}
-    teacher = random_teacher("resnet8", dtype=jnp.float32)
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, size=(64, 8, 8, 3), dtype=np.uint8)
-    labels = rng.integers(0, 10, size=(64,)).astype(np.int32)
-    return config, teacher, images, labels
+from tests.tiny import resnet8_step_setup, tiny_config, tiny_setup
 
 
 def run_steps_on(mesh, placement: str) -> dict:
-    config, teacher, images, labels = steps_setup()
+    config, teacher, images, labels = resnet8_step_setup()
     sharding.check_batch_divisible(16, mesh)
     program = tiny_setup(config, (8, 8, 3), 4, teacher)
     run_steps = make_run_steps(program.step_fn, mesh, 16, "cifar", placement)

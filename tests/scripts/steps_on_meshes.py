@@ -13,23 +13,9 @@ from jax.sharding import Mesh
 sys.path.insert(0, sys.argv[1])
 from extkd_jax.train import sharding  # noqa: E402
 from extkd_jax.train.epoch import epoch_permutation, make_run_steps  # noqa: E402
-from tests.tiny import random_teacher, tiny_config, tiny_setup  # noqa: E402
+from tests.tiny import resnet8_step_setup, tiny_setup  # noqa: E402
 
-config = tiny_config(
-    ".",
-    **{
-        "model.name": "resnet8",
-        "loss.name": "extended_kd",
-        "batch_size": 16,
-        "data.augment": "cifar",
-        "teacher.fold_batchnorm": sys.argv[2] == "fold",
-    },
-)
-config.model.kwargs = {}
-teacher = random_teacher("resnet8", dtype=jnp.float32)
-rng = np.random.default_rng(0)
-images = rng.integers(0, 256, size=(64, 8, 8, 3), dtype=np.uint8)
-labels = rng.integers(0, 10, size=(64,)).astype(np.int32)
+config, teacher, images, labels = resnet8_step_setup(sys.argv[2] == "fold")
 
 
 def run(devices):
