@@ -4,6 +4,7 @@ extkd train      --config=mnist_teacher --workdir=/tmp/teacher
 extkd distill    --config=mnist_student --workdir=/tmp/student --config.teacher.workdir=/tmp/teacher
 extkd evaluate   --workdir=/tmp/student
 extkd reproduce  [--config=digits_omit3] --workdir=/tmp/omit3
+extkd report     --workdir=/tmp/omit3
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ COMMANDS = {
     "evaluate": "evaluate the newest checkpoint of a workdir (writes eval.json)",
     "reproduce": "the dark-knowledge experiment: teacher, every method, results.json, report.md, plots",
     "import-torch": "a teacher workdir from torchvision ResNet weights (--weights=STATE_DICT.pth)",
+    "report": "print the summary table of a reproduced experiment (DIR/results.json), as the README shows it",
 }
+NO_CONFIG = ("evaluate", "report")
 DEFAULT_PRESET = {"reproduce": "digits_omit3"}
 KINDS = {"train": "run", "distill": "run", "reproduce": "experiment", "import-torch": "run"}
 CONFIG_DOCS = "every config key, with its default and meaning: extkd_jax/configs/base.py (README: Config reference)"
@@ -60,16 +63,22 @@ def usage(command: str | None = None) -> str:
         ] + [f"  {name:<10} {text}" for name, text in COMMANDS.items()]
         lines += ["", "extkd COMMAND --help shows a command's flags; extkd --version the version"]
     else:
-        config = "" if command == "evaluate" else " --config=PRESET[:variant]"
+        config = "" if command in NO_CONFIG else " --config=PRESET[:variant]"
+        overrides = "" if command == "report" else " [--config.key=value ...]"
+        workdir = (
+            "an experiment's directory (local or gs://), holding results.json"
+            if command == "report"
+            else "the run's directory (local or gs://); rerunning the same command resumes"
+        )
         lines = [
-            f"usage: extkd {command}{config} --workdir=DIR [--config.key=value ...]",
+            f"usage: extkd {command}{config} --workdir=DIR{overrides}",
             "",
             COMMANDS[command],
             "",
             "flags:",
-            "  --workdir=DIR       the run's directory (local or gs://); rerunning the same command resumes",
+            f"  --workdir=DIR       {workdir}",
         ]
-        if command != "evaluate":
+        if command not in NO_CONFIG:
             default = DEFAULT_PRESET.get(command)
             lines += [
                 "  --config=PRESET     a preset name or a config file path; `:variant` is passed to its",
@@ -77,7 +86,7 @@ def usage(command: str | None = None) -> str:
                 + (f"; default {default}" if default else ""),
                 "  --config.KEY=VALUE  override one config key (e.g. --config.num_epochs=5)",
             ]
-        else:
+        elif command == "evaluate":
             lines += ["  --config=PRESET     optional: evaluate with another data config than the run's"]
     lines += ["", f"presets: {', '.join(preset_names())}", CONFIG_DOCS]
     return "\n".join(lines)
@@ -91,7 +100,7 @@ def parse_flags(command: str, args: list[str]):
     given = [a for a in args if a.startswith("--config=")]
     if not given and command in DEFAULT_PRESET:
         args = [f"--config={DEFAULT_PRESET[command]}"] + args
-    elif not given and command != "evaluate":
+    elif not given and command not in NO_CONFIG:
         raise UsageError(f"`extkd {command}` needs --config=PRESET; presets: {', '.join(preset_names())}")
     args = [f"--config={config_file(a.split('=', 1)[1])}" if a.startswith("--config=") else a for a in args]
     argv = [f"extkd {command}"] + args
@@ -125,6 +134,8 @@ def parse_flags(command: str, args: list[str]):
         raise UsageError(f"unexpected arguments {rest[1:]}; flags are --config, --config.KEY=VALUE, --workdir")
     if not flag_values.workdir:
         raise UsageError(f"`extkd {command}` needs --workdir=DIR")
+    if config is not None and command == "report":
+        raise UsageError("`extkd report` takes only --workdir (the experiment's results.json is its input)")
     if config is not None and command in KINDS and config.get("kind", "run") != KINDS[command]:
         raise UsageError(_wrong_kind(command, config.get("kind", "run"), given[0] if given else ""))
     if (command == "import-torch") != bool(flag_values.weights):
@@ -166,6 +177,10 @@ def run(command: str, config, workdir: str, command_line: str, weights: str | No
         from extkd_jax.train.evaluate import evaluate_workdir
 
         return evaluate_workdir(workdir, config)
+    if command == "report":
+        from extkd_jax.experiment.report import readme_table_of
+
+        return {"table": readme_table_of(workdir)}
     from extkd_jax.experiment.reproduce import reproduce
 
     preset = next(
@@ -204,6 +219,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, FloatingPointError) as err:
         print(f"extkd {command}: error: {err}", file=sys.stderr)
         return 1
+    if command == "report":
+        print(result["table"])
+        return 0
     if not isinstance(result, dict):  # reproduce's Results
         result = {"report": f"{workdir}/report.md", "wall_time_s": result.wall_time_s}
     summary = {k: v for k, v in result.items() if not isinstance(v, (list, dict))}

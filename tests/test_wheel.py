@@ -12,6 +12,7 @@ import zipfile
 
 import pytest
 
+from extkd_jax.cli import COMMANDS
 from tests.tiny import REPO_ROOT, build_wheel
 
 pytestmark = pytest.mark.slow
@@ -64,7 +65,7 @@ def test_the_installed_package_is_the_wheel(venv):
 def test_version_and_help_of_every_subcommand(venv):
     version = _run(venv, venv["extkd"], "--version")
     assert version.returncode == 0 and version.stdout.startswith("extkd_jax ")
-    for command in ("train", "distill", "evaluate", "reproduce"):
+    for command in COMMANDS:
         out = _run(venv, venv["extkd"], command, "--help")
         assert out.returncode == 0, out.stderr
         assert f"usage: extkd {command}" in out.stdout and "presets: cifar10_drop, digits_omit3" in out.stdout
@@ -95,3 +96,9 @@ print(json.dumps({{"shape": list(logits.shape), "acc": float((logits.argmax(1) =
     evaluated = json.loads((workdir / "runs/kd/seed_0/metrics.jsonl").read_text().splitlines()[-1])
     assert result["shape"] == [597, 10]
     assert result["acc"] == pytest.approx(evaluated["test_acc"], abs=1e-9)  # the loader agrees with the run
+    # the README's table of the experiment, from its results.json
+    table = _run(venv, venv["extkd"], "report", f"--workdir={workdir}")
+    assert table.returncode == 0, table.stderr[-3000:]
+    rows = {line.split(" | ")[0].strip("| ") for line in table.stdout.splitlines()[2:]}
+    stored = json.loads((workdir / "results.json").read_text())
+    assert {row.split(" (")[0] for row in rows} == set(stored["methods"])

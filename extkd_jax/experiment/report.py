@@ -263,8 +263,8 @@ def write_report(results: Results, workdir: epath.Path, plots: dict[str, str]) -
 
 
 def readme_table(results: Results) -> str:
-    """The short table the README shows for an experiment (regenerate: python -m extkd_jax.experiment.report
-    docs/results/<name>/results.json); tests/test_docs.py checks the README against the committed results."""
+    """The short table the README shows for an experiment; tests/test_docs.py checks the README against the
+    committed results."""
     dropped = ", ".join(results.dropped_names)
     rows = [
         [
@@ -279,7 +279,9 @@ def readme_table(results: Results) -> str:
     return "\n".join(_table(header, rows))
 
 
-if __name__ == "__main__":
-    import sys
-
-    print(readme_table(Results.from_json(epath.Path(sys.argv[1]).read_text())))
+def readme_table_of(workdir: str | epath.Path) -> str:
+    """`extkd report --workdir=DIR`: the README table of DIR/results.json."""
+    path = epath.Path(workdir) / "results.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: `extkd reproduce --workdir={workdir}` writes it")
+    return readme_table(Results.from_json(path.read_text()))
