@@ -77,6 +77,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.teacher.kwargs = ml_collections.ConfigDict()
     c.teacher.workdir = ""  # workdir of the `extkd train` run that produced the teacher
     c.teacher.fold_batchnorm = True
+    c.teacher.allow_unfinished = False  # `distill`: accept a teacher whose run has not finished (refused otherwise)
     c.teacher.num_epochs = 0  # `reproduce`: epochs of the teacher run (0 = num_epochs)
     c.teacher.learning_rate = 0.0  # `reproduce`: teacher learning rate (0 = optim.learning_rate)
 

@@ -111,8 +111,6 @@ def parse_flags(command: str, args: list[str]):
     try:
         rest = flag_values(argv)
         config = flag_values.config
-        if config is not None and not callable(getattr(config, "get", None)):
-            raise UsageError(f"--config: get_config() returned {type(config).__name__}, expected a ConfigDict")
     except (AttributeError, KeyError) as err:
         if "get_config" in str(err):
             raise UsageError(f"{given[0] if given else '--config'} defines no get_config() function") from None
@@ -130,6 +128,11 @@ def parse_flags(command: str, args: list[str]):
         message = str(err).strip().splitlines()
         # a ValueError inside get_config (e.g. an unknown variant) arrives wrapped with its traceback
         raise UsageError(message[-1] if "Error whilst parsing config file" in str(err) else message[0]) from None
+    except Exception as err:  # noqa: BLE001 - get_config() itself raised: the user's file, not ours
+        where = given[0] if given else "--config"
+        raise UsageError(f"{where}: get_config() raised {type(err).__name__}: {err}") from None
+    if given or command in DEFAULT_PRESET:
+        _check_config_object(config, given[0] if given else f"--config={DEFAULT_PRESET[command]}")
     if len(rest) > 1:
         raise UsageError(f"unexpected arguments {rest[1:]}; flags are --config, --config.KEY=VALUE, --workdir")
     if not flag_values.workdir:
@@ -141,6 +144,27 @@ def parse_flags(command: str, args: list[str]):
     if (command == "import-torch") != bool(flag_values.weights):
         raise UsageError("--weights=FILE goes with `extkd import-torch` (and it needs one)")
     return config, flag_values.workdir, flag_values.weights
+
+
+def _check_config_object(config, given: str) -> None:
+    """get_config() must return a ConfigDict holding every key of configs/base.py."""
+    import ml_collections
+
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise UsageError(
+            f"{given}: get_config() returned {type(config).__name__}, expected an ml_collections.ConfigDict "
+            "(start from `from extkd_jax.configs import base; config = base.get_config()`)"
+        )
+    from extkd_jax.configs import base
+    from extkd_jax.train.workdir import config_to_dict, flatten
+
+    missing = sorted(set(flatten(config_to_dict(base.get_config()))) - set(flatten(config_to_dict(config))))
+    if missing:
+        shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+        raise UsageError(
+            f"{given}: the config lacks keys every run needs: {shown}; build presets on configs/base.py "
+            "(`from extkd_jax.configs import base; config = base.get_config()`, then change what differs)"
+        )
 
 
 def _wrong_kind(command: str, kind: str, given: str) -> str:
@@ -207,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     if any(a in ("-h", "--help", "--helpfull") for a in args):
         print(usage(command))
         return 0
+    from extkd_jax.train.lock import WorkdirLockedError
+
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("extkd_jax").setLevel(logging.INFO)
     try:
@@ -216,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as err:
         print(f"extkd: error: {err}", file=sys.stderr)
         return 2
-    except (ValueError, FileNotFoundError, FloatingPointError) as err:
+    except (ValueError, OSError, FloatingPointError, WorkdirLockedError) as err:  # bad input; held or read-only dir
         print(f"extkd {command}: error: {err}", file=sys.stderr)
         return 1
     if command == "report":

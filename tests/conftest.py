@@ -1,7 +1,9 @@
-"""Shared test set-up: a persistent XLA compilation cache so repeated programs compile once."""
+"""Shared test set-up: a persistent XLA compilation cache so repeated programs compile once; the tiny data set and
+a finished run that several test files use."""
 
 import os
 import pathlib
+import shutil
 
 import pytest
 
@@ -29,3 +31,34 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 @pytest.fixture
 def repo_root() -> pathlib.Path:
     return REPO_ROOT
+
+
+# runs that are later extended use a constant rate: num_epochs may change on resume only then
+CONSTANT = {"optim.schedule": "constant"}
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> pathlib.Path:
+    """The tiny learnable data set (tests/tiny.py) in the npz layout."""
+    from tests.tiny import write_tiny_npz
+
+    return write_tiny_npz(tmp_path_factory.mktemp("data") / "mnist")
+
+
+@pytest.fixture(scope="module")
+def finished(data_dir, tmp_path_factory) -> pathlib.Path:
+    """A finished 3-epoch `train` run at a constant rate, a checkpoint per epoch, all kept: steps 7, 14, 21."""
+    from extkd_jax.train.loop import train_and_evaluate
+    from tests.tiny import tiny_config
+
+    workdir = tmp_path_factory.mktemp("finished") / "run"
+    train_and_evaluate(tiny_config(data_dir, keep_checkpoints=3, **CONSTANT), workdir, mode="train")
+    return workdir
+
+
+@pytest.fixture
+def copy_of_finished(finished, tmp_path) -> pathlib.Path:
+    """A copy of `finished` that a test may damage."""
+    workdir = tmp_path / "run"
+    shutil.copytree(finished, workdir)
+    return workdir

@@ -27,11 +27,6 @@ TINY_CONFIG = REPO_ROOT / "tests/scripts/tiny_config.py"
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> pathlib.Path:
-    return write_tiny_npz(tmp_path_factory.mktemp("data") / "mnist")
-
-
-@pytest.fixture(scope="module")
 def teacher_dir(data_dir, tmp_path_factory) -> pathlib.Path:
     """A finished `extkd train` run: mlp(64, 64), 1 epoch."""
     workdir = tmp_path_factory.mktemp("teacher") / "run"
@@ -73,10 +68,10 @@ def refused(exc_type, fn, *fragments: str) -> str:
 
 
 def no_results(workdir: pathlib.Path) -> None:
-    """A refused run left no results: at most its config.json (and an empty checkpoints folder)."""
+    """A refused run left no results: at most its config.json, its lock file and an empty checkpoints folder."""
     if workdir.exists():
         entries = {p.name for p in workdir.iterdir()}
-        assert entries <= {"config.json", "checkpoints"}, entries
+        assert entries <= {"config.json", "checkpoints", ".lock"}, entries
         if (workdir / "checkpoints").exists():
             assert not any((workdir / "checkpoints").iterdir())
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import pathlib
 import signal
 import subprocess
 import sys
@@ -23,12 +22,7 @@ from extkd_jax.train.config_checks import ConfigError, check_config
 from extkd_jax.train.epoch import epoch_permutation, make_run_steps
 from extkd_jax.train.loop import NonFiniteLossError, train_and_evaluate
 from extkd_jax.train.metrics import read_metrics
-from tests.tiny import REPO_ROOT, random_teacher, tiny_config, tiny_setup, write_tiny_npz
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> pathlib.Path:
-    return write_tiny_npz(tmp_path_factory.mktemp("data") / "mnist")
+from tests.tiny import REPO_ROOT, random_teacher, tiny_config, tiny_setup
 
 
 def _one_device_mesh() -> Mesh:
@@ -106,18 +100,23 @@ def test_no_dropped_label_ever_reaches_a_training_batch(data_dir):
     assert set(np.unique(seen)) == set(range(10)) - {3, 7}
 
 
-@pytest.mark.slow
-def test_eight_devices_match_one_device():
+def _on_eight_cpu_devices(script: str, *args: str) -> dict:
+    """Runs tests/scripts/SCRIPT with 8 host CPU devices; its last stdout line, parsed as JSON."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
     out = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "tests/scripts/steps_on_meshes.py"), str(REPO_ROOT), "fold"],
+        [sys.executable, str(REPO_ROOT / "tests/scripts" / script), str(REPO_ROOT), *args],
         env=env,
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    result = json.loads(out.stdout.strip().splitlines()[-1])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_eight_devices_match_one_device():
+    result = _on_eight_cpu_devices("steps_on_meshes.py", "fold")
     assert result["devices"] == 8
     assert result["loss_diff"] <= 1e-5
     assert result["param_diff"] <= 1e-5
@@ -140,6 +139,7 @@ def _config_flags(config_path, data_dir, extra=()):
 
 
 @pytest.mark.slow
+@pytest.mark.fault
 def test_sigkill_mid_run_resumes_to_the_same_result(data_dir, tmp_path):
     flags = _config_flags(
         REPO_ROOT / "tests/scripts/tiny_config.py",
@@ -248,12 +248,18 @@ def test_nonfinite_loss_stops_with_the_step_named(data_dir, tmp_path):
     config = tiny_config(data_dir, **{"optim.learning_rate": 1e6, "num_epochs": 4, "model.kwargs.dropout": 0.0})
     with pytest.raises(NonFiniteLossError, match=r"non-finite loss at step \d+: .*ce"):
         train_and_evaluate(config, tmp_path / "nan", mode="train")
+    # skipping: the first steps are finite and throw the weights far; the later ones are skipped
     skipped = tiny_config(
-        data_dir, **{"optim.learning_rate": 1e6, "num_epochs": 2, "on_nonfinite": "skip", "model.kwargs.dropout": 0.0}
+        data_dir, **{"optim.learning_rate": 1e6, "num_epochs": 1, "on_nonfinite": "skip", "model.kwargs.dropout": 0.0}
     )
     record = train_and_evaluate(skipped, tmp_path / "skip", mode="train")
-    assert record["train_nonfinite"] > 0
+    steps = record["step"]
+    assert 0 < record["train_skipped_steps"] < steps
     assert np.isfinite(record["test_acc"])
+    # an epoch in which every step is skipped is a failure, not a result
+    skipped.num_epochs = 2
+    with pytest.raises(NonFiniteLossError, match=f"skipped every one of the {steps} steps of epoch 2"):
+        train_and_evaluate(skipped, tmp_path / "skip_2", mode="train")
 
 
 BAD_VALUES = [
@@ -330,16 +336,7 @@ def test_cli_usage_errors(args, message, capsys):
 
 @pytest.mark.slow
 def test_sharded_placement_each_device_draws_from_its_own_slice(tmp_path):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    out = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "tests/scripts/sharded_epoch.py"), str(REPO_ROOT), str(tmp_path)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result = _on_eight_cpu_devices("sharded_epoch.py", str(tmp_path))
     assert result["devices"] == 8
     assert result["steps"] == (203 // 8) // (16 // 8)  # 12 steps of 2 examples per device
     used = result["used"]

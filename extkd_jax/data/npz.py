@@ -14,6 +14,7 @@ import os
 import re
 import struct
 import zipfile
+import zlib
 
 import numpy as np
 from etils import epath
@@ -87,15 +88,27 @@ def _memory_map(path: epath.Path, zf: zipfile.ZipFile, info: zipfile.ZipInfo) ->
     return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
 
 
+class DamagedFileError(ValueError):
+    """An npz file that cannot be read: empty, truncated, overwritten or corrupted."""
+
+
 def read_member(path: epath.Path, key: str, mmap: bool = True) -> np.ndarray:
-    """Array `key` of an npz file: memory-mapped when possible (and `mmap`), else read whole."""
-    with path.open("rb") as raw, zipfile.ZipFile(raw) as zf:
-        names = [n.removesuffix(".npy") for n in zf.namelist()]
-        if key not in names:
-            # ValueError (not KeyError): a bad input file, reported like the other data errors
-            raise ValueError(f"{path} has no array {key!r}; it holds {sorted(names)}")
-        info = zf.getinfo(key + ".npy")
-        mapped = _memory_map(path, zf, info) if mmap else None
-        if mapped is not None:
-            return mapped
-        return np.load(io.BytesIO(zf.read(info)), allow_pickle=False)
+    """Array `key` of an npz file: memory-mapped when possible (and `mmap`), else read whole (its CRC checked)."""
+    try:
+        with path.open("rb") as raw, zipfile.ZipFile(raw) as zf:
+            names = [n.removesuffix(".npy") for n in zf.namelist()]
+            if key not in names:
+                # ValueError (not KeyError): a bad input file, reported like the other data errors
+                raise ValueError(f"{path} has no array {key!r}; it holds {sorted(names)}")
+            info = zf.getinfo(key + ".npy")
+            mapped = _memory_map(path, zf, info) if mmap else None
+            if mapped is not None:
+                return mapped
+            return np.load(io.BytesIO(zf.read(info)), allow_pickle=False)
+    except (zipfile.BadZipFile, EOFError, OSError, struct.error, ValueError, zlib.error) as err:
+        if isinstance(err, ValueError) and str(path) in str(err):
+            raise
+        raise DamagedFileError(
+            f"{path} cannot be read as an npz file ({type(err).__name__}: {err}); it is damaged (empty, truncated "
+            "or overwritten): copy it again from its source"
+        ) from None

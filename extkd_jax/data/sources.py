@@ -222,7 +222,7 @@ class TfdsSplit(Split):
         tfds_split = TFDS_SPLITS.get(name, {}).get(split, split)
         try:
             self.source = tfds.data_source(name, split=tfds_split, data_dir=data_dir or None, download=False)
-        except (NotImplementedError, AssertionError, FileNotFoundError, OSError, ValueError) as err:
+        except Exception as err:  # noqa: BLE001 - tfds reports an unprepared dataset in many ways (KeyError too)
             raise FileNotFoundError(
                 f"tfds dataset {name!r} split {tfds_split!r} is not prepared in ArrayRecord format under data_dir "
                 f"{data_dir or '(TFDS default)'}; prepare it with `tfds build {name} --file_format=array_record "
@@ -231,7 +231,7 @@ class TfdsSplit(Split):
         if len(self.source) == 0:
             raise ValueError(f"tfds dataset {name!r} split {tfds_split!r} is empty")
         self.name = name
-        self.num_classes = KNOWN_NUM_CLASSES[name]
+        self.num_classes = KNOWN_NUM_CLASSES.get(name, 0)
         info = getattr(self.source, "dataset_info", None)
         try:
             self.num_classes = int(info.features["label"].num_classes)

@@ -284,4 +284,8 @@ def readme_table_of(workdir: str | epath.Path) -> str:
     path = epath.Path(workdir) / "results.json"
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: `extkd reproduce --workdir={workdir}` writes it")
-    return readme_table(Results.from_json(path.read_text()))
+    fix = f"rerun `extkd reproduce` with the same config and --workdir={workdir} to write it again"
+    try:
+        return readme_table(Results.from_json(path.read_text()))
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{path} is not a readable results file ({type(err).__name__}: {err}); {fix}") from None

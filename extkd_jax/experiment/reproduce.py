@@ -21,6 +21,7 @@ import time
 
 import jax
 import ml_collections
+import numpy as np
 from etils import epath
 
 from extkd_jax.data import Datasets, prepare_datasets
@@ -35,8 +36,12 @@ from extkd_jax.experiment.runs import (
     teacher_config,
 )
 from extkd_jax.experiment.scoring import Scorer
+from extkd_jax.train.config_checks import check_config
+from extkd_jax.train.lock import WorkdirLock
 from extkd_jax.train.loop import maybe_initialize_distributed, train_and_evaluate
 from extkd_jax.train.metrics import read_metrics
+from extkd_jax.train.setup import DTYPES, build, build_model
+from extkd_jax.train.step import Network, split
 from extkd_jax.train.workdir import check_or_write_config, config_to_dict, write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -50,6 +55,8 @@ DATASET_NOTES = {
 def check_experiment(config: ml_collections.ConfigDict) -> tuple[str, ...]:
     """The experiment's own checks, before anything runs; returns its methods."""
     methods = methods_of(config)
+    if not methods:
+        raise ValueError(f"reproduce.methods is empty; expected some of {tuple(METHODS)}")
     if config.seeds < 1:
         raise ValueError(f"seeds={config.seeds}: expected at least 1")
     if not config.data.drop_classes:
@@ -69,6 +76,37 @@ def check_experiment(config: ml_collections.ConfigDict) -> tuple[str, ...]:
         if not 0.0 <= f < 1.0:
             raise ValueError(f"reproduce.keep_fractions holds {f}; expected fractions in [0, 1)")
     return methods
+
+
+def preflight(config: ml_collections.ConfigDict, methods: tuple[str, ...], workdir: epath.Path, datasets) -> None:
+    """Every check a run of the experiment would make, made before the first run: each teacher's and each
+    student's config (every grid value), and each method's student built against an untrained teacher of the
+    teacher's architecture (segment indices, connectors, heads), so a bad value never surfaces hours in."""
+    input_shape = tuple(datasets.transfer.images.shape[1:])
+    mean, std = np.zeros(input_shape[-1], np.float32), np.ones(input_shape[-1], np.float32)
+    random_teachers = {}
+    for name in dict.fromkeys(METHODS[m].teacher for m in methods if METHODS[m].distils) or ("teacher",):
+        c = teacher_config(config, name)
+        check_config(c, "train")
+        model = build_model(c.model.name, c.model.kwargs, datasets.num_classes, c.seed, DTYPES[c.compute_dtype])
+        graph, variables = split(model)
+        random_teachers[name] = (Network(graph, mean, std, DTYPES[c.compute_dtype]), variables)
+    for method in methods:
+        spec = METHODS[method]
+        mode = "distill" if spec.distils else "train"
+        configs = [
+            student_config(config, method, config.seed, str(workdir / spec.teacher), value)
+            for value in (grid_of(config, method) or (None,))
+        ]
+        for c in configs:
+            try:
+                check_config(c, mode)
+            except ValueError as err:
+                raise ValueError(f"method {method}: {err}") from None
+        try:
+            build(configs[0], datasets.num_classes, input_shape, 1, mean, std, random_teachers.get(spec.teacher))
+        except ValueError as err:
+            raise ValueError(f"method {method}: {err}") from None
 
 
 def reported_seeds(config) -> list[int]:
@@ -97,7 +135,7 @@ def reproduce(
     workdir = epath.Path(workdir)
     methods = check_experiment(config)
     is_main = jax.process_index() == 0
-    check_or_write_config(workdir, config, kind="reproduce", write=is_main)
+    check_or_write_config(workdir, config, kind="reproduce", write=False)  # another experiment: refused, untouched
     prepared: dict[str, Datasets] = {}  # per data config: the teacher's, the transfer students', the curve's
 
     def data_for(run_config) -> Datasets:
@@ -108,6 +146,15 @@ def reproduce(
         return prepared[key]
 
     datasets = data_for(config)
+    preflight(config, methods, workdir, datasets)
+    with WorkdirLock(workdir, "reproduce", enabled=is_main):
+        check_or_write_config(workdir, config, kind="reproduce", write=is_main)
+        return _reproduce(config, workdir, preset, command_line, methods, data_for, datasets, t_start)
+
+
+def _reproduce(config, workdir, preset, command_line, methods, data_for, datasets, t_start) -> Results:
+    """The experiment's runs and outputs, with its workdir held (see `reproduce`)."""
+    is_main = jax.process_index() == 0
     scorer = Scorer(datasets, config.eval_batch_size, config.reproduce.shared_shift, config.reproduce.oracle_correction)
     teachers, teacher_summaries = {}, {}
     for teacher in dict.fromkeys(METHODS[m].teacher for m in methods if METHODS[m].distils) or ("teacher",):

@@ -5,27 +5,48 @@ Items of each checkpoint step:
   model  the trained model's own variables ({"params", "batch_stats"}): what `extkd_jax.load` restores;
   card   JSON: what using the model needs (architecture, classes, input shape, normalisation, dtype);
   meta   JSON: where the run stands (epoch, partial sums of a preempted epoch);
-  data   JSON: the stream pipeline's iterator state (empty for the device-resident pipeline).
+  data   JSON: the stream pipeline's iterator state (empty for the device-resident pipeline);
+  digest JSON: a SHA-256 of each array item as saved (Orbax keeps no checksums of its own).
 
 Orbax writes each step into a temporary directory and renames it when complete, so a checkpoint is never
 half-written. `restore_latest` tries the newest step first and falls back to older ones, with a warning, when a
-step cannot be read; a later save of that step replaces the unreadable one. Paths go through `etils.epath`, so a
+step cannot be read or its arrays do not match their digest (a flipped byte on disk); a later save of that step
+replaces the unreadable one. Paths go through `etils.epath`, so a
 `gs://` workdir works like a local one.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import warnings
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
 log = logging.getLogger(__name__)
 
-JSON_ITEMS = ("card", "meta", "data")
+JSON_ITEMS = ("card", "meta", "data", "digest")
+
+
+class ChecksumError(ValueError):
+    """A checkpoint's arrays differ from the digest written with them."""
+
+
+def tree_digest(tree: Any) -> str | None:
+    """SHA-256 over a pytree's leaves (key path, dtype, shape and bytes of each), or None when an array is not
+    fully addressable from this process (a multi-host sharded array: not verified)."""
+    h = hashlib.sha256()
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+            return None
+        array = np.asarray(leaf)
+        h.update(f"{jax.tree_util.keystr(path)}|{array.dtype}|{array.shape}|".encode())
+        h.update(np.ascontiguousarray(array).tobytes())
+    return h.hexdigest()
 
 
 def checkpoint_dir(workdir: str | epath.PathLike) -> epath.Path:
@@ -75,7 +96,8 @@ class Checkpointer:
             log.warning("replacing the unreadable checkpoint step %d in %s", step, self.directory)
             self.manager.delete(step)
             self.unreadable.discard(step)
-        self.manager.save(step, args=_save_args(items), force=True)
+        digest = {k: tree_digest(v) for k, v in items.items() if k not in JSON_ITEMS}
+        self.manager.save(step, args=_save_args({**items, "digest": digest}), force=True)
         self.manager.wait_until_finished()
 
     def reached_preemption(self, step: int) -> bool:
@@ -89,8 +111,13 @@ class Checkpointer:
             present = {
                 k: v for k, v in targets.items() if k not in optional or (self.directory / str(step) / k).exists()
             }
+            has_digest = (self.directory / str(step) / "digest").exists()
             try:
-                restored = self.manager.restore(step, args=_restore_args(present))
+                restored = self.manager.restore(
+                    step, args=_restore_args({**present, **({"digest": None} if has_digest else {})})
+                )
+                if has_digest:
+                    _verify(restored, present, step)
                 return step, {k: restored[k] if k in present else None for k in targets}
             except Exception as err:  # noqa: BLE001 - a truncated or corrupt checkpoint: try the one before
                 self.unreadable.add(step)
@@ -104,3 +131,14 @@ class Checkpointer:
 
     def close(self) -> None:
         self.manager.close()
+
+
+def _verify(restored, present: dict[str, Any], step: int) -> None:
+    """Raises ChecksumError when a restored array item does not hash to its stored digest."""
+    stored = restored["digest"] or {}
+    for item in present:
+        if item in JSON_ITEMS or stored.get(item) is None:
+            continue
+        actual = tree_digest(restored[item])
+        if actual is not None and actual != stored[item]:
+            raise ChecksumError(f"the arrays of item {item!r} of step {step} do not match their SHA-256 digest")

@@ -51,6 +51,8 @@ def check_config(config, mode: str) -> None:
     _number(data.stats_sample, "data.stats_sample", minimum=0, integer=True)
     _number(data.read_threads, "data.read_threads", minimum=1, integer=True)
     _number(data.val_size, "data.val_size", minimum=0, integer=True)
+    _number(data.seed, "data.seed", minimum=0, integer=True)
+    _number(config.seed, "seed", minimum=0, integer=True)
     _number(data.keep_fraction, "data.keep_fraction", minimum=0, maximum=1)
     for c in data.drop_classes:
         _number(c, "data.drop_classes entry", minimum=0, integer=True)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from typing import Any
 
 import jax
@@ -29,6 +30,8 @@ from extkd_jax.train.metrics import classification_summary
 from extkd_jax.train.setup import DTYPES, build_model
 from extkd_jax.train.step import Network, split
 from extkd_jax.train.workdir import read_config, require_workdir, write_text_atomic
+
+log = logging.getLogger(__name__)
 
 
 def model_card(config, num_classes: int, input_shape, mean, std, class_names: list[str]) -> dict:
@@ -58,8 +61,20 @@ def network_of(card: dict, dtype: str | None = None) -> tuple[Network, dict]:
     return Network(graph, np.asarray(norm["mean"], np.float32), np.asarray(norm["std"], np.float32), compute), variables
 
 
-def restore_model(workdir: str | epath.PathLike, dtype: str | None = None) -> tuple[Network, dict, dict]:
-    """(Network, variables, card) of the newest readable checkpoint of a `train`/`distill` workdir."""
+@dataclasses.dataclass
+class Restored:
+    """A workdir's trained model as restored: the newest readable checkpoint `step` of `steps` on disk."""
+
+    network: Network
+    variables: dict
+    card: dict
+    step: int
+    steps: list[int]
+    meta: dict
+
+
+def restore_checkpoint(workdir: str | epath.PathLike, dtype: str | None = None) -> Restored:
+    """The model of the newest readable checkpoint of a `train`/`distill` workdir, with its step and meta."""
     workdir = require_workdir(workdir)
     record, _ = read_config(workdir)
     if record.get("kind") not in ("train", "distill"):
@@ -74,16 +89,24 @@ def restore_model(workdir: str | epath.PathLike, dtype: str | None = None) -> tu
             raise FileNotFoundError(f"no readable checkpoint under {checkpointer.directory}")
         card = found[1]["card"]
         network, template = network_of(card, dtype)
-        restored = checkpointer.restore_latest({"card": None, "model": template})
+        restored = checkpointer.restore_latest({"card": None, "model": template, "meta": None}, optional=("meta",))
         if restored is None:
             raise ValueError(
                 f"the arrays in {checkpointer.directory} do not fit the architecture its card describes "
                 f"({card['model']['name']!r}, {card['model']['kwargs']}): another architecture, or an "
                 "edited card"
             )
+        steps = checkpointer.all_steps()
     finally:
         checkpointer.close()
-    return network, restored[1]["model"], restored[1]["card"]
+    step, items = restored
+    return Restored(network, items["model"], items["card"], step, steps, items["meta"] or {})
+
+
+def restore_model(workdir: str | epath.PathLike, dtype: str | None = None) -> tuple[Network, dict, dict]:
+    """(Network, variables, card) of the newest readable checkpoint of a `train`/`distill` workdir."""
+    r = restore_checkpoint(workdir, dtype)
+    return r.network, r.variables, r.card
 
 
 class Predictor:
@@ -160,24 +183,36 @@ def load(workdir: str | epath.PathLike, dtype: str | None = None) -> TrainedMode
 
 
 def evaluate_workdir(workdir: str | epath.PathLike, config=None) -> dict:
-    """`extkd evaluate`: the newest checkpoint on the validation and test splits of its (or `config`'s) data;
-    writes `eval.json` into the workdir."""
+    """`extkd evaluate`: the newest readable checkpoint on the validation and test splits of its (or `config`'s)
+    data; records which checkpoint step it scored, and writes `eval.json` into the workdir when it can."""
     from extkd_jax.data import prepare_datasets
 
     _, stored = read_config(require_workdir(workdir))
     config = config or stored
-    network, variables, card = restore_model(workdir)
+    restored = restore_checkpoint(workdir)
+    newest = max(restored.steps) if restored.steps else restored.step
+    if restored.step != newest:
+        log.warning(
+            "evaluating checkpoint step %d of %s: the newest, step %d, could not be read",
+            restored.step,
+            workdir,
+            newest,
+        )
     datasets = prepare_datasets(config.data)
     mesh = sharding.make_mesh()
-    predictor = Predictor(network, mesh, config.eval_batch_size)
-    variables = sharding.put_replicated(variables, mesh)
-    out = {}
+    predictor = Predictor(restored.network, mesh, config.eval_batch_size)
+    variables = sharding.put_replicated(restored.variables, mesh)
+    out: dict = {"checkpoint_step": restored.step, "newest_checkpoint_step": newest}
     for split_name in ("val", "test"):
         ds = getattr(datasets, split_name)
         if len(ds):
             logits = predictor.logits(variables, predictor.place(ds.images))
-            summary = classification_summary(logits, ds.labels, card["num_classes"], datasets.drop_classes)
+            summary = classification_summary(logits, ds.labels, restored.card["num_classes"], datasets.drop_classes)
             out.update({f"{split_name}_{k}": v for k, v in summary.items()})
     if jax.process_index() == 0:
-        write_text_atomic(epath.Path(workdir) / "eval.json", json.dumps(out, indent=2))
+        path = epath.Path(workdir) / "eval.json"
+        try:
+            write_text_atomic(path, json.dumps(out, indent=2))
+        except OSError as err:  # a read-only workdir: the numbers are still returned (and printed by the CLI)
+            log.warning("could not write %s (%s); the evaluation is printed instead", path, err)
     return out

@@ -22,11 +22,13 @@ from extkd_jax.train.checkpoint import Checkpointer
 from extkd_jax.train.config_checks import check_config
 from extkd_jax.train.data import Batches, data_placement, eval_splits, run_data
 from extkd_jax.train.epoch import default_steps_per_dispatch
-from extkd_jax.train.evaluate import Predictor, model_card, restore_model
-from extkd_jax.train.metrics import MetricsLog, classification_summary, read_metrics
+from extkd_jax.train.evaluate import Predictor, model_card
+from extkd_jax.train.lock import WorkdirLock
+from extkd_jax.train.metrics import MetricsLog, classification_summary
 from extkd_jax.train.progress import Progress
 from extkd_jax.train.setup import build, model_variables
-from extkd_jax.train.workdir import check_or_write_config
+from extkd_jax.train.teacher import check_same_teacher, load_teacher
+from extkd_jax.train.workdir import check_or_write_config, stored_record
 
 log = logging.getLogger(__name__)
 
@@ -72,23 +74,6 @@ def _sigterm_flag():
         signal.signal(signal.SIGTERM, previous)
 
 
-def _load_teacher(config, num_classes: int, input_shape, dtype: str):
-    """(Network, variables) of the trained teacher, checked against the student's data."""
-    network, variables, card = restore_model(config.teacher.workdir, dtype)
-    if config.teacher.name and config.teacher.name != card["model"]["name"]:
-        raise ValueError(
-            f"the checkpoint in {config.teacher.workdir} is a {card['model']['name']!r}; "
-            f"expected {config.teacher.name!r}"
-        )
-    if card["num_classes"] != num_classes or tuple(card["input_shape"]) != tuple(input_shape):
-        raise ValueError(
-            f"teacher.workdir={config.teacher.workdir} holds a model of {card['num_classes']} classes "
-            f"on inputs {tuple(card['input_shape'])}; the data has {num_classes} classes and inputs "
-            f"{tuple(input_shape)}"
-        )
-    return network, variables
-
-
 def train_and_evaluate(
     config: ml_collections.ConfigDict, workdir: str | epath.PathLike, mode: str, datasets: Datasets | None = None
 ) -> dict:
@@ -107,9 +92,9 @@ def train_and_evaluate(
     num_steps = data.steps_per_epoch
     if num_steps == 0:
         raise ValueError(f"batch_size={config.batch_size} exceeds the {data.transfer_size} training examples")
-    teacher = None
+    teacher, identity = None, None
     if mode == "distill":
-        teacher = _load_teacher(config, data.num_classes, data.input_shape, config.compute_dtype)
+        teacher, identity = load_teacher(config, data.num_classes, data.input_shape, config.compute_dtype)
     setup = build(config, data.num_classes, data.input_shape, num_steps, data.mean, data.std, teacher)
     card = model_card(config, data.num_classes, data.input_shape, data.mean, data.std, data.plan.class_names)
     info = {
@@ -117,30 +102,52 @@ def train_and_evaluate(
         "input_shape": list(data.input_shape),
         "drop_classes": list(data.plan.drop_classes),
         "pipeline": data.pipeline,
+        **({"teacher": identity} if identity else {}),
     }
-    # written only once every check that can refuse the run has passed: a refused start leaves nothing
-    check_or_write_config(workdir, config, kind=mode, write=is_main, info=info)
+    # every check that can refuse the run passes before anything is written: a refused start leaves nothing
+    check_or_write_config(workdir, config, kind=mode, write=False, info=info)
+    with WorkdirLock(workdir, mode, enabled=is_main) as lock:
+        if identity:
+            check_same_teacher((stored_record(workdir) or {}).get("teacher"), identity, workdir)
+        return _train(config, workdir, mode, info, lock.read_only, data, setup, card, mesh, placement)
+
+
+def _train(config, workdir, mode, info, read_only, data, setup, card, mesh, placement) -> dict:
+    """The loop proper, with the workdir held: restore, train the remaining epochs, evaluate, checkpoint."""
+    is_main = jax.process_index() == 0
+    num_steps = data.steps_per_epoch
+    checkpointer = Checkpointer(workdir, keep=config.keep_checkpoints, create=not read_only)
+    state, partial, data_state, history = setup.init_state(), {}, None, None
+    restored = checkpointer.restore_latest({"state": state, "meta": None, "data": None}, optional=("data",))
+    if restored is not None:
+        state, meta, data_state = restored[1]["state"], restored[1]["meta"], restored[1]["data"] or None
+        partial, history = meta.get("partial_sums", {}), meta.get("records")
+    start_step = int(sharding.to_host(state.step))
+    total_steps = num_steps * config.num_epochs
+    if start_step > total_steps:
+        raise ValueError(
+            f"{workdir} holds a run trained to step {start_step} ({start_step // num_steps} epochs); "
+            f"num_epochs={config.num_epochs} is shorter. Use num_epochs >= {start_step // num_steps} to read or "
+            "extend it, or another --workdir for a shorter run"
+        )
+    metrics_log = MetricsLog(workdir, enabled=is_main and not read_only)
+    metrics_log.resume(start_step // num_steps, history)
+    complete = start_step == total_steps and bool(metrics_log.records)
+    if read_only and not complete:
+        raise OSError(f"workdir {workdir} is not writable: a run with epochs left writes its checkpoints there")
+    check_or_write_config(workdir, config, kind=mode, write=is_main and not read_only, info=info)
+    if complete:  # report the stored result
+        checkpointer.close()
+        return metrics_log.records[-1]
 
     batches = Batches(data, setup.step_fn, mesh, config, placement)
     predictor = Predictor(setup.model, mesh, config.eval_batch_size)
     evaluations = eval_splits(data, config, predictor)
-
-    checkpointer = Checkpointer(workdir, keep=config.keep_checkpoints)
-    state, partial, data_state = setup.init_state(), {}, None
-    restored = checkpointer.restore_latest({"state": state, "meta": None, "data": None}, optional=("data",))
-    if restored is not None:
-        state, meta, data_state = restored[1]["state"], restored[1]["meta"], restored[1]["data"] or None
-        partial = meta.get("partial_sums", {})
-    start_step = int(sharding.to_host(state.step))
-    total_steps = num_steps * config.num_epochs
-    metrics_log = MetricsLog(workdir, enabled=is_main)
-    metrics_log.truncate_after(start_step // num_steps)
-
     state = sharding.put_replicated(state, mesh)
     teacher_variables = None if setup.teacher is None else sharding.put_replicated(setup.teacher_variables, mesh)
     seed_key = jax.random.fold_in(jax.random.key(config.seed), TRAIN_STREAM)
     chunk = config.steps_per_dispatch or default_steps_per_dispatch(num_steps, data.pipeline)
-    earlier = read_metrics(workdir) if start_step else []
+    earlier = metrics_log.records
     run_start = time.time() - (earlier[-1]["wall_time_s"] if earlier else 0.0)  # wall time spans resumes
     progress = Progress(total_steps, start_step, f"{mode} {config.model.name}", config.progress and is_main)
 
@@ -188,7 +195,8 @@ def train_and_evaluate(
                     img_s=f"{count * config.batch_size / max(time.time() - t0, 1e-9):,.0f}",
                 )
                 if step < (epoch + 1) * num_steps:
-                    stop_if_preempted(step, sigterm, {"partial_sums": sums})
+                    stop_if_preempted(step, sigterm, {"partial_sums": sums, "records": metrics_log.records})
+            _check_some_step_applied(sums, epoch + 1, num_steps)
             record = _epoch_record(epoch + 1, step, sums, time.time() - epoch_t0, images_seen, time.time() - run_start)
             variables = model_variables({"params": state.params, "batch_stats": state.batch_stats})
             for name, split in evaluations.items():
@@ -199,15 +207,12 @@ def train_and_evaluate(
             progress.epoch_done(epoch + 1, config.num_epochs, _epoch_line(record))
             last_record = record
             if (epoch + 1) % config.checkpoint_every_epochs == 0 or step == total_steps:
-                save(step, {"epoch": epoch + 1})
-            stop_if_preempted(step, sigterm, {"epoch": epoch + 1})
+                save(step, {"epoch": epoch + 1, "records": metrics_log.records})
+            stop_if_preempted(step, sigterm, {"epoch": epoch + 1, "records": metrics_log.records})
     batches.close()
     progress.close()
     checkpointer.close()
     metrics_log.close()
-    if not last_record:  # already complete: report the stored result
-        records = read_metrics(workdir)
-        last_record = records[-1] if records else {}
     return last_record
 
 
@@ -234,6 +239,15 @@ def _accumulate(sums: dict, step_metrics: dict) -> None:
     sums["_last_lr"] = float(step_metrics["learning_rate"][-1])
 
 
+def _check_some_step_applied(sums: dict, epoch: int, num_steps: int) -> None:
+    """With on_nonfinite='skip', an epoch in which every step was skipped is a failed run, not a result."""
+    if num_steps and sums.get("_count", 0) == 0:
+        raise NonFiniteLossError(
+            f"on_nonfinite='skip' skipped every one of the {num_steps} steps of epoch {epoch} (the loss was "
+            "non-finite at each): the model no longer trains; lower the learning rate and start a new --workdir"
+        )
+
+
 def _check_finite(step_metrics: dict, first_step: int, policy: str) -> None:
     bad = np.flatnonzero(step_metrics["nonfinite"] > 0)
     if len(bad) == 0 or policy == "skip":
@@ -251,7 +265,9 @@ def _check_finite(step_metrics: dict, first_step: int, policy: str) -> None:
 def _epoch_record(epoch: int, step: int, sums: dict, epoch_time: float, images_seen: int, wall: float) -> dict:
     count = max(sums.get("_count", 1.0), 1.0)
     record = {"epoch": epoch, "step": step}
-    record.update({f"train_{k}": v / count for k, v in sums.items() if not k.startswith("_") and k != "learning_rate"})
+    averaged = {k: v for k, v in sums.items() if not k.startswith("_") and k not in ("learning_rate", "nonfinite")}
+    record.update({f"train_{k}": v / count for k, v in averaged.items()})
+    record["train_skipped_steps"] = int(sums.get("nonfinite", 0))
     record.update(
         learning_rate=sums.get("_last_lr"),
         epoch_time_s=epoch_time,

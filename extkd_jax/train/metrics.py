@@ -48,19 +48,30 @@ def confusion_matrix(logits: np.ndarray, labels: np.ndarray, num_classes: int) -
     return matrix
 
 
-def read_metrics(workdir: str | epath.PathLike) -> list[dict]:
-    """The epoch records of `workdir/metrics.jsonl`; [] when missing; unreadable lines skipped."""
-    path = epath.Path(workdir) / "metrics.jsonl"
-    if not path.exists():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
+def _parse_records(text: str) -> tuple[list[dict], int]:
+    """(the epoch records of a metrics.jsonl text, how many lines were not readable records)."""
+    records, bad = [], 0
+    for line in text.splitlines():
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
+            bad += 1
             continue
         if isinstance(record, dict):
             records.append(record)
+        else:
+            bad += 1
+    return records, bad
+
+
+def read_metrics(workdir: str | epath.PathLike) -> list[dict]:
+    """The epoch records of `workdir/metrics.jsonl`; [] when missing; unreadable lines skipped with a warning."""
+    path = epath.Path(workdir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    records, bad = _parse_records(path.read_text())
+    if bad:
+        log.warning("%s: %d unreadable line(s) skipped (a write cut short?)", path, bad)
     return records
 
 
@@ -109,29 +120,45 @@ class TensorBoardLog:
 
 
 class MetricsLog:
-    """Appends one JSON object per epoch to `workdir/metrics.jsonl` and the same scalars to TensorBoard
-    (process 0 only; TensorBoard is skipped with a warning when the `tensorboard` package is missing)."""
+    """One JSON object per epoch in `workdir/metrics.jsonl`, and the same scalars in TensorBoard.
+
+    The records are kept in memory (and in each checkpoint's meta, see train/loop.py), and the whole file is
+    rewritten atomically at each epoch: a torn last line, a deleted file or epochs written after the last checkpoint
+    are repaired on resume, and a file deleted mid-run is written again complete. Only process 0 writes; TensorBoard
+    is skipped with a warning when the `tensorboard` package is missing."""
 
     def __init__(self, workdir: str | epath.PathLike, enabled: bool = True):
         self.workdir = epath.Path(workdir)
         self.path = self.workdir / "metrics.jsonl"
         self.enabled = enabled
+        self.records: list[dict] = []
         self._tensorboard: TensorBoardLog | None = None  # made at the first record: a refused run leaves none
         self._tensorboard_missing = False
 
-    def truncate_after(self, epoch: int) -> None:
-        """Drops records of epochs after `epoch`: a resumed run rewrites them."""
-        if not (self.enabled and self.path.exists()):
+    def resume(self, epoch: int, history: list[dict] | None) -> None:
+        """Starts from the records of epochs <= `epoch`: the checkpoint's copy `history` when it has one (older
+        checkpoints do not), else the file's. Rewrites the file when it disagrees, with a warning when records
+        were damaged or missing (not for the records of epochs after the checkpoint, which a rerun redoes)."""
+        on_disk, bad = _parse_records(self.path.read_text()) if self.path.exists() else ([], 0)
+        source = on_disk if history is None else history
+        self.records = [r for r in source if r.get("epoch", 0) <= epoch]
+        kept = [r for r in on_disk if r.get("epoch", 0) <= epoch]
+        if not self.enabled or (_same(on_disk, self.records) and not bad):
             return
-        kept = [r for r in read_metrics(self.workdir) if r.get("epoch", 0) <= epoch]
-        write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+        if bad or not _same(kept, self.records):
+            log.warning(
+                "%s: %s; rewritten from the checkpoint's copy of the %d epoch record(s)",
+                self.path,
+                f"{bad} unreadable line(s)" if bad else f"{len(kept)} of {len(self.records)} epoch records present",
+                len(self.records),
+            )
+        self._write_file()
 
     def write(self, record: dict) -> None:
+        self.records.append(record)
         if not self.enabled:
             return
-        # read-modify-write through epath: object stores (gs://) have no append
-        previous = self.path.read_text() if self.path.exists() else ""
-        write_text_atomic(self.path, previous + json.dumps(record) + "\n")
+        self._write_file()
         if self._tensorboard is None and not self._tensorboard_missing:
             try:
                 self._tensorboard = TensorBoardLog(self.workdir / "tensorboard")
@@ -143,6 +170,15 @@ class MetricsLog:
         if self._tensorboard is not None:
             self._tensorboard.write(record.get("epoch", 0), _scalars(record))
 
+    def _write_file(self) -> None:
+        # the whole file, atomically, through epath: object stores (gs://) have no append
+        write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in self.records))
+
     def close(self) -> None:
         if self._tensorboard is not None:
             self._tensorboard.close()
+
+
+def _same(a: list[dict], b: list[dict]) -> bool:
+    """Record lists equal as JSON (NaN equals NaN)."""
+    return json.dumps(a) == json.dumps(b)

@@ -164,9 +164,12 @@ def make_train_step(
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         new_state = TrainState(state.step + 1, optax.apply_updates(state.params, updates), new_stats, opt_state)
         finite = jnp.isfinite(total)
-        if skip_nonfinite:  # keep the old state, count the step
-            new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
-            new_state = new_state.replace(step=state.step + 1)
+        if skip_nonfinite:  # keep the old parameters and statistics; the step and schedule counters advance
+            new_state = jax.tree.map(
+                lambda new, old: new if jnp.issubdtype(new.dtype, jnp.integer) else jnp.where(finite, new, old),
+                new_state,
+                state,
+            )
         metrics = {
             "loss": total,
             **parts,

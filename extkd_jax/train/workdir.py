@@ -24,6 +24,7 @@ RESUMABLE_KEYS = (
     "distributed",
     "on_nonfinite",
     "teacher.workdir",  # a moved workdir (e.g. copied back from a TPU VM) is the same experiment
+    "teacher.allow_unfinished",  # the teacher itself is checked by its digest (train/teacher.py)
 )
 # Keys that do not change what a workdir of that kind computed: a single run ignores the experiment's settings,
 # and an experiment may be extended (more methods, a dark-knowledge curve, the oracle table) without redoing its runs.
@@ -44,11 +45,11 @@ def config_to_dict(config: ml_collections.ConfigDict) -> dict:
     return json.loads(config.to_json_best_effort())
 
 
-def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     out = {}
     for k, v in d.items():
         if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
+            out.update(flatten(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
     return out
@@ -64,11 +65,21 @@ def write_text_atomic(path: epath.Path, text: str) -> None:
 def require_workdir(workdir: str | epath.PathLike) -> epath.Path:
     """The workdir as a Path; a clear error when it is missing or a file."""
     path = epath.Path(workdir)
+    check_parents(path)
     if path.exists() and not path.is_dir():
         raise ValueError(f"workdir {path} is a file, not a directory")
     if not path.is_dir():
         raise FileNotFoundError(f"workdir {path} does not exist")
     return path
+
+
+def check_parents(workdir: epath.Path) -> None:
+    """Refuses a workdir below a file (`mkdir` would fail with a bare NotADirectoryError)."""
+    for parent in list(epath.Path(workdir).parents)[:-1]:
+        if parent.exists() and not parent.is_dir():
+            raise ValueError(f"workdir {workdir}: {parent} is a file, not a directory; use another --workdir")
+        if parent.exists():
+            return
 
 
 def check_or_write_config(
@@ -86,6 +97,7 @@ def check_or_write_config(
     """
     if workdir.exists() and not workdir.is_dir():
         raise ValueError(f"workdir {workdir} is a file; expected a directory (new or of the same run)")
+    check_parents(workdir)
     path = workdir / "config.json"
     record = {"kind": kind, "config": config_to_dict(config), **(info or {})}
     if path.exists() and not _started(workdir):
@@ -94,12 +106,12 @@ def check_or_write_config(
         # with the input corrected is not refused.
         log.info("workdir %s holds no result yet: its config.json is replaced", workdir)
     elif path.exists():
-        stored = json.loads(path.read_text())
+        stored = stored_record(workdir)
         if stored.get("kind") != kind:
             raise ValueError(
                 f"workdir {workdir} holds a `{stored.get('kind')}` run; this is a `{kind}` run. Use another --workdir."
             )
-        old, new = _flatten(stored["config"]), _flatten(record["config"])
+        old, new = flatten(stored["config"]), flatten(record["config"])
         defaults = _defaults()
         differing = sorted(
             k
@@ -119,23 +131,24 @@ def check_or_write_config(
             raise ValueError(
                 f"workdir {workdir} holds a different experiment ({shown}); use another --workdir or the same config"
             )
-    if write:
+    text = json.dumps(record, indent=2)
+    if write and not (path.exists() and path.read_text() == text):  # an identical rerun writes nothing
         workdir.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(path, json.dumps(record, indent=2))
+        write_text_atomic(path, text)
 
 
 def _defaults() -> dict[str, Any]:
     """configs/base.py, flattened: what a key absent from an older workdir's config.json meant."""
     from extkd_jax.configs import base
 
-    return _flatten(config_to_dict(base.get_config()))
+    return flatten(config_to_dict(base.get_config()))
 
 
 def _started(workdir: epath.Path) -> bool:
     """Whether a workdir holds results: anything besides its config, an empty `checkpoints` folder (created
     before the first step) and an empty metrics log."""
     for p in workdir.iterdir():
-        if p.name in ("config.json", "config.tmp"):
+        if p.name in ("config.json", "config.json.tmp", ".lock"):
             continue
         if p.name == "checkpoints" and p.is_dir() and not any(True for _ in p.iterdir()):
             continue
@@ -145,12 +158,38 @@ def _started(workdir: epath.Path) -> bool:
     return False
 
 
-def read_config(workdir: str | epath.PathLike) -> tuple[dict, ml_collections.ConfigDict]:
-    """(record, config) stored in a workdir; FileNotFoundError when it holds no run."""
+def read_json(path: epath.Path, fix: str) -> Any:
+    """A JSON file's content; a ValueError naming the file and `fix` when it is not readable JSON."""
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); {fix}") from None
+
+
+CONFIG_FIX = (
+    "it was cut short or edited by hand: delete it and rerun the command that made this workdir "
+    "(its checkpoints are kept and the run resumes)"
+)
+
+
+def stored_record(workdir: str | epath.PathLike) -> dict | None:
+    """The record of a workdir's config.json (kind, config, info), None when there is none."""
     path = epath.Path(workdir) / "config.json"
     if not path.exists():
-        raise FileNotFoundError(f"{path} not found: {workdir} is not the workdir of an `extkd` run")
-    stored = json.loads(path.read_text())
+        return None
+    record = read_json(path, CONFIG_FIX)
+    if not isinstance(record, dict) or "config" not in record:
+        raise ValueError(f"{path} holds no `config` record; {CONFIG_FIX}")
+    return record
+
+
+def read_config(workdir: str | epath.PathLike) -> tuple[dict, ml_collections.ConfigDict]:
+    """(record, config) stored in a workdir; FileNotFoundError when it holds no run."""
+    stored = stored_record(workdir)
+    if stored is None:
+        raise FileNotFoundError(
+            f"{epath.Path(workdir) / 'config.json'} not found: {workdir} is not the workdir of an `extkd` run"
+        )
     return stored, ml_collections.ConfigDict(_tuples(stored["config"]))
 
 
