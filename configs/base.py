@@ -33,6 +33,9 @@ DISTILLING_METHODS = (
     "kd_cutmix",
     "kd_auto",
 )
+# the standard KD baselines of RepDistiller / mdistiller (issue #15), compared by `with_zoo`
+ZOO_METHODS = ("pkt", "rkd", "sp", "cc", "nst", "dist", "ls_kd")
+SPATIAL_METHODS = ("at", "nst")  # need feature maps (H, W, C): left out for MLP students
 # a two-value grid per knob for the comparison of every method (with_all_methods); the temperature's is the preset's
 TWO_VALUE_GRIDS = {
     "segment_weight": (0.1, 1.0),
@@ -42,6 +45,12 @@ TWO_VALUE_GRIDS = {
     "feature_temperature": (2.0, 8.0),
     "sample_weight": (0.3, 1.0),
     "relation_weight": (0.1, 1.0),
+    # the zoo's weights: RepDistiller's default (its beta for CIFAR-100) and a tenth of it
+    "pkt_weight": (3000.0, 30000.0),
+    "rkd_weight": (0.1, 1.0),
+    "sp_weight": (300.0, 3000.0),
+    "cc_weight": (1.0, 10.0),
+    "nst_weight": (5.0, 50.0),
 }
 
 
@@ -83,7 +92,8 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.loss = ml_collections.ConfigDict()
     c.loss.name = "ce"  # ce | purf (alone) | kd | fitnet | extended_kd | at | dkd | mkd | mtkd_ssr | amkd | pfkd
-    #                     | mismatch | ssd_kd (with a teacher): see extkd_jax/train/objectives.py
+    #                     | mismatch | ssd_kd | pkt | rkd | sp | cc | nst | dist | ls_kd (with a teacher): see
+    #                     extkd_jax/train/objectives.py
     c.loss.temperature = 4.0
     c.loss.ce_weight = 1.0
     c.loss.kd_weight = 1.0
@@ -112,6 +122,15 @@ def get_config() -> ml_collections.ConfigDict:
     c.loss.purf_sigma = 8.0  # ... of this standard deviation, in pixels
     c.loss.relation_weight = 1.0  # ssd_kd: relational KD
     c.loss.ss_weight = 1.0  # ssd_kd: the rotation task
+    # the zoo (issue #15): each added to KD with the weight RepDistiller uses for it (its `-b` on CIFAR-100)
+    c.loss.pkt_weight = 30000.0  # pkt, on the penultimate features
+    c.loss.rkd_weight = 1.0  # rkd (25 x distance + 50 x angle inside), on the penultimate features
+    c.loss.sp_weight = 3000.0  # sp, on the last segment
+    c.loss.cc_weight = 10.0  # cc, on the penultimate features (our kernel form: RepDistiller's 0.02 is for another)
+    c.loss.cc_gamma = 0.4  # cc: the RBF kernel's gamma on unit embeddings
+    c.loss.nst_weight = 50.0  # nst, on every paired segment
+    c.loss.dist_beta = 1.0  # dist: inter-class relation (replaces the KL, weighted by kd_weight)
+    c.loss.dist_gamma = 1.0  # dist: intra-class relation
 
     c.optim = ml_collections.ConfigDict()
     c.optim.learning_rate = 0.1
@@ -140,7 +159,7 @@ def get_config() -> ml_collections.ConfigDict:
     # the knob grid tried on validation per distilling method (kd: loss.temperature; fitnet, at, extended_kd:
     # loss.segment_weight; dkd: loss.dkd_beta); every distilling method needs a grid of the same size
     c.reproduce.grid = ml_collections.ConfigDict()
-    for method in DISTILLING_METHODS:
+    for method in DISTILLING_METHODS + ZOO_METHODS:
         c.reproduce.grid[method] = ()  # () = no tuning: the configured loss value
     c.reproduce.selection_seed = -1  # seed of the grid runs; -1 = seed + seeds (never a reported seed)
     c.reproduce.shared_shift = False  # one correction shift for all dropped classes instead of one per class
@@ -192,8 +211,25 @@ def with_all_methods(config: ml_collections.ConfigDict, spatial: bool) -> None:
     transfer needs them)."""
     from extkd_jax.experiment.runs import METHODS
 
+    config.reproduce.methods = tuple(
+        m for m in METHODS if m not in ZOO_METHODS and (spatial or m not in SPATIAL_METHODS)
+    )
+    _two_value_grids(config, DISTILLING_METHODS)
+
+
+def with_zoo(config: ml_collections.ConfigDict, spatial: bool) -> None:
+    """The KD zoo (ZOO_METHODS) next to the scratch students, kd and extended_kd, each distilling method on a
+    two-value grid (equal budgets). `spatial`: the networks have feature maps (nst needs them)."""
+    zoo = tuple(m for m in ZOO_METHODS if spatial or m not in SPATIAL_METHODS)
+    config.reproduce.methods = ("scratch_full", "scratch_transfer", "kd", "extended_kd", *zoo)
+    _two_value_grids(config, ("kd", "extended_kd", *zoo))
+
+
+def _two_value_grids(config: ml_collections.ConfigDict, methods: tuple[str, ...]) -> None:
+    """A two-value grid of each method's knob: the preset's kd temperature grid for the temperature."""
+    from extkd_jax.experiment.runs import METHODS
+
     temperatures = tuple(config.reproduce.grid.kd) or (config.loss.temperature / 2, config.loss.temperature)
-    config.reproduce.methods = tuple(m for m in METHODS if spatial or m != "at")
-    for method in DISTILLING_METHODS:
+    for method in methods:
         knob = METHODS[method].knob
         config.reproduce.grid[method] = temperatures if knob == "temperature" else TWO_VALUE_GRIDS[knob]

@@ -11,7 +11,9 @@ Variants (`--config=cifar10_drop:<variant>`):
   methods scratch_full, scratch_transfer, kd and extended_kd;
 - `two`: cat and dog both dropped (the paper's "some labels");
 - `conv` (after `cpu`): the methods that use the networks' feature maps (at, mtkd_ssr, ssd_kd, amkd, pfkd) with
-  kd and extended_kd, each on a two-value grid, for the comparison of docs/results/methods;
+  kd and extended_kd, each on a two-value grid, for the CIFAR-10 method comparison (not run on CPU yet: about
+  50 student runs of 5 minutes each);
+- `zoo` (after `cpu`): the standard KD zoo (pkt, rkd, sp, cc, nst, dist, ls_kd) next to kd and extended_kd;
 - `short`: the accelerator device check (benchmarks/device_check.sh): the full-size models, teacher 12 epochs,
   students 8, one seed, kd and extended_kd at segment weight 1;
 - `teacher` (alone or after a size, `cpu,teacher`): the teacher run alone, for `extkd train`.
@@ -54,7 +56,7 @@ def get_config(arg=None):
     c.reproduce.grid.kd = (2.0, 4.0, 8.0)
     c.reproduce.grid.fitnet = (0.1, 1.0, 10.0)
     c.reproduce.grid.extended_kd = (0.1, 1.0, 10.0)
-    return base.with_variant(c, arg, {"cpu": cpu, "short": short, "two": two, "conv": conv})
+    return base.with_variant(c, arg, {"cpu": cpu, "short": short, "two": two, "conv": conv, "zoo": zoo})
 
 
 def cpu(c):
@@ -88,6 +90,11 @@ def short(c):
 def two(c):
     """Cat and dog dropped together."""
     c.data.drop_classes = (3, 5)
+
+
+def zoo(c):
+    """The standard KD zoo next to kd and extended_kd, two-value grids."""
+    base.with_zoo(c, spatial=True)
 
 
 def conv(c):

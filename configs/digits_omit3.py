@@ -6,7 +6,8 @@ Real data that ships with scikit-learn (no download); MLP teacher 64-256-256-10 
     extkd reproduce --workdir=/tmp/digits_omit3          # this preset is the default
 
 Its teacher alone: `extkd train --config=digits_omit3:teacher --workdir=/tmp/digits_teacher`. Every method of
-docs/methods.md, each tuned on a two-value grid: `--config=digits_omit3:all`.
+docs/methods.md's related-methods table, each tuned on a two-value grid: `--config=digits_omit3:all`; the standard
+KD zoo (pkt, rkd, sp, cc, dist, ls_kd) next to kd and extended_kd: `--config=digits_omit3:zoo`.
 """
 
 from extkd_jax.configs import base
@@ -43,4 +44,8 @@ def get_config(arg=None):
     c.reproduce.grid.kd = (4.0, 8.0)
     c.reproduce.grid.fitnet = (0.1, 1.0)
     c.reproduce.grid.extended_kd = (0.1, 1.0)
-    return base.with_variant(c, arg, {"all": lambda c: base.with_all_methods(c, spatial=False)})
+    return base.with_variant(
+        c,
+        arg,
+        {"all": lambda c: base.with_all_methods(c, spatial=False), "zoo": lambda c: base.with_zoo(c, spatial=False)},
+    )

@@ -15,4 +15,8 @@ def get_config(arg=None):
     c.batch_size = 100
     c.seeds = 2
     c.progress = False
-    return base.with_variant(c, arg, {"all": lambda c: base.with_all_methods(c, spatial=False)})
+    return base.with_variant(
+        c,
+        arg,
+        {"all": lambda c: base.with_all_methods(c, spatial=False), "zoo": lambda c: base.with_zoo(c, spatial=False)},
+    )

@@ -191,6 +191,14 @@ PARTS = {
     "mismatch": ("sampled_kd",),
     "purf": ("smoothness",),
     "ssd_kd": ("relation", "rotation", "rotated_kd"),
+    # the KD zoo (#15)
+    "pkt": ("pkt",),
+    "rkd": ("rkd",),
+    "sp": ("sp",),
+    "cc": ("cc",),
+    "nst": ("nst",),
+    "dist": ("dist",),
+    "ls_kd": ("ls_kd",),
 }
 
 
@@ -209,6 +217,11 @@ def test_every_method_trains_through_the_engine(loss):
 def test_methods_on_an_mlp(loss):
     metrics, _ = _train(loss, model="mlp")
     assert np.all(np.isfinite(metrics["loss"]))
+
+
+def test_nst_refuses_a_student_without_feature_maps():
+    with pytest.raises(ValueError, match="loss.name='nst' needs feature maps"):
+        _train("nst", model="mlp")
 
 
 def test_batch_mixes_reach_teacher_and_student_alike():

@@ -231,10 +231,32 @@ def test_every_method_in_one_smoke_experiment(tmp_path, capsys):
     results = json.loads((tmp_path / "results.json").read_text())
     from extkd_jax.experiment.runs import METHODS
 
-    assert set(results["methods"]) == set(METHODS) - {"at"}  # an MLP student: no feature maps to attend to
+    from extkd_jax.configs.base import ZOO_METHODS
+
+    assert set(results["methods"]) == set(METHODS) - {"at", *ZOO_METHODS}  # MLPs: no feature maps to attend to
     for name, m in results["methods"].items():
         assert len(m["runs"]) == 1 and np.isfinite(m["runs"][0]["test_acc"])
         assert len(m["grid"]) == (2 if METHODS[name].distils else 0)
     assert (tmp_path / "teacher_purf" / "metrics.jsonl").exists()
     assert "teacher_purf" in results["teacher"]["others"]
     assert {c["baseline"] for c in results["comparisons"]} == {"kd", "extended_kd"}
+
+
+@pytest.mark.slow
+def test_the_kd_zoo_in_one_smoke_experiment(tmp_path, capsys):
+    """`smoke:zoo`: each zoo method an MLP can run tuned on its two-value grid, scored and compared seed by seed."""
+    from extkd_jax import cli
+    from extkd_jax.configs.base import ZOO_METHODS
+    from extkd_jax.experiment.runs import METHODS
+
+    assert cli.main(["reproduce", "--config=smoke:zoo", "--config.seeds=1", f"--workdir={tmp_path}"]) == 0
+    capsys.readouterr()
+    results = json.loads((tmp_path / "results.json").read_text())
+    zoo = set(ZOO_METHODS) - {"nst"}  # nst needs feature maps
+    assert set(results["methods"]) == {"scratch_full", "scratch_transfer", "kd", "extended_kd", *zoo}
+    for name in zoo:
+        m = results["methods"][name]
+        assert len(m["grid"]) == 2 and np.isfinite(m["runs"][0]["test_acc"])
+        config = json.loads((tmp_path / "runs" / name / "seed_0" / "config.json").read_text())["config"]
+        assert config["loss"]["name"] == METHODS[name].loss
+    assert {(c["method"], c["baseline"]) for c in results["comparisons"]} >= {(m, "kd") for m in zoo}

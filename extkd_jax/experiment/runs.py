@@ -73,6 +73,20 @@ METHODS: dict[str, Method] = {
     "kd_auto": Method(
         "kd", "KD with an AutoAugment-style policy (Neurocomputing 2024)", "temperature", augment="+auto"
     ),
+    # the standard KD zoo (RepDistiller / mdistiller baselines), each added to KD unless it replaces the KL
+    "pkt": Method(
+        "pkt", "PKT (Passalis & Tefas 2018): KD + probabilistic transfer of feature similarities", "pkt_weight"
+    ),
+    "rkd": Method("rkd", "RKD (Park et al. 2019): KD + distances and angles between examples' features", "rkd_weight"),
+    "sp": Method("sp", "similarity-preserving KD (Tung & Mori 2019): KD + batch similarity matrices", "sp_weight"),
+    "cc": Method(
+        "cc", "correlation congruence (Peng et al. 2019): KD + RBF correlations between examples", "cc_weight"
+    ),
+    "nst": Method("nst", "neuron selectivity transfer (Huang & Wang 2017): KD + MMD of channel maps", "nst_weight"),
+    "dist": Method(
+        "dist", "DIST (Huang et al. 2022): inter- and intra-class Pearson relations instead of KL", "temperature"
+    ),
+    "ls_kd": Method("ls_kd", "logit-standardised KD (Sun et al. 2024): KL between z-scored logits", "temperature"),
 }
 TEACHER_RUNS = ("teacher", "teacher_purf")
 

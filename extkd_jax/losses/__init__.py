@@ -28,6 +28,15 @@ from extkd_jax.losses.relations import (
     smoothness,
     triplet_margin,
 )
+from extkd_jax.losses.zoo import (
+    correlation_congruence,
+    dist,
+    logit_standardized_kd,
+    nst,
+    pkt,
+    rkd,
+    similarity_preserving,
+)
 
 __all__ = [
     "REDUCTIONS",
@@ -39,6 +48,13 @@ __all__ = [
     "rkd_distance",
     "smoothness",
     "triplet_margin",
+    "correlation_congruence",
+    "dist",
+    "logit_standardized_kd",
+    "nst",
+    "pkt",
+    "rkd",
+    "similarity_preserving",
     "cross_entropy",
     "dkd",
     "extended_kd_loss",

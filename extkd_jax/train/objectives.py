@@ -16,6 +16,10 @@ inputs it needs (clean, mixed, adversarial, sampled, rotated) and returns (total
 | pfkd        | CE against the teacher's labels + feature_weight * feature-temperature KL of penultimate features  |
 | mismatch    | sample_weight * confidence-weighted KL on images sampled near the data and pushed by the teacher   |
 | ssd_kd      | relation_weight * RKD(penultimate) + ss_weight * (rotation prediction + KL on rotated images)     |
+| pkt, rkd, cc| <name>_weight * the loss on the penultimate features (the zoo, RepDistiller's placement)          |
+| sp          | sp_weight * similarity-preserving loss on the last segment                                       |
+| nst         | nst_weight * sum over paired segments of neuron selectivity transfer                             |
+| dist, ls_kd | CE + kd_weight * DIST (dist_beta, dist_gamma, T) or logit-standardised KD, instead of the KL     |
 
 Each method's choices where its paper leaves them open are in its function's docstring and docs/methods.md.
 """
@@ -34,8 +38,22 @@ from extkd_jax import losses
 from extkd_jax.data.mixing import mixup, rotate90
 from extkd_jax.models import forward_with_segments
 
-TEACHER_LOSSES = ("kd", "fitnet", "extended_kd", "at", "dkd", "mkd", "mtkd_ssr", "amkd", "pfkd", "mismatch", "ssd_kd")
-SEGMENT_LOSSES = ("fitnet", "extended_kd", "at", "mtkd_ssr")  # losses that pair student and teacher segments
+ZOO_LOSSES = ("pkt", "rkd", "sp", "cc", "nst", "dist", "ls_kd")
+TEACHER_LOSSES = (
+    "kd",
+    "fitnet",
+    "extended_kd",
+    "at",
+    "dkd",
+    "mkd",
+    "mtkd_ssr",
+    "amkd",
+    "pfkd",
+    "mismatch",
+    "ssd_kd",
+    *ZOO_LOSSES,
+)
+SEGMENT_LOSSES = ("fitnet", "extended_kd", "at", "mtkd_ssr", "nst")  # losses that pair student and teacher segments
 CONNECTOR_LOSSES = ("fitnet", "extended_kd", "mtkd_ssr")  # ... through learned connectors
 LOSS_NAMES = ("ce", "purf", *TEACHER_LOSSES)
 
@@ -290,6 +308,37 @@ def _ssd_kd(ctx: Context):
     return total, {**parts, "relation": relation, "rotation": rotation, "rotated_kd": turned_kd}, logits
 
 
+def _zoo(ctx: Context):
+    """The KD zoo (losses.zoo): KD plus `<name>_weight` x the method's loss where RepDistiller places it (pkt, rkd,
+    cc: the penultimate features, the last segment pooled; sp: the last segment; nst: every paired segment); dist
+    and ls_kd replace the KL (weighted by kd_weight) next to the CE."""
+    c = ctx.loss
+    logits, segments = ctx.student()
+    teacher_logits, teacher_segments = ctx.teacher()
+    if c.name in ("dist", "ls_kd"):
+        ce = ctx.ce(logits)
+        if c.name == "dist":
+            kd = losses.dist(logits, teacher_logits, c.dist_beta, c.dist_gamma, c.temperature)
+        else:
+            kd = losses.logit_standardized_kd(logits, teacher_logits, c.temperature)
+        return c.ce_weight * ce + c.kd_weight * kd, {"ce": ce, c.name: kd}, logits
+    total, parts = ctx.base(logits, teacher_logits)
+    s_emb, t_emb = pooled(segments[-1]), pooled(teacher_segments[-1])
+    if c.name == "pkt":
+        extra = losses.pkt(s_emb, t_emb)
+    elif c.name == "rkd":
+        extra = losses.rkd(s_emb, t_emb)
+    elif c.name == "cc":
+        extra = losses.correlation_congruence(s_emb, t_emb, c.cc_gamma)
+    elif c.name == "sp":
+        extra = losses.similarity_preserving(segments[-1], teacher_segments[-1])
+    else:  # nst
+        if any(segments[s].ndim != 4 for s, _ in ctx.pairs):
+            raise ValueError("loss.name='nst' needs feature maps (H, W, C): the student's segments are vectors")
+        extra = sum(losses.nst(segments[s], teacher_segments[t]) for s, t in ctx.pairs)
+    return total + c[f"{c.name}_weight"] * extra, {**parts, c.name: extra}, logits
+
+
 OBJECTIVES = {
     "ce": _ce,
     "purf": _purf,
@@ -304,6 +353,7 @@ OBJECTIVES = {
     "pfkd": _pfkd,
     "mismatch": _mismatch,
     "ssd_kd": _ssd_kd,
+    **{name: _zoo for name in ZOO_LOSSES},
 }
 
 
