@@ -529,7 +529,7 @@ def test_cli_config_file_with_a_syntax_error(tmp_path, capsys):
     [
         (
             REPO_ROOT / "configs/cifar10_drop.py",
-            "unknown config variant 'gpu'; expected sizes ['conv', 'cpu', 'short', 'two']",
+            "unknown config variant 'gpu'; expected sizes ['conv', 'cpu', 'short', 'two', 'zoo']",
         ),
         (TINY_CONFIG, "get_config() takes 0 positional arguments but 1 was given"),
     ],
