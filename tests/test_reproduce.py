@@ -135,6 +135,12 @@ def test_sample_std_and_paired_t_interval_against_hand_computation():
     assert clear.detected and clear.ci95[0] > 0
     one = Comparison.paired(method("a", [0.9]), method("kd", [0.1]), "unseen_acc_corrected")
     assert one.n == 1 and one.diff_std is None and one.ci95 is None and not one.detected
+    # two seeds that both gain exactly one of 1000 images: no spread to measure, yet no certainty either
+    step = method("extended_kd", [0.338, 0.364]), method("kd", [0.337, 0.363])
+    assert Comparison.paired(*step, "unseen_acc_corrected").detected  # without the metric's resolution: width 0
+    floored = Comparison.paired(*step, "unseen_acc_corrected", resolution=1 / 1000)
+    half = 12.706 * (1 / 1000) / np.sqrt(2)  # t(0.975, df=1) = 12.706, spread floored at one image
+    assert floored.ci95 == pytest.approx([0.001 - half, 0.001 + half]) and not floored.detected
 
 
 def test_same_seed_same_start_for_every_method():
@@ -229,9 +235,8 @@ def test_every_method_in_one_smoke_experiment(tmp_path, capsys):
     assert cli.main(["reproduce", "--config=smoke:all", "--config.seeds=1", f"--workdir={tmp_path}"]) == 0
     capsys.readouterr()
     results = json.loads((tmp_path / "results.json").read_text())
-    from extkd_jax.experiment.runs import METHODS
-
     from extkd_jax.configs.base import ZOO_METHODS
+    from extkd_jax.experiment.runs import METHODS
 
     assert set(results["methods"]) == set(METHODS) - {"at", *ZOO_METHODS}  # MLPs: no feature maps to attend to
     for name, m in results["methods"].items():

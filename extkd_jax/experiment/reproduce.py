@@ -198,7 +198,7 @@ def _reproduce(config, workdir, preset, command_line, methods, data_for, dataset
         epochs=config.num_epochs,
         correction=_describe_correction(config, scorer.correction_split()),
         methods=results_by_method,
-        comparisons=compare_all(results_by_method),
+        comparisons=compare_all(results_by_method, [int(c) for c in datasets.drop_classes]),
         curve=curve,
         wall_time_s=time.time() - t_start,
     )

@@ -143,7 +143,10 @@ class Comparison:
     ci95: list[float] | None
 
     @classmethod
-    def paired(cls, method: MethodResult, baseline: MethodResult, metric: str) -> Comparison:
+    def paired(cls, method: MethodResult, baseline: MethodResult, metric: str, resolution: float = 0.0) -> Comparison:
+        """The paired t interval of the per-seed differences. `resolution`: the metric's step (one test example of
+        the population it counts); the spread used for the interval is at least that, because accuracies move in
+        such steps: two seeds that both differ by exactly one image would otherwise give an interval of width 0."""
         ours = {r.seed: getattr(r, metric) for r in method.runs}
         theirs = {r.seed: getattr(r, metric) for r in baseline.runs}
         seeds = sorted(set(ours) & set(theirs))
@@ -154,8 +157,8 @@ class Comparison:
         if len(diffs) < 2:
             return cls(method.name, baseline.name, metric, 1, mean, None, None)
         std = float(diffs.std(ddof=1))
-        half = t95(len(diffs) - 1) * std / math.sqrt(len(diffs))
-        return cls(method.name, baseline.name, metric, len(diffs), mean, std, [mean - half, mean + half])
+        half = t95(len(diffs) - 1) * max(std, resolution) / math.sqrt(len(diffs))
+        return cls(method.name, baseline.name, metric, len(diffs), mean, std, [float(mean - half), float(mean + half)])
 
     @property
     def detected(self) -> bool:
@@ -244,10 +247,21 @@ def _json_default(value: Any):
 BASELINES = ("kd", "extended_kd")
 
 
-def compare_all(methods: dict[str, MethodResult]) -> list[Comparison]:
+def metric_resolution(methods: dict[str, MethodResult], drop_classes: list[int]) -> dict[str, float]:
+    """Each headline metric's step: 1 / the number of test images it counts (from a run's confusion matrix)."""
+    runs = [r for m in methods.values() for r in m.runs if r.confusion_corrected]
+    if not runs:
+        return {}
+    per_class = np.asarray(runs[0].confusion_corrected, np.float64).sum(1)
+    unseen = per_class[list(drop_classes)].sum() if drop_classes else 0.0
+    return {"test_acc_corrected": 1.0 / per_class.sum(), "unseen_acc_corrected": 1.0 / unseen if unseen else 0.0}
+
+
+def compare_all(methods: dict[str, MethodResult], drop_classes: list[int] = ()) -> list[Comparison]:
     """Every distilling method against KD, then every other one against Extended-KD, on the headline metrics."""
+    resolution = metric_resolution(methods, list(drop_classes))
     return [
-        Comparison.paired(m, methods[baseline], metric)
+        Comparison.paired(m, methods[baseline], metric, resolution.get(metric, 0.0))
         for baseline in BASELINES
         if baseline in methods
         for name, m in methods.items()
