@@ -24,7 +24,7 @@ from extkd_jax.losses._core import (
     _reduce,
 )
 from extkd_jax.losses.logits import kd_kl
-from extkd_jax.losses.relations import rkd_angle, rkd_distance
+from extkd_jax.losses.relations import _pair_mask, rkd_angle, rkd_distance
 
 
 def _batch_pair(fn: str, student: Any, teacher: Any) -> tuple[Array, Array]:
@@ -35,13 +35,6 @@ def _batch_pair(fn: str, student: Any, teacher: Any) -> tuple[Array, Array]:
     if s.shape[0] != t.shape[0]:
         raise ValueError(f"{fn}: {s.shape[0]} student examples (shape {s.shape}) but {t.shape[0]} teacher examples")
     return s.reshape(s.shape[0], -1), t.reshape(t.shape[0], -1)
-
-
-def _example_mask(fn: str, where: Any, n: int) -> Array:
-    mask = jnp.ones((n,), bool) if where is None else jnp.asarray(where)
-    if tuple(mask.shape) != (n,) or mask.dtype != jnp.bool_:
-        raise ValueError(f"{fn}: where must be a boolean array of shape ({n},), got {mask.dtype} {tuple(mask.shape)}")
-    return mask
 
 
 def _unit_rows(x: Array, mask: Array) -> Array:
@@ -63,7 +56,7 @@ def pkt(student_feat: Array, teacher_feat: Array, eps: float = 1e-7, *, where: A
     fn = "pkt"
     _check_positive(fn, "eps", eps)
     s, t = _batch_pair(fn, student_feat, teacher_feat)
-    mask = _example_mask(fn, where, s.shape[0])
+    mask = _pair_mask(fn, where, s.shape[0])
     pairs = mask[:, None] & mask[None, :]
 
     def conditional(x):
@@ -91,7 +84,7 @@ def rkd(
     _check_nonnegative(fn, "distance_weight", distance_weight)
     _check_nonnegative(fn, "angle_weight", angle_weight)
     s, t = _batch_pair(fn, student_feat, teacher_feat)
-    mask = _example_mask(fn, where, s.shape[0])
+    mask = _pair_mask(fn, where, s.shape[0])
     s, t = jnp.where(mask[:, None], s, 0.0), jnp.where(mask[:, None], t, 0.0)  # masked garbage reaches nothing
     n = jnp.maximum(jnp.sum(mask), 1).astype(jnp.float32)
     # rkd_distance / rkd_angle average over the N(N-1) pairs and N(N-1)^2 triplets of distinct examples
@@ -106,7 +99,7 @@ def similarity_preserving(student_feat: Array, teacher_feat: Array, *, where: Ar
     L2-normalised; ``||G_t - G_s||_F^2 / N^2``."""
     fn = "similarity_preserving"
     s, t = _batch_pair(fn, student_feat, teacher_feat)
-    mask = _example_mask(fn, where, s.shape[0])
+    mask = _pair_mask(fn, where, s.shape[0])
 
     def gram(x):
         x = jnp.where(mask[:, None], x, 0.0)
@@ -124,7 +117,7 @@ def correlation_congruence(
     fn = "correlation_congruence"
     _check_positive(fn, "gamma", gamma)
     s, t = _batch_pair(fn, student_feat, teacher_feat)
-    mask = _example_mask(fn, where, s.shape[0])
+    mask = _pair_mask(fn, where, s.shape[0])
 
     def correlation(x):
         u = _unit_rows(x, mask)  # |u_i - u_j|^2 = 2 - 2 u_i . u_j for unit rows
@@ -168,7 +161,7 @@ def dist(
         raise ValueError(
             f"{fn}: expected student and teacher logits of one shape (N, C), got {tuple(s.shape)} and {tuple(t.shape)}"
         )
-    mask = _example_mask(fn, where, s.shape[0])
+    mask = _pair_mask(fn, where, s.shape[0])
     temp = _f32(temperature)
     p_s = jax.nn.softmax(jnp.where(mask[:, None], s, 0.0) / temp, -1)
     p_t = jax.nn.softmax(jnp.where(mask[:, None], t, 0.0) / temp, -1)
