@@ -257,7 +257,7 @@ def metric_resolution(methods: dict[str, MethodResult], drop_classes: list[int])
     return {"test_acc_corrected": 1.0 / per_class.sum(), "unseen_acc_corrected": 1.0 / unseen if unseen else 0.0}
 
 
-def compare_all(methods: dict[str, MethodResult], drop_classes: list[int] = ()) -> list[Comparison]:
+def compare_all(methods: dict[str, MethodResult], drop_classes: list[int] | tuple[int, ...] = ()) -> list[Comparison]:
     """Every distilling method against KD, then every other one against Extended-KD, on the headline metrics."""
     resolution = metric_resolution(methods, list(drop_classes))
     return [
