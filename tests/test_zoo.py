@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from extkd_jax import losses
-from tests.test_losses import np_softmax
+from tests.test_losses import fd_grad, np_softmax
 
 RTOL = 2e-5
 
@@ -155,21 +155,11 @@ def test_keyword_arguments_against_numpy(rng):
     np.testing.assert_allclose(losses.correlation_congruence(s, t, 2.0), ref_cc(s, t, 2.0), rtol=RTOL)
 
 
-def _central_difference(f, x, h=1e-6):
-    grad = np.zeros_like(x)
-    for idx in np.ndindex(x.shape):
-        up, down = x.copy(), x.copy()
-        up[idx] += h
-        down[idx] -= h
-        grad[idx] = (f(up) - f(down)) / (2 * h)
-    return grad
-
-
 @pytest.mark.parametrize("name", NAMES)
 def test_student_gradient_against_finite_differences(name, rng):
     fn, ref, s, t = _cases(rng)[name]
     got = np.asarray(jax.grad(lambda x: fn(x, jnp.asarray(t, jnp.float32)))(jnp.asarray(s, jnp.float32)))
-    want = _central_difference(lambda x: ref(x, t), s)
+    want = fd_grad(lambda x: ref(x, t), s, h=1e-6)
     np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-5 * np.abs(want).max())
 
 
