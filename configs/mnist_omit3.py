@@ -4,7 +4,7 @@ Teacher MLP 784-1200-1200-10 with dropout and inputs jittered by up to 2 pixels,
 digits; students MLP 784-800-800-10 at T=20 (0.1 CE + 0.9 KL) on the digits without any 3. Extended-KD adds the
 MSE of both hidden layers through learned linear connectors 800 -> 1200. MNIST from ../shared/data/mnist
 (offline) or tfds (`--config.data.source=tfds --config.data.dir=`). 19 minutes alone on 2 CPU cores (measured
-2026-11-27; the teacher 2.3 of them, 16 student runs 45-80 s each):
+2026-11-27; the teacher 2.3 of them, 16 student runs of 33-103 s):
 
     extkd reproduce --config=mnist_omit3 --workdir=/tmp/mnist_omit3
 
