@@ -34,7 +34,7 @@ DISTILLING_METHODS = (
     "kd_auto",
 )
 # the standard KD baselines of RepDistiller / mdistiller (issue #15), compared by `with_zoo`
-ZOO_METHODS = ("pkt", "rkd", "sp", "cc", "nst", "dist", "ls_kd")
+ZOO_METHODS = ("pkt", "rkd", "sp", "cc", "nst", "dist", "ls_kd", "mlkd", "vid", "ab", "fsp")
 SPATIAL_METHODS = ("at", "nst")  # need feature maps (H, W, C): left out for MLP students
 # a two-value grid per knob for the comparison of every method (with_all_methods); the temperature's is the preset's
 TWO_VALUE_GRIDS = {
@@ -51,7 +51,10 @@ TWO_VALUE_GRIDS = {
     "sp_weight": (300.0, 3000.0),
     "cc_weight": (1.0, 10.0),
     "nst_weight": (5.0, 50.0),
+    "vid_weight": (0.1, 1.0),
 }
+# ab, fsp: their init stage as a tenth and a quarter of the student's epochs (RepDistiller's is 30 of 270)
+INIT_STAGE_FRACTIONS = (0.1, 0.25)
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -92,7 +95,8 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.loss = ml_collections.ConfigDict()
     c.loss.name = "ce"  # ce | purf (alone) | kd | fitnet | extended_kd | at | dkd | mkd | mtkd_ssr | amkd | pfkd
-    #                     | mismatch | ssd_kd | pkt | rkd | sp | cc | nst | dist | ls_kd (with a teacher): see
+    #                     | mismatch | ssd_kd | pkt | rkd | sp | cc | nst | dist | ls_kd | mlkd | vid | ab | fsp
+    #                     (with a teacher): see
     #                     extkd_jax/train/objectives.py
     c.loss.temperature = 4.0
     c.loss.ce_weight = 1.0
@@ -131,6 +135,13 @@ def get_config() -> ml_collections.ConfigDict:
     c.loss.nst_weight = 50.0  # nst, on every paired segment
     c.loss.dist_beta = 1.0  # dist: inter-class relation (replaces the KL, weighted by kd_weight)
     c.loss.dist_gamma = 1.0  # dist: intra-class relation
+    # mlkd: CE + kd_weight x multi-level logit KD at loss.temperature and 2, 3, 5, 6 (no weight of its own)
+    c.loss.vid_weight = 1.0  # vid, on every paired segment
+    c.loss.vid_init_variance = 5.0  # vid: the learned variance's starting value
+    c.loss.init_epochs = 1.0  # ab, fsp: epochs of the feature-only init stage (RepDistiller: 30 of 270)
+    c.loss.ab_weight = 1.0  # ab in the init stage (RepDistiller's sum of its layer losses)
+    c.loss.ab_margin = 1.0  # ab: the margin m
+    c.loss.fsp_weight = 1.0  # fsp in the init stage (RepDistiller's sum over layer pairs)
 
     c.optim = ml_collections.ConfigDict()
     c.optim.learning_rate = 0.1
@@ -232,4 +243,9 @@ def _two_value_grids(config: ml_collections.ConfigDict, methods: tuple[str, ...]
     temperatures = tuple(config.reproduce.grid.kd) or (config.loss.temperature / 2, config.loss.temperature)
     for method in methods:
         knob = METHODS[method].knob
-        config.reproduce.grid[method] = temperatures if knob == "temperature" else TWO_VALUE_GRIDS[knob]
+        if knob == "temperature":
+            config.reproduce.grid[method] = temperatures
+        elif knob == "init_epochs":
+            config.reproduce.grid[method] = tuple(f * config.num_epochs for f in INIT_STAGE_FRACTIONS)
+        else:
+            config.reproduce.grid[method] = TWO_VALUE_GRIDS[knob]

@@ -13,7 +13,7 @@ Variants (`--config=cifar10_drop:<variant>`):
 - `conv` (after `cpu`): the methods that use the networks' feature maps (at, mtkd_ssr, ssd_kd, amkd, pfkd) with
   kd and extended_kd, each on a two-value grid, for the CIFAR-10 method comparison (not run on CPU yet: about
   50 student runs of 5 minutes each);
-- `zoo` (after `cpu`): the standard KD zoo (pkt, rkd, sp, cc, nst, dist, ls_kd) next to kd and extended_kd;
+- `zoo` (after `cpu`): the standard KD zoo (`base.ZOO_METHODS`) next to kd and extended_kd;
 - `short`: the accelerator device check (benchmarks/device_check.sh): the full-size models, teacher 12 epochs,
   students 8, one seed, kd and extended_kd at segment weight 1;
 - `teacher` (alone or after a size, `cpu,teacher`): the teacher run alone, for `extkd train`.

@@ -7,7 +7,7 @@ Real data that ships with scikit-learn (no download); MLP teacher 64-256-256-10 
 
 Its teacher alone: `extkd train --config=digits_omit3:teacher --workdir=/tmp/digits_teacher`. Every method of
 docs/methods.md's related-methods table, each tuned on a two-value grid: `--config=digits_omit3:all`; the standard
-KD zoo (pkt, rkd, sp, cc, dist, ls_kd) next to kd and extended_kd: `--config=digits_omit3:zoo`.
+KD zoo (`base.ZOO_METHODS` but nst) next to kd and extended_kd: `--config=digits_omit3:zoo`.
 """
 
 from extkd_jax.configs import base

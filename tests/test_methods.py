@@ -199,6 +199,10 @@ PARTS = {
     "nst": ("nst",),
     "dist": ("dist",),
     "ls_kd": ("ls_kd",),
+    "mlkd": ("mlkd",),
+    "vid": ("vid",),
+    "ab": ("ab",),
+    "fsp": ("fsp",),
 }
 
 
@@ -216,6 +220,27 @@ def test_every_method_trains_through_the_engine(loss):
 @pytest.mark.parametrize("loss", ["mtkd_ssr", "ssd_kd", "amkd", "mismatch"])
 def test_methods_on_an_mlp(loss):
     metrics, _ = _train(loss, model="mlp")
+    assert np.all(np.isfinite(metrics["loss"]))
+
+
+@pytest.mark.parametrize("loss", ["ab", "fsp"])
+def test_init_stage_methods_train_the_feature_loss_alone_then_plain_kd(loss):
+    """ab and fsp: while epoch < loss.init_epochs the total is <name>_weight x the feature loss; after it, CE + KL
+    exactly (RepDistiller's init stage)."""
+    metrics, _ = _train(loss, steps=3, **{"loss.init_epochs": 100.0, f"loss.{loss}_weight": 2.0})
+    np.testing.assert_allclose(metrics["loss"], 2.0 * metrics[loss], rtol=1e-6)
+    metrics, _ = _train(loss, steps=3, **{"loss.init_epochs": 0.0, "loss.ce_weight": 0.3, "loss.kd_weight": 0.7})
+    np.testing.assert_allclose(metrics["loss"], 0.3 * metrics["ce"] + 0.7 * metrics["kd"], rtol=1e-5)
+    assert metrics[loss].max() > 0
+
+
+def test_vid_regressors_and_variances_are_trained_and_checkpointed_student_state():
+    metrics, program = _train("vid", model="mlp")
+    module = program.student.graph.merge(program.variables)
+    assert len(module.connectors) == 2  # one regressor per paired hidden layer
+    scale = np.asarray(module.connectors[0].log_scale[...])
+    assert scale.shape == (32,) and np.allclose(scale, losses.vid_log_scale(5.0))
+    assert "log_scale" in str(jax.tree_util.tree_structure(program.variables["params"]))
     assert np.all(np.isfinite(metrics["loss"]))
 
 

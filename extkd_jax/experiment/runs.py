@@ -87,6 +87,20 @@ METHODS: dict[str, Method] = {
         "dist", "DIST (Huang et al. 2022): inter- and intra-class Pearson relations instead of KL", "temperature"
     ),
     "ls_kd": Method("ls_kd", "logit-standardised KD (Sun et al. 2024): KL between z-scored logits", "temperature"),
+    "mlkd": Method(
+        "mlkd",
+        "multi-level logit KD (Jin et al. 2023): instance, class and batch relations at 5 temperatures",
+        "temperature",
+    ),
+    "vid": Method(
+        "vid",
+        "VID (Ahn et al. 2019): KD + Gaussian likelihood of teacher segments under regressors",
+        "vid_weight",
+    ),
+    "ab": Method("ab", "activation boundaries (Heo et al. 2019): a feature-only init stage, then KD", "init_epochs"),
+    "fsp": Method(
+        "fsp", "FSP (Yim et al. 2017): flow matrices between layers in an init stage, then KD", "init_epochs"
+    ),
 }
 TEACHER_RUNS = ("teacher", "teacher_purf")
 

@@ -32,11 +32,13 @@ from extkd_jax.losses.zoo import (
     correlation_congruence,
     dist,
     logit_standardized_kd,
+    mlkd,
     nst,
     pkt,
     rkd,
     similarity_preserving,
 )
+from extkd_jax.losses.zoo_features import activation_boundary, fsp, fsp_matrix, vid, vid_log_scale, vid_variance
 
 __all__ = [
     "REDUCTIONS",
@@ -51,6 +53,13 @@ __all__ = [
     "correlation_congruence",
     "dist",
     "logit_standardized_kd",
+    "mlkd",
+    "activation_boundary",
+    "fsp",
+    "fsp_matrix",
+    "vid",
+    "vid_log_scale",
+    "vid_variance",
     "nst",
     "pkt",
     "rkd",

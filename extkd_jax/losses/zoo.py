@@ -9,6 +9,7 @@ per-example ones (nst, logit_standardized_kd) take `where` / `weights` / `reduct
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -246,3 +247,42 @@ def logit_standardized_kd(
         weights=weights,
         reduction=reduction,
     )
+
+
+MLKD_TEMPERATURES = (2.0, 3.0, 5.0, 6.0)  # the reference's extra temperatures, next to the configured one
+
+
+def mlkd(
+    student_logits: Array,
+    teacher_logits: Array,
+    temperatures: Sequence[float] = (4.0, *MLKD_TEMPERATURES),
+    *,
+    where: Array | None = None,
+) -> Array:
+    """Multi-level logit distillation (Jin et al., CVPR 2023) on one view of the batch (N, C): for each temperature
+    T, with ``P = softmax(logits / T)``, instance level ``T^2 KL(P_t || P_s)`` (mean over examples) + class level
+    ``||P_t^T P_t - P_s^T P_s||_F^2 / C`` + batch level ``||P_t P_t^T - P_s P_s^T||_F^2 / N``, summed over T.
+    The reference's second, strongly augmented view and its median-confidence masks (which scale its reduced
+    weak-view terms by about one half) are left out."""
+    fn = "mlkd"
+    s, t = _f32(student_logits), jax.lax.stop_gradient(_f32(teacher_logits))
+    if s.ndim != 2 or s.shape != t.shape:
+        raise ValueError(
+            f"{fn}: expected student and teacher logits of one shape (N, C), got {tuple(s.shape)} and {tuple(t.shape)}"
+        )
+    if len(temperatures) == 0:
+        raise ValueError(f"{fn}: temperatures is empty")
+    for temperature in temperatures:
+        _check_positive(fn, "temperatures", temperature)
+    mask = _pair_mask(fn, where, s.shape[0])
+    count = jnp.maximum(jnp.sum(mask), 1)
+    s, t = jnp.where(mask[:, None], s, 0.0), jnp.where(mask[:, None], t, 0.0)
+    total = 0.0
+    for temperature in temperatures:
+        instance = kd_kl(s, t, temperature, where=mask)
+        p_s = jnp.where(mask[:, None], jax.nn.softmax(s / temperature, -1), 0.0)
+        p_t = jnp.where(mask[:, None], jax.nn.softmax(t / temperature, -1), 0.0)
+        classes = jnp.sum(jnp.square(p_t.T @ p_t - p_s.T @ p_s)) / s.shape[-1]
+        batch = jnp.sum(jnp.square(p_t @ p_t.T - p_s @ p_s.T)) / count
+        total = total + instance + classes + batch
+    return total

@@ -95,3 +95,38 @@ class Connector(nnx.Module):
             return x
         y = self.layer(x.astype(self.dtype))
         return y if self.bn is None else self.bn(y)
+
+
+class VidRegressor(nnx.Module):
+    """VID's regressor (Ahn et al. 2019, RepDistiller's form): three bias-free 1x1 convs (linear layers for vector
+    features), student channels -> teacher channels -> teacher channels -> teacher channels, ReLU between them,
+    predicting the mean of the teacher's feature; and `log_scale`, one learned value per teacher channel for the
+    variance (``softplus(log_scale) + eps``), initialised so that the variance starts at `init_log_scale`'s."""
+
+    def __init__(
+        self,
+        student_channels: int,
+        teacher_channels: int,
+        *,
+        spatial: bool,
+        init_log_scale: float,
+        rngs: nnx.Rngs,
+        dtype: Any = jnp.float32,
+    ):
+        def layer(i: int, o: int):
+            if spatial:
+                return conv(i, o, 1, rngs=rngs, dtype=dtype)
+            return nnx.Linear(i, o, use_bias=False, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+
+        self.dtype = dtype
+        self.layers = nnx.List(
+            [layer(student_channels, teacher_channels), layer(teacher_channels, teacher_channels)]
+            + [layer(teacher_channels, teacher_channels)]
+        )
+        self.log_scale = nnx.Param(jnp.full((teacher_channels,), init_log_scale, jnp.float32))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x.astype(self.dtype)
+        for k, layer in enumerate(self.layers):
+            x = layer(x) if k == 0 else layer(jax.nn.relu(x))
+        return x.astype(jnp.float32)

@@ -20,6 +20,10 @@ inputs it needs (clean, mixed, adversarial, sampled, rotated) and returns (total
 | sp          | sp_weight * similarity-preserving loss on the last segment                                       |
 | nst         | nst_weight * sum over paired segments of neuron selectivity transfer                             |
 | dist, ls_kd | CE + kd_weight * DIST (dist_beta, dist_gamma, T) or logit-standardised KD, instead of the KL     |
+| mlkd        | CE + kd_weight * multi-level logit KD at T, 2, 3, 5, 6 (instance, class and batch level)          |
+| vid         | vid_weight * sum over paired segments of VID's Gaussian NLL through learned regressors            |
+| ab, fsp     | for the first init_epochs epochs only <name>_weight * activation-boundary / FSP loss of the paired  |
+|             | segments (through connectors); then CE + KL alone (RepDistiller's init stage)                    |
 
 Each method's choices where its paper leaves them open are in its function's docstring and docs/methods.md.
 """
@@ -36,9 +40,11 @@ from flax import nnx
 
 from extkd_jax import losses
 from extkd_jax.data.mixing import mixup, rotate90
+from extkd_jax.losses.zoo import MLKD_TEMPERATURES
+from extkd_jax.losses.zoo_features import match_spatial
 from extkd_jax.models import forward_with_segments
 
-ZOO_LOSSES = ("pkt", "rkd", "sp", "cc", "nst", "dist", "ls_kd")
+ZOO_LOSSES = ("pkt", "rkd", "sp", "cc", "nst", "dist", "ls_kd", "mlkd", "vid", "ab", "fsp")
 TEACHER_LOSSES = (
     "kd",
     "fitnet",
@@ -53,8 +59,18 @@ TEACHER_LOSSES = (
     "ssd_kd",
     *ZOO_LOSSES,
 )
-SEGMENT_LOSSES = ("fitnet", "extended_kd", "at", "mtkd_ssr", "nst")  # losses that pair student and teacher segments
-CONNECTOR_LOSSES = ("fitnet", "extended_kd", "mtkd_ssr")  # ... through learned connectors
+SEGMENT_LOSSES = (
+    "fitnet",
+    "extended_kd",
+    "at",
+    "mtkd_ssr",
+    "nst",
+    "vid",
+    "ab",
+    "fsp",
+)  # losses that pair student and teacher segments
+CONNECTOR_LOSSES = ("fitnet", "extended_kd", "mtkd_ssr", "ab", "fsp")  # ... through learned connectors
+INIT_STAGE_LOSSES = ("ab", "fsp")  # a feature-only first stage, then plain KD (RepDistiller's `init`)
 LOSS_NAMES = ("ce", "purf", *TEACHER_LOSSES)
 
 
@@ -315,14 +331,18 @@ def _zoo(ctx: Context):
     c = ctx.loss
     logits, segments = ctx.student()
     teacher_logits, teacher_segments = ctx.teacher()
-    if c.name in ("dist", "ls_kd"):
+    if c.name in ("dist", "ls_kd", "mlkd"):
         ce = ctx.ce(logits)
         if c.name == "dist":
             kd = losses.dist(logits, teacher_logits, c.dist_beta, c.dist_gamma, c.temperature)
+        elif c.name == "mlkd":
+            kd = losses.mlkd(logits, teacher_logits, (c.temperature, *MLKD_TEMPERATURES))
         else:
             kd = losses.logit_standardized_kd(logits, teacher_logits, c.temperature)
         return c.ce_weight * ce + c.kd_weight * kd, {"ce": ce, c.name: kd}, logits
     total, parts = ctx.base(logits, teacher_logits)
+    if c.name in INIT_STAGE_LOSSES:
+        return (*_init_stage(ctx, total, parts, segments), logits)
     s_emb, t_emb = pooled(segments[-1]), pooled(teacher_segments[-1])
     if c.name == "pkt":
         extra = losses.pkt(s_emb, t_emb)
@@ -332,11 +352,41 @@ def _zoo(ctx: Context):
         extra = losses.correlation_congruence(s_emb, t_emb, c.cc_gamma)
     elif c.name == "sp":
         extra = losses.similarity_preserving(segments[-1], teacher_segments[-1])
+    elif c.name == "vid":
+        extra = 0.0
+        for regressor, (s, t) in zip(ctx.module.connectors, ctx.pairs, strict=True):
+            student, teacher = match_spatial(segments[s], teacher_segments[t])
+            extra = extra + losses.vid(regressor(student), teacher, regressor.log_scale[...], VID_EPS)
     else:  # nst
         if any(segments[s].ndim != 4 for s, _ in ctx.pairs):
             raise ValueError("loss.name='nst' needs feature maps (H, W, C): the student's segments are vectors")
         extra = sum(losses.nst(segments[s], teacher_segments[t]) for s, t in ctx.pairs)
     return total + c[f"{c.name}_weight"] * extra, {**parts, c.name: extra}, logits
+
+
+VID_EPS = 1e-5  # VID's variance floor (RepDistiller's eps)
+
+
+def _init_stage(ctx: Context, kd_total, kd_parts, segments):
+    """AB and FSP as RepDistiller runs them: an init stage in which the student's segments (through the connectors,
+    identities where the shapes already match) learn the method's loss alone, `<name>_weight` x it, for the first
+    `loss.init_epochs` epochs, then plain KD without it. AB: RepDistiller's layer weights 2^(k - n + 1) and its
+    3 / 1000 scale; FSP: the flow matrices between consecutive paired segments."""
+    c = ctx.loss
+    mapped = ctx.mapped(segments)
+    teacher_segments = ctx.teacher()[1]
+    paired = [teacher_segments[t] for _, t in ctx.pairs]
+    if c.name == "ab":
+        n = len(mapped)
+        feature = sum(
+            2.0 ** (k - n + 1) * losses.activation_boundary(m, t, c.ab_margin)
+            for k, (m, t) in enumerate(zip(mapped, paired, strict=True))
+        )
+        feature = feature * 3.0 / 1000.0
+    else:
+        feature = losses.fsp(mapped, paired)
+    total = jnp.where(ctx.epoch < c.init_epochs, c[f"{c.name}_weight"] * feature, kd_total)
+    return total, {**kd_parts, c.name: feature}
 
 
 OBJECTIVES = {

@@ -12,8 +12,9 @@ import numpy as np
 import optax
 from flax import nnx
 
+from extkd_jax import losses
 from extkd_jax.data.augment import parse_augment
-from extkd_jax.models import Connector, create_model, fold_batchnorm, forward_with_segments
+from extkd_jax.models import Connector, VidRegressor, create_model, fold_batchnorm, forward_with_segments
 from extkd_jax.models.common import linear
 from extkd_jax.train.objectives import CONNECTOR_LOSSES, SEGMENT_LOSSES
 from extkd_jax.train.step import Network, Student, TrainState, make_train_step, split
@@ -205,6 +206,19 @@ def student_extras(config, num_classes: int, student_shapes, teacher_shapes, pai
         out["projector"] = linear(student_dim, teacher_dim, rngs=rngs, dtype=dtype)
     elif name == "ssd_kd":
         out["projector"] = linear(student_dim, 4, rngs=rngs, dtype=dtype)  # the rotation head: 4 quarter turns
+    elif name == "vid":
+        init = losses.vid_log_scale(config.loss.vid_init_variance)
+        out["connectors"] = [
+            VidRegressor(
+                student_shapes[s][-1],
+                teacher_shapes[t][-1],
+                spatial=len(student_shapes[s]) == 4 and len(teacher_shapes[t]) == 4,
+                init_log_scale=init,
+                rngs=rngs,
+                dtype=dtype,
+            )
+            for s, t in pairs
+        ]
     return out
 
 

@@ -1,0 +1,171 @@
+"""Feature losses of the KD zoo that need trainable parts or a stage of their own (issue #15, part 2): FSP flow
+matrices, variational information distillation and activation boundaries, written from their papers' formulas and
+checked against RepDistiller / mdistiller.
+
+Features are (N, D) vectors or (N, H, W, C) maps. Every loss is per example and takes ``where`` / ``weights`` /
+``reduction`` like the package's other losses; teacher inputs get no gradient.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+
+from extkd_jax.losses._core import Array, _check_min_rank, _check_nonnegative, _check_positive, _f32, _masked, _reduce
+
+
+def pool_to(x: Array, size: tuple[int, int]) -> Array:
+    """Average pooling of NHWC maps down to spatial `size` (PyTorch's adaptive pooling for integer ratios)."""
+    h, w = x.shape[1], x.shape[2]
+    th, tw = size
+    if h % th or w % tw:
+        raise ValueError(f"cannot pool a {h}x{w} map to {th}x{tw}: the sizes need an integer ratio")
+    return x.reshape(x.shape[0], th, h // th, tw, w // tw, x.shape[-1]).mean(axis=(2, 4))
+
+
+def match_spatial(a: Array, b: Array) -> tuple[Array, Array]:
+    """Two features at one spatial size: the larger map pooled to the smaller (RepDistiller's FSP / VID rule);
+    a vector against a map: the map averaged over space."""
+    if a.ndim == 2 or b.ndim == 2:
+        return tuple(x if x.ndim == 2 else jnp.mean(x, axis=(1, 2)) for x in (a, b))
+    if a.shape[1] > b.shape[1]:
+        return pool_to(a, b.shape[1:3]), b
+    if a.shape[1] < b.shape[1]:
+        return a, pool_to(b, a.shape[1:3])
+    return a, b
+
+
+def _features(fn: str, name: str, x, where) -> Array:
+    x = _f32(x)
+    if x.ndim not in (2, 4):
+        raise ValueError(f"{fn}: {name} must be (N, D) or (N, H, W, C), got shape {tuple(x.shape)}")
+    return _masked(fn, where, x, 1)
+
+
+def fsp_matrix(bottom: Array, top: Array) -> Array:
+    """The flow of solution procedure between two layers (Yim et al. 2017): ``G[n, i, j]`` = the mean over
+    positions of ``top[n, ..., i] * bottom[n, ..., j]``, after pooling the larger map to the smaller; (N, C_top,
+    C_bottom). A vector is one position."""
+    bottom, top = match_spatial(bottom, top)
+    positions = 1 if bottom.ndim == 2 else bottom.shape[1] * bottom.shape[2]
+    b = bottom.reshape(bottom.shape[0], positions, bottom.shape[-1])
+    t = top.reshape(top.shape[0], positions, top.shape[-1])
+    return jnp.einsum("npi,npj->nij", t, b) / positions
+
+
+def fsp(
+    student_segments: Sequence[Array],
+    teacher_segments: Sequence[Array],
+    *,
+    where: Array | None = None,
+    weights: Array | None = None,
+    reduction: str = "mean",
+) -> Array:
+    """FSP (Yim et al. 2017) as RepDistiller computes it: the FSP matrix of each pair of consecutive segments of the
+    student and of the teacher; per example, the sum over the pairs of the mean squared difference of the two
+    matrices. Student and teacher need the same channel counts (map the student's segments first if not)."""
+    fn = "fsp"
+    if len(student_segments) != len(teacher_segments) or len(student_segments) < 2:
+        raise ValueError(
+            f"{fn}: needs the same number (>= 2) of student and teacher segments, got {len(student_segments)} and "
+            f"{len(teacher_segments)}"
+        )
+    s = [_features(fn, f"student_segments[{k}]", x, where) for k, x in enumerate(student_segments)]
+    t = [
+        jax.lax.stop_gradient(_features(fn, f"teacher_segments[{k}]", x, where)) for k, x in enumerate(teacher_segments)
+    ]
+    per_example = 0.0
+    for k in range(len(s) - 1):
+        shape_s, shape_t = (s[k + 1].shape[-1], s[k].shape[-1]), (t[k + 1].shape[-1], t[k].shape[-1])
+        if shape_s != shape_t:
+            raise ValueError(
+                f"{fn}: segments {k} and {k + 1} give student FSP matrices {shape_s} and teacher ones {shape_t}: the "
+                "channel counts must match"
+            )
+        per_example = per_example + _fsp_distance(s[k], s[k + 1], t[k], t[k + 1])
+    return _reduce(fn, per_example, where, weights, reduction)
+
+
+def _fsp_distance(bottom_s: Array, top_s: Array, bottom_t: Array, top_t: Array) -> Array:
+    """Per example, the mean squared difference of two FSP matrices. Between two vectors the matrices are outer
+    products, and ``||a b^T - c d^T||^2 = |a|^2 |b|^2 - 2 (a.c)(b.d) + |c|^2 |d|^2`` avoids building them (an MLP's
+    1200 x 1200 matrices per example would not fit in memory)."""
+    if {bottom_s.ndim, top_s.ndim, bottom_t.ndim, top_t.ndim} == {2}:
+        a, b, c, d = top_s, bottom_s, top_t, bottom_t
+
+        def dot(x, y):
+            return jnp.sum(x * y, axis=-1)
+
+        squared = dot(a, a) * dot(b, b) - 2.0 * dot(a, c) * dot(b, d) + dot(c, c) * dot(d, d)
+        return jnp.maximum(squared, 0.0) / (a.shape[-1] * b.shape[-1])
+    g_s, g_t = fsp_matrix(bottom_s, top_s), fsp_matrix(bottom_t, top_t)
+    return jnp.mean(jnp.square(g_s - g_t), axis=(1, 2))
+
+
+def vid_variance(log_scale: Array, eps: float = 1e-5) -> Array:
+    """VID's per-channel variance ``softplus(log_scale) + eps``."""
+    return jax.nn.softplus(_f32(log_scale)) + eps
+
+
+def vid_log_scale(init_variance: float, eps: float = 1e-5) -> float:
+    """The `log_scale` whose `vid_variance` is `init_variance` (RepDistiller initialises it at 5)."""
+    if not init_variance > eps:
+        raise ValueError(f"vid_log_scale: init_variance={init_variance!r}; expected a variance above eps={eps}")
+    return math.log(math.expm1(init_variance - eps))
+
+
+def vid(
+    student_mean: Array,
+    teacher_feat: Array,
+    log_scale: Array,
+    eps: float = 1e-5,
+    *,
+    where: Array | None = None,
+    weights: Array | None = None,
+    reduction: str = "mean",
+) -> Array:
+    """Variational information distillation (Ahn et al. 2019): the negative log-likelihood of the teacher's feature
+    under a Gaussian whose mean the student predicts (`student_mean`, from a regressor) and whose per-channel
+    variance ``softplus(log_scale) + eps`` is learned: per example, the mean over positions and channels of
+    ``0.5 * ((mean - t)^2 / var + log var)`` (the constant 0.5 log 2 pi left out, as in the reference)."""
+    fn = "vid"
+    _check_positive(fn, "eps", eps)
+    mu = _features(fn, "student_mean", student_mean, where)
+    t = jax.lax.stop_gradient(_features(fn, "teacher_feat", teacher_feat, where))
+    if mu.shape != t.shape:
+        raise ValueError(f"{fn}: student_mean shape {tuple(mu.shape)} != teacher_feat shape {tuple(t.shape)}")
+    scale = _f32(log_scale)
+    if scale.shape != (t.shape[-1],):
+        raise ValueError(f"{fn}: log_scale shape {tuple(scale.shape)}, expected one value per channel ({t.shape[-1]},)")
+    var = vid_variance(scale, eps)
+    nll = 0.5 * (jnp.square(mu - t) / var + jnp.log(var))
+    return _reduce(fn, jnp.mean(nll.reshape(nll.shape[0], -1), axis=-1), where, weights, reduction)
+
+
+def activation_boundary(
+    student_feat: Array,
+    teacher_feat: Array,
+    margin: float = 1.0,
+    *,
+    where: Array | None = None,
+    weights: Array | None = None,
+    reduction: str = "mean",
+) -> Array:
+    """Activation-boundary transfer (Heo et al. 2019), the alternative L2 loss: per example, the sum over neurons of
+    ``(s + m)^2`` where the teacher's neuron is off (t <= 0) but the student's is above -m, plus ``(s - m)^2`` where
+    the teacher's is on (t > 0) but the student's is at most m. The student's response `s` comes through a
+    connector; the teacher's sign is the same before and after its ReLU."""
+    fn = "activation_boundary"
+    _check_nonnegative(fn, "margin", margin)
+    s = _features(fn, "student_feat", student_feat, where)
+    t = jax.lax.stop_gradient(_features(fn, "teacher_feat", teacher_feat, where))
+    if s.shape != t.shape:
+        raise ValueError(f"{fn}: student_feat shape {tuple(s.shape)} != teacher_feat shape {tuple(t.shape)}")
+    _check_min_rank(fn, "student_feat", s, 2)
+    off = (s > -margin) & (t <= 0)
+    on = (s <= margin) & (t > 0)
+    per_neuron = jnp.where(off, jnp.square(s + margin), 0.0) + jnp.where(on, jnp.square(s - margin), 0.0)
+    return _reduce(fn, jnp.sum(per_neuron.reshape(s.shape[0], -1), axis=-1), where, weights, reduction)
