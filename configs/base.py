@@ -34,8 +34,8 @@ DISTILLING_METHODS = (
     "kd_auto",
 )
 # the standard KD baselines of RepDistiller / mdistiller (issue #15), compared by `with_zoo`
-ZOO_METHODS = ("pkt", "rkd", "sp", "cc", "nst", "dist", "ls_kd", "mlkd", "vid", "ab", "fsp")
-SPATIAL_METHODS = ("at", "nst")  # need feature maps (H, W, C): left out for MLP students
+ZOO_METHODS = ("pkt", "rkd", "sp", "cc", "nst", "dist", "ls_kd", "mlkd", "vid", "ab", "fsp", "ft")
+SPATIAL_METHODS = ("at", "nst", "ft")  # need feature maps (H, W, C): left out for MLP students
 # a two-value grid per knob for the comparison of every method (with_all_methods); the temperature's is the preset's
 TWO_VALUE_GRIDS = {
     "segment_weight": (0.1, 1.0),
@@ -52,8 +52,9 @@ TWO_VALUE_GRIDS = {
     "cc_weight": (1.0, 10.0),
     "nst_weight": (5.0, 50.0),
     "vid_weight": (0.1, 1.0),
+    "ft_weight": (20.0, 200.0),
 }
-# ab, fsp: their init stage as a tenth and a quarter of the student's epochs (RepDistiller's is 30 of 270)
+# ab, fsp, ft: their init stage as a tenth and a quarter of the student's epochs (RepDistiller's is 30 of 270)
 INIT_STAGE_FRACTIONS = (0.1, 0.25)
 
 
@@ -95,7 +96,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.loss = ml_collections.ConfigDict()
     c.loss.name = "ce"  # ce | purf (alone) | kd | fitnet | extended_kd | at | dkd | mkd | mtkd_ssr | amkd | pfkd
-    #                     | mismatch | ssd_kd | pkt | rkd | sp | cc | nst | dist | ls_kd | mlkd | vid | ab | fsp
+    #                     | mismatch | ssd_kd | pkt | rkd | sp | cc | nst | dist | ls_kd | mlkd | vid | ab | fsp | ft
     #                     (with a teacher): see
     #                     extkd_jax/train/objectives.py
     c.loss.temperature = 4.0
@@ -138,10 +139,12 @@ def get_config() -> ml_collections.ConfigDict:
     # mlkd: CE + kd_weight x multi-level logit KD at loss.temperature and 2, 3, 5, 6 (no weight of its own)
     c.loss.vid_weight = 1.0  # vid, on every paired segment
     c.loss.vid_init_variance = 5.0  # vid: the learned variance's starting value
-    c.loss.init_epochs = 1.0  # ab, fsp: epochs of the feature-only init stage (RepDistiller: 30 of 270)
+    c.loss.init_epochs = 1.0  # ab, fsp, ft: epochs of the feature-only init stage (RepDistiller: 30 of 270)
     c.loss.ab_weight = 1.0  # ab in the init stage (RepDistiller's sum of its layer losses)
     c.loss.ab_margin = 1.0  # ab: the margin m
     c.loss.fsp_weight = 1.0  # fsp in the init stage (RepDistiller's sum over layer pairs)
+    c.loss.ft_weight = 200.0  # ft, after its init stage (the paraphraser's; init_epochs too)
+    c.loss.ft_rate = 0.5  # ft: the factor's channels, as a fraction of the teacher's last segment's
 
     c.optim = ml_collections.ConfigDict()
     c.optim.learning_rate = 0.1

@@ -156,6 +156,12 @@ def test_auto_policy_ops_against_numpy(rng):
 
 
 def _train(loss: str, model: str = "resnet8", steps: int = 6, **overrides):
+    metrics, program, _ = _run(loss, model, steps, **overrides)
+    return metrics, program
+
+
+def _run(loss: str, model: str = "resnet8", steps: int = 6, **overrides):
+    """`steps` steps of `loss` on random data: (metrics, program, final state)."""
     config = tiny_config(
         ".", **{"model.name": model, "loss.name": loss, "batch_size": 16, "optim.learning_rate": 0.05, **overrides}
     )
@@ -177,10 +183,10 @@ def _train(loss: str, model: str = "resnet8", steps: int = 6, **overrides):
     run_steps = make_run_steps(program.step_fn, mesh, 16, "none")
     state = sharding.put_replicated(program.init_state(), mesh)
     teacher_variables = None if teacher is None else sharding.put_replicated(program.teacher_variables, mesh)
-    _, metrics = run_steps(
+    state, metrics = run_steps(
         state, teacher_variables, images, labels, jnp.arange(16), jax.random.key(0), jnp.int32(0), num_steps=steps
     )
-    return jax.tree.map(np.asarray, metrics), program
+    return jax.tree.map(np.asarray, metrics), program, state
 
 
 PARTS = {
@@ -203,6 +209,7 @@ PARTS = {
     "vid": ("vid",),
     "ab": ("ab",),
     "fsp": ("fsp",),
+    "ft": ("ft", "reconstruction"),
 }
 
 
@@ -214,7 +221,7 @@ def test_every_method_trains_through_the_engine(loss):
         assert np.all(metrics[part] >= 0) and metrics[part].max() > 0, part
     module = program.student.graph.merge(program.variables)
     assert len(module.heads) == (3 if loss == "mtkd_ssr" else 0)  # one head per student stage
-    assert (module.projector is not None) == (loss in ("amkd", "pfkd", "ssd_kd"))
+    assert (module.projector is not None) == (loss in ("amkd", "pfkd", "ssd_kd", "ft"))  # ft: the paraphraser
 
 
 @pytest.mark.parametrize("loss", ["mtkd_ssr", "ssd_kd", "amkd", "mismatch"])
@@ -232,6 +239,35 @@ def test_init_stage_methods_train_the_feature_loss_alone_then_plain_kd(loss):
     metrics, _ = _train(loss, steps=3, **{"loss.init_epochs": 0.0, "loss.ce_weight": 0.3, "loss.kd_weight": 0.7})
     np.testing.assert_allclose(metrics["loss"], 0.3 * metrics["ce"] + 0.7 * metrics["kd"], rtol=1e-5)
     assert metrics[loss].max() > 0
+
+
+def test_ft_trains_the_paraphraser_alone_in_its_init_stage_then_freezes_it():
+    """ft: while epoch < init_epochs the total is the paraphraser's reconstruction error and the student model does
+    not move; after it, CE + KL + ft_weight x FT exactly, and the paraphraser does not move."""
+    no_decay = {"optim.weight_decay": 0.0, "loss.ce_weight": 0.3, "loss.kd_weight": 0.7, "loss.ft_weight": 5.0}
+    metrics, program, state = _run("ft", steps=3, **{"loss.init_epochs": 100.0, **no_decay})
+    np.testing.assert_allclose(metrics["loss"], metrics["reconstruction"], rtol=1e-6)
+    start = program.variables["params"]
+    assert _changed(start["projector"], state.params["projector"])  # the paraphraser learns
+    assert not _changed(start["model"], state.params["model"])  # the student waits
+    metrics, program, state = _run("ft", steps=3, **{"loss.init_epochs": 0.0, **no_decay})
+    want = 0.3 * metrics["ce"] + 0.7 * metrics["kd"] + 5.0 * metrics["ft"]
+    np.testing.assert_allclose(metrics["loss"], want, rtol=1e-5)
+    start = program.variables["params"]
+    assert not _changed(start["projector"], state.params["projector"])
+    assert _changed(start["connectors"], state.params["connectors"])  # the translator learns
+
+
+def _changed(before, after) -> bool:
+    return any(
+        not np.array_equal(np.asarray(a), np.asarray(b))
+        for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after), strict=True)
+    )
+
+
+def test_ft_refuses_vector_segments():
+    with pytest.raises(ValueError, match="loss.name='ft' needs feature maps"):
+        _train("ft", model="mlp")
 
 
 def test_vid_regressors_and_variances_are_trained_and_checkpointed_student_state():

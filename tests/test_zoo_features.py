@@ -88,6 +88,19 @@ def ref_mlkd(zs, zt, temperatures=(4.0, 2.0, 3.0, 5.0, 6.0)):
     return total
 
 
+def ref_ft(s, t, p1=2.0):
+    size = min(s.shape[1], t.shape[1])
+    s, t = _pool(s, size), _pool(t, size)
+
+    def factor(f):
+        x = np.array(
+            [[np.mean(np.abs(f[e, i, j]) ** p1) for i in range(size) for j in range(size)] for e in range(len(f))]
+        )
+        return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+    return float(np.mean(np.abs(factor(s) - factor(t))))
+
+
 def _cases(rng):
     """name -> (loss of (student, teacher), reference, student, teacher); FSP's inputs are segment lists."""
     fsp_s = [rng.normal(size=(3, 4, 4, 2)), rng.normal(size=(3, 2, 2, 3)), rng.normal(size=(3, 4))]
@@ -114,6 +127,12 @@ def _cases(rng):
             rng.normal(size=(4, 7)),
         ),
         "mlkd": (losses.mlkd, ref_mlkd, rng.normal(size=(5, 6)) * 2, rng.normal(size=(5, 6)) * 4),
+        "factor_transfer": (
+            losses.factor_transfer,
+            ref_ft,
+            rng.normal(size=(3, 4, 4, 5)),
+            rng.normal(size=(3, 2, 2, 6)) + 0.5,
+        ),
     }
 
 
@@ -230,6 +249,8 @@ def test_bad_shapes_and_values_are_named():
         losses.activation_boundary(np.zeros((2, 3)), np.zeros((2, 3)), margin=-1.0)
     with pytest.raises(ValueError, match=r"mlkd: temperatures must be > 0, got 0"):
         losses.mlkd(np.zeros((2, 3)), np.zeros((2, 3)), (4.0, 0.0))
+    with pytest.raises(ValueError, match=r"factor_transfer: needs feature maps \(N, H, W, C\), got shapes \(2, 3\)"):
+        losses.factor_transfer(np.zeros((2, 3)), np.zeros((2, 2, 2, 3)))
     with pytest.raises(ValueError, match=r"mlkd: expected student and teacher logits of one shape \(N, C\)"):
         losses.mlkd(np.zeros((2, 3)), np.zeros((2, 4)))
 

@@ -101,6 +101,9 @@ METHODS: dict[str, Method] = {
     "fsp": Method(
         "fsp", "FSP (Yim et al. 2017): flow matrices between layers in an init stage, then KD", "init_epochs"
     ),
+    "ft": Method(
+        "ft", "factor transfer (Kim et al. 2018): KD + factors of a translator against a paraphraser's", "ft_weight"
+    ),
 }
 TEACHER_RUNS = ("teacher", "teacher_purf")
 

@@ -38,7 +38,16 @@ from extkd_jax.losses.zoo import (
     rkd,
     similarity_preserving,
 )
-from extkd_jax.losses.zoo_features import activation_boundary, fsp, fsp_matrix, vid, vid_log_scale, vid_variance
+from extkd_jax.losses.zoo_features import (
+    activation_boundary,
+    factor,
+    factor_transfer,
+    fsp,
+    fsp_matrix,
+    vid,
+    vid_log_scale,
+    vid_variance,
+)
 
 __all__ = [
     "REDUCTIONS",
@@ -55,6 +64,8 @@ __all__ = [
     "logit_standardized_kd",
     "mlkd",
     "activation_boundary",
+    "factor",
+    "factor_transfer",
     "fsp",
     "fsp_matrix",
     "vid",

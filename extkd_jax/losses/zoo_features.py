@@ -169,3 +169,38 @@ def activation_boundary(
     on = (s <= margin) & (t > 0)
     per_neuron = jnp.where(off, jnp.square(s + margin), 0.0) + jnp.where(on, jnp.square(s - margin), 0.0)
     return _reduce(fn, jnp.sum(per_neuron.reshape(s.shape[0], -1), axis=-1), where, weights, reduction)
+
+
+def factor(feat: Array, p: float = 2.0) -> Array:
+    """Factor transfer's factor of a feature map (N, H, W, C): the mean over channels of ``|f|^p`` at each
+    position, flattened and L2-normalised over the positions (RepDistiller's ``FactorTransfer.factor``)."""
+    x = jnp.mean(jnp.power(jnp.abs(feat), p), axis=-1).reshape(feat.shape[0], -1)
+    return x / jnp.sqrt(jnp.maximum(jnp.sum(jnp.square(x), -1, keepdims=True), 1e-24))
+
+
+def factor_transfer(
+    student_factor: Array,
+    teacher_factor: Array,
+    p1: float = 2.0,
+    p2: float = 1.0,
+    *,
+    where: Array | None = None,
+    weights: Array | None = None,
+    reduction: str = "mean",
+) -> Array:
+    """Factor transfer (Kim et al. 2018), RepDistiller's loss: the larger map pooled to the smaller, each turned
+    into its `factor` (power `p1`), and per example the mean over positions of ``|F_s - F_t|^p2``. The inputs are
+    the translator's output (student) and the paraphraser's code (teacher); any channel counts."""
+    fn = "factor_transfer"
+    _check_positive(fn, "p1", p1)
+    _check_positive(fn, "p2", p2)
+    s = _features(fn, "student_factor", student_factor, where)
+    t = jax.lax.stop_gradient(_features(fn, "teacher_factor", teacher_factor, where))
+    if s.ndim != 4 or t.ndim != 4:
+        raise ValueError(f"{fn}: needs feature maps (N, H, W, C), got shapes {tuple(s.shape)} and {tuple(t.shape)}")
+    if s.shape[0] != t.shape[0]:
+        raise ValueError(f"{fn}: {s.shape[0]} student examples but {t.shape[0]} teacher examples")
+    s, t = match_spatial(s, t)
+    diff = jnp.abs(factor(s, p1) - factor(t, p1))
+    per_example = jnp.mean(diff if p2 == 1 else jnp.power(diff, p2), axis=-1)
+    return _reduce(fn, per_example, where, weights, reduction)

@@ -73,7 +73,7 @@ def check_config(config, mode: str) -> None:
         _number(w, "loss.segment_weight", minimum=0)
     _number(loss.label_smoothing, "loss.label_smoothing", minimum=0, maximum=1)
     _number(loss.at_p, "loss.at_p", minimum=0, strict=True)
-    for key in ("mix_alpha", "feature_temperature", "cc_gamma", "vid_init_variance"):
+    for key in ("mix_alpha", "feature_temperature", "cc_gamma", "vid_init_variance", "ft_rate"):
         _number(loss[key], f"loss.{key}", minimum=0, strict=True)
     for key in (
         "srd_weight",
@@ -99,6 +99,7 @@ def check_config(config, mode: str) -> None:
         "ab_weight",
         "ab_margin",
         "fsp_weight",
+        "ft_weight",
     ):
         _number(loss[key], f"loss.{key}", minimum=0)
     _number(loss.adv_steps, "loss.adv_steps", minimum=0, integer=True)

@@ -24,6 +24,8 @@ inputs it needs (clean, mixed, adversarial, sampled, rotated) and returns (total
 | vid         | vid_weight * sum over paired segments of VID's Gaussian NLL through learned regressors            |
 | ab, fsp     | for the first init_epochs epochs only <name>_weight * activation-boundary / FSP loss of the paired  |
 |             | segments (through connectors); then CE + KL alone (RepDistiller's init stage)                    |
+| ft          | for the first init_epochs epochs the paraphraser learns to reconstruct the teacher's last segment;  |
+|             | then ft_weight * factor transfer (translator's factor vs the frozen paraphraser's)               |
 
 Each method's choices where its paper leaves them open are in its function's docstring and docs/methods.md.
 """
@@ -44,7 +46,7 @@ from extkd_jax.losses.zoo import MLKD_TEMPERATURES
 from extkd_jax.losses.zoo_features import match_spatial
 from extkd_jax.models import forward_with_segments
 
-ZOO_LOSSES = ("pkt", "rkd", "sp", "cc", "nst", "dist", "ls_kd", "mlkd", "vid", "ab", "fsp")
+ZOO_LOSSES = ("pkt", "rkd", "sp", "cc", "nst", "dist", "ls_kd", "mlkd", "vid", "ab", "fsp", "ft")
 TEACHER_LOSSES = (
     "kd",
     "fitnet",
@@ -59,16 +61,8 @@ TEACHER_LOSSES = (
     "ssd_kd",
     *ZOO_LOSSES,
 )
-SEGMENT_LOSSES = (
-    "fitnet",
-    "extended_kd",
-    "at",
-    "mtkd_ssr",
-    "nst",
-    "vid",
-    "ab",
-    "fsp",
-)  # losses that pair student and teacher segments
+# losses that pair student and teacher segments
+SEGMENT_LOSSES = ("fitnet", "extended_kd", "at", "mtkd_ssr", "nst", "vid", "ab", "fsp", "ft")
 CONNECTOR_LOSSES = ("fitnet", "extended_kd", "mtkd_ssr", "ab", "fsp")  # ... through learned connectors
 INIT_STAGE_LOSSES = ("ab", "fsp")  # a feature-only first stage, then plain KD (RepDistiller's `init`)
 LOSS_NAMES = ("ce", "purf", *TEACHER_LOSSES)
@@ -341,6 +335,8 @@ def _zoo(ctx: Context):
             kd = losses.logit_standardized_kd(logits, teacher_logits, c.temperature)
         return c.ce_weight * ce + c.kd_weight * kd, {"ce": ce, c.name: kd}, logits
     total, parts = ctx.base(logits, teacher_logits)
+    if c.name == "ft":
+        return (*_factor_transfer(ctx, total, parts, segments, teacher_segments), logits)
     if c.name in INIT_STAGE_LOSSES:
         return (*_init_stage(ctx, total, parts, segments), logits)
     s_emb, t_emb = pooled(segments[-1]), pooled(teacher_segments[-1])
@@ -387,6 +383,21 @@ def _init_stage(ctx: Context, kd_total, kd_parts, segments):
         feature = losses.fsp(mapped, paired)
     total = jnp.where(ctx.epoch < c.init_epochs, c[f"{c.name}_weight"] * feature, kd_total)
     return total, {**kd_parts, c.name: feature}
+
+
+def _factor_transfer(ctx: Context, kd_total, kd_parts, segments, teacher_segments):
+    """FT (Kim et al. 2018) as RepDistiller runs it, on the last segments: for the first `loss.init_epochs` epochs
+    only the paraphraser learns, to reconstruct the teacher's map (MSE); then KD + `ft_weight` x the factor transfer
+    loss between the translator's output and the paraphraser's code, the paraphraser frozen (no gradient)."""
+    c = ctx.loss
+    ((s, t),) = ctx.pairs
+    teacher_map = jax.lax.stop_gradient(teacher_segments[t].astype(jnp.float32))
+    code, reconstruction = ctx.module.projector(teacher_map)
+    rebuild = jnp.mean(jnp.square(reconstruction - teacher_map))
+    translator = nnx.view(ctx.module.connectors[0], use_running_average=False, raise_if_not_found=False)
+    ft = losses.factor_transfer(translator(segments[s]), jax.lax.stop_gradient(code))
+    total = jnp.where(ctx.epoch < c.init_epochs, rebuild, kd_total + c.ft_weight * ft)
+    return total, {**kd_parts, "ft": ft, "reconstruction": rebuild}
 
 
 OBJECTIVES = {

@@ -16,6 +16,7 @@ from extkd_jax import losses
 from extkd_jax.data.augment import parse_augment
 from extkd_jax.models import Connector, VidRegressor, create_model, fold_batchnorm, forward_with_segments
 from extkd_jax.models.common import linear
+from extkd_jax.models.factor_transfer import Paraphraser, Translator
 from extkd_jax.train.objectives import CONNECTOR_LOSSES, SEGMENT_LOSSES
 from extkd_jax.train.step import Network, Student, TrainState, make_train_step, split
 
@@ -47,12 +48,15 @@ def segment_pairs(loss_config, num_student: int, num_teacher: int) -> tuple[tupl
         return ()
     student_idx, teacher_idx = tuple(loss_config.segments), tuple(loss_config.teacher_segments)
     if not student_idx:
-        if num_student != num_teacher and not teacher_idx:
+        if num_student != num_teacher and not teacher_idx and name != "ft":
             raise ValueError(
                 f"loss.name={name!r}: the student has {num_student} segments and the teacher {num_teacher}, and "
                 "no mapping was given; set loss.segments and loss.teacher_segments (equal-length index tuples)"
             )
-        student_idx = (num_student // 2,) if name == "fitnet" else tuple(range(num_student))  # at, mtkd_ssr: all
+        if name == "ft":  # the last segments (RepDistiller's feat[-2]: the last stage, before pooling)
+            student_idx, teacher_idx = (-1,), teacher_idx or (-1,)
+        else:
+            student_idx = (num_student // 2,) if name == "fitnet" else tuple(range(num_student))  # at, mtkd_ssr: all
     teacher_idx = teacher_idx or student_idx
     if len(student_idx) != len(teacher_idx):
         raise ValueError(f"loss.segments={student_idx} and loss.teacher_segments={teacher_idx} differ in length")
@@ -206,6 +210,13 @@ def student_extras(config, num_classes: int, student_shapes, teacher_shapes, pai
         out["projector"] = linear(student_dim, teacher_dim, rngs=rngs, dtype=dtype)
     elif name == "ssd_kd":
         out["projector"] = linear(student_dim, 4, rngs=rngs, dtype=dtype)  # the rotation head: 4 quarter turns
+    elif name == "ft":
+        ((s, t),) = pairs
+        if len(student_shapes[s]) != 4 or len(teacher_shapes[t]) != 4:
+            raise ValueError("loss.name='ft' needs feature maps (H, W, C): a segment of student or teacher is a vector")
+        rate = config.loss.ft_rate
+        out["connectors"] = [Translator(student_shapes[s][-1], teacher_shapes[t][-1], rate, rngs=rngs, dtype=dtype)]
+        out["projector"] = Paraphraser(teacher_shapes[t][-1], rate, rngs=rngs, dtype=dtype)
     elif name == "vid":
         init = losses.vid_log_scale(config.loss.vid_init_variance)
         out["connectors"] = [

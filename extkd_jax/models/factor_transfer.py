@@ -1,0 +1,86 @@
+"""Factor transfer's trainable parts (Kim et al. 2018, RepDistiller's `Paraphraser` / `Translator`): 3x3 conv
+stacks with LeakyReLU(0.1) that turn a feature map into a "factor" with `rate` x the teacher's channels.
+
+Choice (ours): the paraphraser's convs have no bias. It is trained in the init stage and then frozen (no gradient),
+but the optimizer's weight decay still scales its weights down; without biases the network is positively
+homogeneous, so the scaling leaves its L2-normalised factors unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from extkd_jax.models.common import batch_norm, conv, conv_init
+
+
+def _leaky(x: jax.Array) -> jax.Array:
+    return jax.nn.leaky_relu(x, 0.1)
+
+
+class Paraphraser(nnx.Module):
+    """Teacher side: an encoder (C -> C -> rate C -> rate C) whose output is the teacher's factor, and a decoder
+    (transposed convs back to C) that reconstructs the teacher's feature map in the init stage."""
+
+    def __init__(self, channels: int, rate: float, *, rngs: nnx.Rngs, dtype: Any = jnp.float32):
+        code = max(1, int(channels * rate))
+        self.dtype = dtype
+        self.encoder = nnx.List(
+            [
+                conv(i, o, 3, padding=1, rngs=rngs, dtype=dtype)
+                for i, o in ((channels, channels), (channels, code), (code, code))
+            ]
+        )
+        self.decoder = nnx.List(
+            [
+                nnx.ConvTranspose(
+                    i,
+                    o,
+                    kernel_size=(3, 3),
+                    padding="SAME",
+                    use_bias=False,
+                    kernel_init=conv_init,
+                    dtype=dtype,
+                    param_dtype=jnp.float32,
+                    rngs=rngs,
+                )
+                for i, o in ((code, code), (code, channels), (channels, channels))
+            ]
+        )
+
+    def encode(self, x: jax.Array) -> jax.Array:
+        x = x.astype(self.dtype)
+        for layer in self.encoder:
+            x = _leaky(layer(x))
+        return x
+
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """(factor code, reconstruction), both float32."""
+        code = self.encode(x)
+        y = code
+        for layer in self.decoder:
+            y = _leaky(layer(y))
+        return code.astype(jnp.float32), y.astype(jnp.float32)
+
+
+class Translator(nnx.Module):
+    """Student side: three 3x3 convs with BN and LeakyReLU(0.1), student channels -> student channels -> rate x the
+    teacher's channels -> the same; its output is the student's factor."""
+
+    def __init__(
+        self, student_channels: int, teacher_channels: int, rate: float, *, rngs: nnx.Rngs, dtype: Any = jnp.float32
+    ):
+        code = max(1, int(teacher_channels * rate))
+        self.dtype = dtype
+        widths = ((student_channels, student_channels), (student_channels, code), (code, code))
+        self.convs = nnx.List([conv(i, o, 3, padding=1, rngs=rngs, dtype=dtype) for i, o in widths])
+        self.bns = nnx.List([batch_norm(o, rngs=rngs, dtype=dtype) for _, o in widths])
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x.astype(self.dtype)
+        for layer, bn in zip(self.convs, self.bns, strict=True):
+            x = _leaky(bn(layer(x)))
+        return x.astype(jnp.float32)
