@@ -251,13 +251,13 @@ def test_every_method_in_one_smoke_experiment(tmp_path, capsys):
 def test_the_kd_zoo_in_one_smoke_experiment(tmp_path, capsys):
     """`smoke:zoo`: each zoo method an MLP can run tuned on its two-value grid, scored and compared seed by seed."""
     from extkd_jax import cli
-    from extkd_jax.configs.base import ZOO_METHODS
+    from extkd_jax.configs.base import SPATIAL_METHODS, ZOO_METHODS
     from extkd_jax.experiment.runs import METHODS
 
     assert cli.main(["reproduce", "--config=smoke:zoo", "--config.seeds=1", f"--workdir={tmp_path}"]) == 0
     capsys.readouterr()
     results = json.loads((tmp_path / "results.json").read_text())
-    zoo = set(ZOO_METHODS) - {"nst"}  # nst needs feature maps
+    zoo = set(ZOO_METHODS) - set(SPATIAL_METHODS)  # nst, ft need feature maps
     assert set(results["methods"]) == {"scratch_full", "scratch_transfer", "kd", "extended_kd", *zoo}
     for name in zoo:
         m = results["methods"][name]
@@ -265,3 +265,21 @@ def test_the_kd_zoo_in_one_smoke_experiment(tmp_path, capsys):
         config = json.loads((tmp_path / "runs" / name / "seed_0" / "config.json").read_text())["config"]
         assert config["loss"]["name"] == METHODS[name].loss
     assert {(c["method"], c["baseline"]) for c in results["comparisons"]} >= {(m, "kd") for m in zoo}
+
+
+@pytest.mark.slow
+def test_the_feature_map_methods_in_one_smoke_experiment(tmp_path, capsys):
+    """`smoke:conv`: tiny ResNets, so that the methods needing feature maps (at, nst, ft) run end to end next to kd
+    and are compared with it; ft spends its first half epoch on the paraphraser."""
+    from extkd_jax import cli
+    from extkd_jax.configs.base import SPATIAL_METHODS
+
+    assert cli.main(["reproduce", "--config=smoke:conv", f"--workdir={tmp_path}"]) == 0
+    capsys.readouterr()
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results["methods"]) == {"kd", *SPATIAL_METHODS}
+    for name in SPATIAL_METHODS:
+        assert np.isfinite(results["methods"][name]["runs"][0]["test_acc"])
+    assert {(c["method"], c["baseline"]) for c in results["comparisons"]} >= {(m, "kd") for m in SPATIAL_METHODS}
+    record = json.loads((tmp_path / "runs" / "ft" / "seed_0" / "metrics.jsonl").read_text().splitlines()[0])
+    assert record["train_reconstruction"] > 0 and record["train_ft"] > 0
