@@ -210,18 +210,20 @@ PARTS = {
     "ab": ("ab",),
     "fsp": ("fsp",),
     "ft": ("ft", "reconstruction"),
+    "reviewkd": ("review",),
 }
 
 
 @pytest.mark.parametrize("loss", list(PARTS))
 def test_every_method_trains_through_the_engine(loss):
-    metrics, program = _train(loss)
+    ramp_free = {"loss.review_warmup_epochs": 0.0} if loss == "reviewkd" else {}  # a rising weight raises the loss
+    metrics, program = _train(loss, **ramp_free)
     assert np.all(np.isfinite(metrics["loss"])) and metrics["loss"][-1] < metrics["loss"][0]
     for part in PARTS[loss]:
         assert np.all(metrics[part] >= 0) and metrics[part].max() > 0, part
     module = program.student.graph.merge(program.variables)
     assert len(module.heads) == (3 if loss == "mtkd_ssr" else 0)  # one head per student stage
-    assert (module.projector is not None) == (loss in ("amkd", "pfkd", "ssd_kd", "ft"))  # ft: the paraphraser
+    assert (module.projector is not None) == (loss in ("amkd", "pfkd", "ssd_kd", "ft", "reviewkd"))
 
 
 @pytest.mark.parametrize("loss", ["mtkd_ssr", "ssd_kd", "amkd", "mismatch"])
@@ -265,9 +267,23 @@ def _changed(before, after) -> bool:
     )
 
 
-def test_ft_refuses_vector_segments():
-    with pytest.raises(ValueError, match="loss.name='ft' needs feature maps"):
-        _train("ft", model="mlp")
+@pytest.mark.parametrize("loss", ["ft", "reviewkd"])
+def test_feature_map_methods_refuse_vector_segments(loss):
+    with pytest.raises(ValueError, match=f"loss.name='{loss}' needs feature maps"):
+        _train(loss, model="mlp")
+
+
+def test_reviewkd_fuses_into_the_teachers_shapes_and_ramps_in():
+    """The ABF chain maps resnet8's three stages and pooled features to resnet14's shapes; the review term's weight
+    grows linearly over review_warmup_epochs."""
+    metrics, program = _train(
+        "reviewkd", steps=4, **{"loss.review_warmup_epochs": 1.0, "loss.ce_weight": 0.3, "loss.kd_weight": 0.7}
+    )
+    ramp = np.arange(4) / 4.0  # epoch = step / 4: the 4 steps are one epoch here
+    want = 0.3 * metrics["ce"] + 0.7 * metrics["kd"] + ramp * metrics["review"]
+    np.testing.assert_allclose(metrics["loss"], want, rtol=1e-5)
+    fusion = program.student.graph.merge(program.variables).projector
+    assert len(fusion.fusions) == 4 and fusion.fusions[-1].attention is None  # the pooled features fuse nothing
 
 
 def test_vid_regressors_and_variances_are_trained_and_checkpointed_student_state():

@@ -101,6 +101,21 @@ def ref_ft(s, t, p1=2.0):
     return float(np.mean(np.abs(factor(s) - factor(t))))
 
 
+def ref_hcl(student, teacher, levels=(4, 2, 1)):
+    total = 0.0
+    for s, t in zip(student, teacher, strict=True):
+        h = s.shape[1]
+        loss, weight, norm = np.mean((s - t) ** 2), 1.0, 1.0
+        for level in levels:
+            if level >= h:
+                continue
+            weight /= 2
+            loss += weight * np.mean((_pool(s, level) - _pool(t, level)) ** 2)
+            norm += weight
+        total += loss / norm
+    return float(total)
+
+
 def _cases(rng):
     """name -> (loss of (student, teacher), reference, student, teacher); FSP's inputs are segment lists."""
     fsp_s = [rng.normal(size=(3, 4, 4, 2)), rng.normal(size=(3, 2, 2, 3)), rng.normal(size=(3, 4))]
@@ -127,6 +142,12 @@ def _cases(rng):
             rng.normal(size=(4, 7)),
         ),
         "mlkd": (losses.mlkd, ref_mlkd, rng.normal(size=(5, 6)) * 2, rng.normal(size=(5, 6)) * 4),
+        "hierarchical_context": (
+            lambda s, t, **kw: losses.hierarchical_context(s, t, **kw),
+            ref_hcl,
+            [rng.normal(size=(3, 8, 8, 2)), rng.normal(size=(3, 2, 2, 3)), rng.normal(size=(3, 1, 1, 4))],
+            [rng.normal(size=(3, 8, 8, 2)) * 2, rng.normal(size=(3, 2, 2, 3)), rng.normal(size=(3, 1, 1, 4)) + 1],
+        ),
         "factor_transfer": (
             losses.factor_transfer,
             ref_ft,
@@ -155,7 +176,7 @@ def test_value_against_numpy(name, rng):
 @pytest.mark.parametrize("name", NAMES)
 def test_student_gradient_against_finite_differences(name, rng):
     fn, ref, s, t = _cases(rng)[name]
-    if name.startswith("fsp"):  # one student segment at a time
+    if isinstance(s, list):  # one student segment at a time
         for k in range(len(s)):
 
             def on_segment(x, k=k):
@@ -251,6 +272,12 @@ def test_bad_shapes_and_values_are_named():
         losses.mlkd(np.zeros((2, 3)), np.zeros((2, 3)), (4.0, 0.0))
     with pytest.raises(ValueError, match=r"factor_transfer: needs feature maps \(N, H, W, C\), got shapes \(2, 3\)"):
         losses.factor_transfer(np.zeros((2, 3)), np.zeros((2, 2, 2, 3)))
+    with pytest.raises(
+        ValueError, match=r"hierarchical_context: pair 0 has student map \(2, 4, 4, 3\) and teacher map"
+    ):
+        losses.hierarchical_context([np.zeros((2, 4, 4, 3))], [np.zeros((2, 4, 4, 2))])
+    with pytest.raises(ValueError, match=r"hierarchical_context: needs as many student as teacher maps"):
+        losses.hierarchical_context([np.zeros((2, 4, 4, 3))], [])
     with pytest.raises(ValueError, match=r"mlkd: expected student and teacher logits of one shape \(N, C\)"):
         losses.mlkd(np.zeros((2, 3)), np.zeros((2, 4)))
 

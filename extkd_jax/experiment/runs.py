@@ -101,6 +101,11 @@ METHODS: dict[str, Method] = {
     "fsp": Method(
         "fsp", "FSP (Yim et al. 2017): flow matrices between layers in an init stage, then KD", "init_epochs"
     ),
+    "reviewkd": Method(
+        "reviewkd",
+        "ReviewKD (Chen et al. 2021): KD + attention-fused student stages vs the teacher's",
+        "review_weight",
+    ),
     "ft": Method(
         "ft", "factor transfer (Kim et al. 2018): KD + factors of a translator against a paraphraser's", "ft_weight"
     ),

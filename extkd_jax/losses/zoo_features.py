@@ -204,3 +204,48 @@ def factor_transfer(
     diff = jnp.abs(factor(s, p1) - factor(t, p1))
     per_example = jnp.mean(diff if p2 == 1 else jnp.power(diff, p2), axis=-1)
     return _reduce(fn, per_example, where, weights, reduction)
+
+
+HCL_LEVELS = (4, 2, 1)  # ReviewKD's pyramid: average pools to 4x4, 2x2 and 1x1
+
+
+def hierarchical_context(
+    student_maps: Sequence[Array],
+    teacher_maps: Sequence[Array],
+    levels: Sequence[int] = HCL_LEVELS,
+    *,
+    where: Array | None = None,
+    weights: Array | None = None,
+    reduction: str = "mean",
+) -> Array:
+    """ReviewKD's hierarchical context loss (Chen et al. 2021): for each pair of maps (N, H, W, C) of one shape, the
+    MSE of the maps plus, for each pyramid level l < H in `levels` order, the MSE of both maps average-pooled to
+    l x l weighted 1/2, 1/4, ..., all over the sum of the weights; summed over the pairs. Per example: the mean over
+    positions and channels."""
+    fn = "hierarchical_context"
+    if len(student_maps) != len(teacher_maps) or not student_maps:
+        raise ValueError(
+            f"{fn}: needs as many student as teacher maps (>= 1), got {len(student_maps)} and {len(teacher_maps)}"
+        )
+    per_example = 0.0
+    for k, (s, t) in enumerate(zip(student_maps, teacher_maps, strict=True)):
+        s = _features(fn, f"student_maps[{k}]", s, where)
+        t = jax.lax.stop_gradient(_features(fn, f"teacher_maps[{k}]", t, where))
+        if s.shape != t.shape or s.ndim != 4:
+            raise ValueError(
+                f"{fn}: pair {k} has student map {tuple(s.shape)} and teacher map {tuple(t.shape)}; expected maps "
+                "(N, H, W, C) of one shape"
+            )
+
+        def mse(a, b):
+            return jnp.mean(jnp.square(a - b).reshape(a.shape[0], -1), axis=-1)
+
+        loss, weight, total = mse(s, t), 1.0, 1.0
+        for level in levels:
+            if level >= s.shape[1]:
+                continue
+            weight /= 2.0
+            loss = loss + weight * mse(pool_to(s, (level, level)), pool_to(t, (level, level)))
+            total += weight
+        per_example = per_example + loss / total
+    return _reduce(fn, per_example, where, weights, reduction)

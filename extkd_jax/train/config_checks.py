@@ -100,6 +100,8 @@ def check_config(config, mode: str) -> None:
         "ab_margin",
         "fsp_weight",
         "ft_weight",
+        "review_weight",
+        "review_warmup_epochs",
     ):
         _number(loss[key], f"loss.{key}", minimum=0)
     _number(loss.adv_steps, "loss.adv_steps", minimum=0, integer=True)

@@ -26,6 +26,8 @@ inputs it needs (clean, mixed, adversarial, sampled, rotated) and returns (total
 |             | segments (through connectors); then CE + KL alone (RepDistiller's init stage)                    |
 | ft          | for the first init_epochs epochs the paraphraser learns to reconstruct the teacher's last segment;  |
 |             | then ft_weight * factor transfer (translator's factor vs the frozen paraphraser's)               |
+| reviewkd    | min(1, epoch / review_warmup_epochs) * review_weight * hierarchical context loss of the student's   |
+|             | segments and pooled features, fused by attention (ABF), against the teacher's                    |
 
 Each method's choices where its paper leaves them open are in its function's docstring and docs/methods.md.
 """
@@ -46,7 +48,7 @@ from extkd_jax.losses.zoo import MLKD_TEMPERATURES
 from extkd_jax.losses.zoo_features import match_spatial
 from extkd_jax.models import forward_with_segments
 
-ZOO_LOSSES = ("pkt", "rkd", "sp", "cc", "nst", "dist", "ls_kd", "mlkd", "vid", "ab", "fsp", "ft")
+ZOO_LOSSES = ("pkt", "rkd", "sp", "cc", "nst", "dist", "ls_kd", "mlkd", "vid", "ab", "fsp", "ft", "reviewkd")
 TEACHER_LOSSES = (
     "kd",
     "fitnet",
@@ -62,7 +64,7 @@ TEACHER_LOSSES = (
     *ZOO_LOSSES,
 )
 # losses that pair student and teacher segments
-SEGMENT_LOSSES = ("fitnet", "extended_kd", "at", "mtkd_ssr", "nst", "vid", "ab", "fsp", "ft")
+SEGMENT_LOSSES = ("fitnet", "extended_kd", "at", "mtkd_ssr", "nst", "vid", "ab", "fsp", "ft", "reviewkd")
 CONNECTOR_LOSSES = ("fitnet", "extended_kd", "mtkd_ssr", "ab", "fsp")  # ... through learned connectors
 INIT_STAGE_LOSSES = ("ab", "fsp")  # a feature-only first stage, then plain KD (RepDistiller's `init`)
 LOSS_NAMES = ("ce", "purf", *TEACHER_LOSSES)
@@ -337,6 +339,8 @@ def _zoo(ctx: Context):
     total, parts = ctx.base(logits, teacher_logits)
     if c.name == "ft":
         return (*_factor_transfer(ctx, total, parts, segments, teacher_segments), logits)
+    if c.name == "reviewkd":
+        return (*_review(ctx, total, parts, segments, teacher_segments), logits)
     if c.name in INIT_STAGE_LOSSES:
         return (*_init_stage(ctx, total, parts, segments), logits)
     s_emb, t_emb = pooled(segments[-1]), pooled(teacher_segments[-1])
@@ -398,6 +402,23 @@ def _factor_transfer(ctx: Context, kd_total, kd_parts, segments, teacher_segment
     ft = losses.factor_transfer(translator(segments[s]), jax.lax.stop_gradient(code))
     total = jnp.where(ctx.epoch < c.init_epochs, rebuild, kd_total + c.ft_weight * ft)
     return total, {**kd_parts, "ft": ft, "reconstruction": rebuild}
+
+
+def _review(ctx: Context, kd_total, kd_parts, segments, teacher_segments):
+    """ReviewKD (Chen et al. 2021, mdistiller's form) on top of KD: the student's paired segments and its pooled
+    features (a 1x1 map), fused deepest first by the ABF chain (`Student.projector`), against the teacher's paired
+    segments and pooled features by the hierarchical context loss, ramped in over `review_warmup_epochs`."""
+    c = ctx.loss
+
+    def features(maps, idx):
+        return [maps[i] for i in idx] + [pooled(maps[-1])[:, None, None, :]]
+
+    student = features(segments, [s for s, _ in ctx.pairs])
+    teacher = features(teacher_segments, [t for _, t in ctx.pairs])
+    fusion = nnx.view(ctx.module.projector, use_running_average=False, raise_if_not_found=False)
+    review = losses.hierarchical_context(fusion(student, [t.shape[1] for t in teacher]), teacher)
+    ramp = jnp.minimum(1.0, ctx.epoch / c.review_warmup_epochs) if c.review_warmup_epochs > 0 else 1.0
+    return kd_total + ramp * c.review_weight * review, {**kd_parts, "review": review}
 
 
 OBJECTIVES = {

@@ -17,6 +17,7 @@ from extkd_jax.data.augment import parse_augment
 from extkd_jax.models import Connector, VidRegressor, create_model, fold_batchnorm, forward_with_segments
 from extkd_jax.models.common import linear
 from extkd_jax.models.factor_transfer import Paraphraser, Translator
+from extkd_jax.models.review import ReviewFusion
 from extkd_jax.train.objectives import CONNECTOR_LOSSES, SEGMENT_LOSSES
 from extkd_jax.train.step import Network, Student, TrainState, make_train_step, split
 
@@ -217,6 +218,12 @@ def student_extras(config, num_classes: int, student_shapes, teacher_shapes, pai
         rate = config.loss.ft_rate
         out["connectors"] = [Translator(student_shapes[s][-1], teacher_shapes[t][-1], rate, rngs=rngs, dtype=dtype)]
         out["projector"] = Paraphraser(teacher_shapes[t][-1], rate, rngs=rngs, dtype=dtype)
+    elif name == "reviewkd":
+        if any(len(student_shapes[s]) != 4 or len(teacher_shapes[t]) != 4 for s, t in pairs):
+            raise ValueError("loss.name='reviewkd' needs feature maps (H, W, C): a paired segment is a vector")
+        student_channels = [student_shapes[s][-1] for s, _ in pairs] + [student_dim]
+        teacher_channels = [teacher_shapes[t][-1] for _, t in pairs] + [teacher_dim]
+        out["projector"] = ReviewFusion(student_channels, teacher_channels, rngs=rngs, dtype=dtype)
     elif name == "vid":
         init = losses.vid_log_scale(config.loss.vid_init_variance)
         out["connectors"] = [

@@ -62,7 +62,8 @@ def split(model: nnx.Module) -> tuple[Graph, dict]:
 class Student(nnx.Module):
     """What the optimizer updates: the student model and the modules its loss adds: one connector per segment pair
     (fitnet, extended_kd, mtkd_ssr, ab, fsp; vid's regressors; ft's translator), heads on its stages (mtkd_ssr), a
-    projector (amkd's embedding, pfkd's feature match, ssd_kd's rotation head; ft's paraphraser)."""
+    projector (amkd's embedding, pfkd's feature match, ssd_kd's rotation head; ft's paraphraser; reviewkd's fusion
+    chain)."""
 
     def __init__(
         self,
