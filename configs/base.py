@@ -34,8 +34,9 @@ DISTILLING_METHODS = (
     "kd_auto",
 )
 # the standard KD baselines of RepDistiller / mdistiller (issue #15), compared by `with_zoo`
-ZOO_METHODS = ("pkt", "rkd", "sp", "cc", "nst", "dist", "ls_kd", "mlkd", "vid", "ab", "fsp", "ft", "reviewkd")
-SPATIAL_METHODS = ("at", "nst", "ft", "reviewkd")  # need feature maps (H, W, C): left out for MLP students
+ZOO_METHODS = ("pkt", "rkd", "sp", "cc", "nst", "dist", "ls_kd", "mlkd", "vid", "ab", "fsp", "ft", "reviewkd", "ofd")
+# need feature maps (H, W, C), left out for MLP students (ofd: the ResNets' pre-activation taps)
+SPATIAL_METHODS = ("at", "nst", "ft", "reviewkd", "ofd")
 # a two-value grid per knob for the comparison of every method (with_all_methods); the temperature's is the preset's
 TWO_VALUE_GRIDS = {
     "segment_weight": (0.1, 1.0),
@@ -54,6 +55,7 @@ TWO_VALUE_GRIDS = {
     "vid_weight": (0.1, 1.0),
     "ft_weight": (20.0, 200.0),
     "review_weight": (0.1, 1.0),
+    "ofd_weight": (1e-4, 1e-3),
 }
 # ab, fsp, ft: their init stage as a tenth and a quarter of the student's epochs (RepDistiller's is 30 of 270)
 INIT_STAGE_FRACTIONS = (0.1, 0.25)
@@ -98,7 +100,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.loss = ml_collections.ConfigDict()
     c.loss.name = "ce"  # ce | purf (alone) | kd | fitnet | extended_kd | at | dkd | mkd | mtkd_ssr | amkd | pfkd
     #                     | mismatch | ssd_kd | pkt | rkd | sp | cc | nst | dist | ls_kd | mlkd | vid | ab | fsp | ft
-    #                     | reviewkd
+    #                     | reviewkd | ofd
     #                     (with a teacher): see
     #                     extkd_jax/train/objectives.py
     c.loss.temperature = 4.0
@@ -149,6 +151,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.loss.ft_rate = 0.5  # ft: the factor's channels, as a fraction of the teacher's last segment's
     c.loss.review_weight = 1.0  # reviewkd: the hierarchical context loss (mdistiller's CIFAR weight)
     c.loss.review_warmup_epochs = 1.0  # reviewkd: its weight ramps up linearly over these epochs
+    c.loss.ofd_weight = 1e-3  # ofd: its per-example sums (mdistiller's CIFAR FEAT_WEIGHT)
 
     c.optim = ml_collections.ConfigDict()
     c.optim.learning_rate = 0.1

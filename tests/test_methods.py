@@ -211,6 +211,7 @@ PARTS = {
     "fsp": ("fsp",),
     "ft": ("ft", "reconstruction"),
     "reviewkd": ("review",),
+    "ofd": ("ofd",),
 }
 
 
@@ -223,7 +224,7 @@ def test_every_method_trains_through_the_engine(loss):
         assert np.all(metrics[part] >= 0) and metrics[part].max() > 0, part
     module = program.student.graph.merge(program.variables)
     assert len(module.heads) == (3 if loss == "mtkd_ssr" else 0)  # one head per student stage
-    assert (module.projector is not None) == (loss in ("amkd", "pfkd", "ssd_kd", "ft", "reviewkd"))
+    assert (module.projector is not None) == (loss in ("amkd", "pfkd", "ssd_kd", "ft", "reviewkd", "ofd"))
 
 
 @pytest.mark.parametrize("loss", ["mtkd_ssr", "ssd_kd", "amkd", "mismatch"])
@@ -271,6 +272,30 @@ def _changed(before, after) -> bool:
 def test_feature_map_methods_refuse_vector_segments(loss):
     with pytest.raises(ValueError, match=f"loss.name='{loss}' needs feature maps"):
         _train(loss, model="mlp")
+
+
+def test_ofd_reads_pre_activation_taps_and_the_teachers_bn_margins():
+    """The ResNets' taps are their stages before the last ReLU; OFD's margins come from the teacher's BN before
+    each tap; an MLP has no taps and is refused by name."""
+    from extkd_jax.models import forward_with_segments
+    from extkd_jax.train.setup import build_model
+
+    model = build_model("resnet8", {}, 10, 0, jnp.float32)
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 8, 8, 3)), jnp.float32)
+    _, segments = forward_with_segments(model, x, train=False)
+    _, taps = forward_with_segments(model, x, train=False, taps="preact")
+    for seg, tap in zip(segments, taps, strict=True):
+        np.testing.assert_array_equal(np.asarray(seg), np.maximum(np.asarray(tap), 0))
+        assert np.any(np.asarray(tap) < 0)
+    _, program = _train("ofd", steps=2)  # the teacher is folded; its margins were read before folding
+    margins = program.student.graph.merge(program.variables).projector.values()
+    network, variables = random_teacher("resnet14")
+    teacher_model = network.graph.merge(variables)
+    want = [losses.ofd_margin(bn.scale[...], bn.bias[...]) for bn in teacher_model.bn_before_relu()]
+    for got, expected in zip(margins, want, strict=True):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=1e-6)
+    with pytest.raises(ValueError, match="sows no pre-activation taps"):
+        _train("ofd", model="mlp")
 
 
 def test_reviewkd_fuses_into_the_teachers_shapes_and_ramps_in():

@@ -4,6 +4,8 @@ masks, named errors, no teacher gradient, jit and bfloat16."""
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -116,11 +118,37 @@ def ref_hcl(student, teacher, levels=(4, 2, 1)):
     return float(total)
 
 
+def ref_ofd(s, t, margin):
+    n, h, w, c = s.shape
+    total = 0.0
+    for e, i, j, k in np.ndindex(n, h, w, c):
+        a, b, m = s[e, i, j, k], t[e, i, j, k], margin[k]
+        if a > m and b <= m:
+            total += (a - m) ** 2
+        if a > b and m < b <= 0:
+            total += (a - b) ** 2
+        if b > 0:
+            total += (a - b) ** 2
+    return total / n
+
+
+def ref_ofd_margin(scale, bias):
+    out = []
+    for sd, m in zip(np.abs(scale), bias, strict=True):
+        below = 0.5 * math.erfc((m / sd) / math.sqrt(2))  # Phi(-m / s)
+        if below > 0.001:
+            out.append(-sd * math.exp(-((m / sd) ** 2) / 2) / math.sqrt(2 * math.pi) / below + m)
+        else:
+            out.append(-3 * sd)
+    return np.array(out)
+
+
 def _cases(rng):
     """name -> (loss of (student, teacher), reference, student, teacher); FSP's inputs are segment lists."""
     fsp_s = [rng.normal(size=(3, 4, 4, 2)), rng.normal(size=(3, 2, 2, 3)), rng.normal(size=(3, 4))]
     fsp_t = [rng.normal(size=(3, 2, 2, 2)) * 2, rng.normal(size=(3, 2, 2, 3)), rng.normal(size=(3, 4))]
     log_scale = rng.normal(size=(5,))
+    ofd_margin = -np.abs(rng.normal(size=(4,))) - 0.1
     return {
         "fsp": (lambda s, t, **kw: losses.fsp(s, t, **kw), ref_fsp, fsp_s, fsp_t),
         "fsp_vectors": (  # an MLP's segments: the closed form of the outer products' distance
@@ -147,6 +175,12 @@ def _cases(rng):
             ref_hcl,
             [rng.normal(size=(3, 8, 8, 2)), rng.normal(size=(3, 2, 2, 3)), rng.normal(size=(3, 1, 1, 4))],
             [rng.normal(size=(3, 8, 8, 2)) * 2, rng.normal(size=(3, 2, 2, 3)), rng.normal(size=(3, 1, 1, 4)) + 1],
+        ),
+        "ofd": (
+            lambda s, t, **kw: losses.ofd(s, t, jnp.asarray(ofd_margin, jnp.float32), **kw),
+            lambda s, t: ref_ofd(s, t, ofd_margin),
+            rng.normal(size=(3, 2, 2, 4)),
+            rng.normal(size=(3, 2, 2, 4)),
         ),
         "factor_transfer": (
             losses.factor_transfer,
@@ -294,3 +328,11 @@ def test_run_under_jit_and_in_bfloat16(rng):
         jax.jit(losses.mlkd)(s[1].reshape(4, -1), s[1].reshape(4, -1) * 3),
     ):
         assert value.dtype == jnp.float32 and np.isfinite(float(value))
+
+
+def test_ofd_margin_against_the_gaussian_formula(rng):
+    scale, bias = rng.normal(size=(6,)), rng.normal(size=(6,))
+    bias[0], scale[0] = 4.0, 1.0  # P(x < 0) = 3e-5 < 0.001: the -3 |scale| branch
+    got = np.asarray(losses.ofd_margin(scale, bias))
+    np.testing.assert_allclose(got, ref_ofd_margin(scale, bias), rtol=1e-5, atol=1e-6)
+    assert got[0] == pytest.approx(-3.0) and np.all(got < 0)

@@ -106,6 +106,9 @@ METHODS: dict[str, Method] = {
         "ReviewKD (Chen et al. 2021): KD + attention-fused student stages vs the teacher's",
         "review_weight",
     ),
+    "ofd": Method(
+        "ofd", "OFD (Heo et al. 2019): KD + partial L2 of pre-ReLU stages above the teacher's margins", "ofd_weight"
+    ),
     "ft": Method(
         "ft", "factor transfer (Kim et al. 2018): KD + factors of a translator against a paraphraser's", "ft_weight"
     ),

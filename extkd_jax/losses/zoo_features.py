@@ -249,3 +249,44 @@ def hierarchical_context(
             total += weight
         per_example = per_example + loss / total
     return _reduce(fn, per_example, where, weights, reduction)
+
+
+def ofd_margin(bn_scale: Array, bn_bias: Array) -> Array:
+    """OFD's margin per channel from the BN before a teacher's ReLU (Heo et al. 2019): the expectation of the
+    pre-activation given that it is negative, for a Gaussian of mean `bn_bias` and standard deviation |`bn_scale`|;
+    ``-3 |scale|`` where the probability of a negative value is below 0.001 (the authors' code)."""
+    s = jnp.abs(_f32(bn_scale))
+    m = _f32(bn_bias)
+    z = -m / jnp.maximum(s, 1e-12)
+    below = 0.5 * jax.scipy.special.erfc(-z / math.sqrt(2.0))  # P(x < 0) = Phi(-m / s)
+    expectation = -s * jnp.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi) / jnp.maximum(below, 1e-30) + m
+    return jnp.where(below > 0.001, expectation, -3.0 * s)
+
+
+def ofd(
+    student_feat: Array,
+    teacher_feat: Array,
+    margin: Array,
+    *,
+    where: Array | None = None,
+    weights: Array | None = None,
+    reduction: str = "mean",
+) -> Array:
+    """OFD's partial L2 (Heo et al. 2019, mdistiller's form) between the student's pre-activation (through a
+    connector) and the teacher's, the teacher's negative values raised to the per-channel `margin`: per example,
+    the sum over positions and channels of ``(s - m)^2`` where ``s > m >= t``, ``(s - t)^2`` where ``s > t`` and
+    ``m < t <= 0``, and ``(s - t)^2`` where ``t > 0``. The larger map is pooled to the smaller."""
+    fn = "ofd"
+    s = _features(fn, "student_feat", student_feat, where)
+    t = jax.lax.stop_gradient(_features(fn, "teacher_feat", teacher_feat, where))
+    s, t = match_spatial(s, t)
+    if s.shape != t.shape:
+        raise ValueError(f"{fn}: student_feat {tuple(s.shape)} and teacher_feat {tuple(t.shape)} differ in channels")
+    m = jax.lax.stop_gradient(_f32(margin))
+    if m.shape != (t.shape[-1],):
+        raise ValueError(f"{fn}: margin shape {tuple(m.shape)}, expected one value per channel ({t.shape[-1]},)")
+    below = (s > m) & (t <= m)
+    between = (s > t) & (t > m) & (t <= 0)
+    positive = t > 0
+    per = jnp.where(below, jnp.square(s - m), 0.0) + jnp.where(between | positive, jnp.square(s - t), 0.0)
+    return _reduce(fn, jnp.sum(per.reshape(per.shape[0], -1), axis=-1), where, weights, reduction)

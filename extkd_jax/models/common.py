@@ -117,6 +117,7 @@ class SegmentModel(nnx.Module):
     """
 
     segment_names: tuple[str, ...] = ()
+    preact_names: tuple[str, ...] = ()  # optional taps before a ReLU, one per segment (OFD reads them)
     sow_segments: bool = False
 
     def set_view(self, sow_segments: bool | None = None) -> None:

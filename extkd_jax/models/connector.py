@@ -130,3 +130,19 @@ class VidRegressor(nnx.Module):
         for k, layer in enumerate(self.layers):
             x = layer(x) if k == 0 else layer(jax.nn.relu(x))
         return x.astype(jnp.float32)
+
+
+class Margins(nnx.Module):
+    """Per-channel constants a loss reads (OFD's margins, one array per segment pair), kept as `nnx.BatchStat` so
+    that they travel with the student's statistics and checkpoints and receive no gradient."""
+
+    def __init__(self, margins: Sequence[jax.Array]):
+        self.sizes = tuple(int(m.shape[0]) for m in margins)
+        self.flat = nnx.BatchStat(jnp.concatenate([jnp.asarray(m, jnp.float32) for m in margins]))
+
+    def values(self) -> list[jax.Array]:
+        out, start = [], 0
+        for size in self.sizes:
+            out.append(self.flat[...][start : start + size])
+            start += size
+        return out

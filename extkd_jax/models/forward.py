@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+TAPS = ("segments", "preact")
+
 
 def _accepts_rngs(model: nnx.Module) -> bool:
     return "rngs" in inspect.signature(type(model).__call__).parameters
@@ -19,6 +21,7 @@ def forward_with_segments(
     *,
     train: bool,
     rngs: nnx.Rngs | None = None,
+    taps: str = "segments",
 ) -> tuple[jax.Array, list[jax.Array]]:
     """Run ``model`` on ``x`` and return ``(logits (N, num_classes) float32, segments)``.
 
@@ -27,14 +30,22 @@ def forward_with_segments(
     a user's model may sow always). ``train=True`` uses batch statistics and updates the BatchNorm running
     statistics of ``model`` in place, and applies dropout (with ``rngs`` if given, else the model's own dropout
     streams); ``train=False`` uses running statistics, no dropout. Works eagerly and inside ``jax.jit``.
+    ``taps="preact"`` returns the model's pre-activation taps (``model.preact_names``) instead of its segments.
     """
+    if taps not in TAPS:
+        raise ValueError(f"taps={taps!r}; expected one of {TAPS}")
+    names = getattr(model, "segment_names" if taps == "segments" else "preact_names", ())
+    if taps == "preact" and not names:
+        raise ValueError(
+            f"model {type(model).__name__} sows no pre-activation taps (preact_names); the CIFAR ResNets do"
+        )
     view = nnx.view(
         model, deterministic=not train, use_running_average=not train, sow_segments=True, raise_if_not_found=False
     )
     kwargs = {"rngs": rngs} if rngs is not None and _accepts_rngs(model) else {}
     logits, captured = nnx.capture(view, nnx.Intermediate)(x, **kwargs)
     segments = []
-    for name in getattr(model, "segment_names", ()):
+    for name in names:
         if name not in captured:
             raise RuntimeError(
                 f"model {type(model).__name__} did not sow segment {name!r} "

@@ -34,11 +34,15 @@ class BasicBlock(nnx.Module):
             self.short_conv = None
             self.short_bn = None
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def pre_activation(self, x: jax.Array) -> jax.Array:
+        """The block's output before its final ReLU (OFD's tap)."""
         out = nnx.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
         residual = x if self.short_conv is None else self.short_bn(self.short_conv(x))
-        return nnx.relu(out + residual)
+        return out + residual
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return nnx.relu(self.pre_activation(x))
 
 
 class CifarResNet(SegmentModel):
@@ -59,6 +63,7 @@ class CifarResNet(SegmentModel):
         n = (depth - 2) // 6
         self.dtype = dtype
         self.segment_names = ("stage1", "stage2", "stage3")
+        self.preact_names = ("stage1_preact", "stage2_preact", "stage3_preact")  # before each stage's last ReLU
         self.conv1 = conv(in_channels, widths[0], 3, padding=1, rngs=rngs, dtype=dtype)
         self.bn1 = batch_norm(widths[0], rngs=rngs, dtype=dtype)
         stages = []
@@ -72,13 +77,20 @@ class CifarResNet(SegmentModel):
         self.stages = nnx.List(stages)
         self.fc = linear(in_ch, num_classes, rngs=rngs, dtype=dtype)
 
+    def bn_before_relu(self) -> list[nnx.BatchNorm]:
+        """The BN whose output precedes each pre-activation tap (the last block's bn2, as OFD's code takes it)."""
+        return [stage[-1].bn2 for stage in self.stages]
+
     def __call__(self, x: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
         del rngs  # no dropout
         x = x.astype(self.dtype)
         x = nnx.relu(self.bn1(self.conv1(x)))
-        for name, stage in zip(self.segment_names, self.stages):
-            for block in stage:
+        for name, preact_name, stage in zip(self.segment_names, self.preact_names, self.stages):
+            for block in stage[:-1]:
                 x = block(x)
+            pre = stage[-1].pre_activation(x)
+            self.sow_segment(preact_name, pre)
+            x = nnx.relu(pre)
             self.sow_segment(name, x)
         return self.fc(global_avg_pool(x)).astype(jnp.float32)
 

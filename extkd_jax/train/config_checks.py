@@ -102,6 +102,7 @@ def check_config(config, mode: str) -> None:
         "ft_weight",
         "review_weight",
         "review_warmup_epochs",
+        "ofd_weight",
     ):
         _number(loss[key], f"loss.{key}", minimum=0)
     _number(loss.adv_steps, "loss.adv_steps", minimum=0, integer=True)

@@ -28,6 +28,7 @@ inputs it needs (clean, mixed, adversarial, sampled, rotated) and returns (total
 |             | then ft_weight * factor transfer (translator's factor vs the frozen paraphraser's)               |
 | reviewkd    | min(1, epoch / review_warmup_epochs) * review_weight * hierarchical context loss of the student's   |
 |             | segments and pooled features, fused by attention (ABF), against the teacher's                    |
+| ofd         | ofd_weight * sum_k 2^(k-n+1) * margin-ReLU partial L2 of the pre-activation taps (connectors)     |
 
 Each method's choices where its paper leaves them open are in its function's docstring and docs/methods.md.
 """
@@ -48,7 +49,7 @@ from extkd_jax.losses.zoo import MLKD_TEMPERATURES
 from extkd_jax.losses.zoo_features import match_spatial
 from extkd_jax.models import forward_with_segments
 
-ZOO_LOSSES = ("pkt", "rkd", "sp", "cc", "nst", "dist", "ls_kd", "mlkd", "vid", "ab", "fsp", "ft", "reviewkd")
+ZOO_LOSSES = ("pkt", "rkd", "sp", "cc", "nst", "dist", "ls_kd", "mlkd", "vid", "ab", "fsp", "ft", "reviewkd", "ofd")
 TEACHER_LOSSES = (
     "kd",
     "fitnet",
@@ -64,8 +65,9 @@ TEACHER_LOSSES = (
     *ZOO_LOSSES,
 )
 # losses that pair student and teacher segments
-SEGMENT_LOSSES = ("fitnet", "extended_kd", "at", "mtkd_ssr", "nst", "vid", "ab", "fsp", "ft", "reviewkd")
-CONNECTOR_LOSSES = ("fitnet", "extended_kd", "mtkd_ssr", "ab", "fsp")  # ... through learned connectors
+SEGMENT_LOSSES = ("fitnet", "extended_kd", "at", "mtkd_ssr", "nst", "vid", "ab", "fsp", "ft", "reviewkd", "ofd")
+CONNECTOR_LOSSES = ("fitnet", "extended_kd", "mtkd_ssr", "ab", "fsp", "ofd")  # ... through learned connectors
+PREACT_LOSSES = ("ofd",)  # read the networks' pre-activation taps instead of their segments
 INIT_STAGE_LOSSES = ("ab", "fsp")  # a feature-only first stage, then plain KD (RepDistiller's `init`)
 LOSS_NAMES = ("ce", "purf", *TEACHER_LOSSES)
 
@@ -341,6 +343,14 @@ def _zoo(ctx: Context):
         return (*_factor_transfer(ctx, total, parts, segments, teacher_segments), logits)
     if c.name == "reviewkd":
         return (*_review(ctx, total, parts, segments, teacher_segments), logits)
+    if c.name == "ofd":  # `segments` are the pre-activation taps here (PREACT_LOSSES)
+        mapped, n = ctx.mapped(segments), len(ctx.pairs)
+        margins = ctx.module.projector.values()
+        ofd = sum(
+            2.0 ** (k - n + 1) * losses.ofd(m, teacher_segments[t], margins[k])
+            for k, (m, (_, t)) in enumerate(zip(mapped, ctx.pairs, strict=True))
+        )
+        return total + c.ofd_weight * ofd, {**parts, "ofd": ofd}, logits
     if c.name in INIT_STAGE_LOSSES:
         return (*_init_stage(ctx, total, parts, segments), logits)
     s_emb, t_emb = pooled(segments[-1]), pooled(teacher_segments[-1])
@@ -444,13 +454,14 @@ def objective(ctx: Context) -> tuple[jax.Array, dict, jax.Array]:
     return OBJECTIVES[ctx.loss.name](ctx)
 
 
-def run_student_fn(module, normalize, key):
-    """pixel images -> (logits, segments) of the student model in train mode (dropout keys from `key`)."""
+def run_student_fn(module, normalize, key, taps: str = "segments"):
+    """pixel images -> (logits, segments or pre-activation taps) of the student model in train mode (dropout keys
+    from `key`)."""
     calls = {"n": 0}
 
     def run(images):
         calls["n"] += 1  # each call its own dropout stream; the first one `key` itself
         rngs = nnx.Rngs(dropout=key if calls["n"] == 1 else jax.random.fold_in(key, calls["n"]))
-        return forward_with_segments(module.model, normalize(images), train=True, rngs=rngs)
+        return forward_with_segments(module.model, normalize(images), train=True, rngs=rngs, taps=taps)
 
     return run

@@ -14,11 +14,11 @@ from flax import nnx
 
 from extkd_jax import losses
 from extkd_jax.data.augment import parse_augment
-from extkd_jax.models import Connector, VidRegressor, create_model, fold_batchnorm, forward_with_segments
+from extkd_jax.models import Connector, Margins, VidRegressor, create_model, fold_batchnorm, forward_with_segments
 from extkd_jax.models.common import linear
 from extkd_jax.models.factor_transfer import Paraphraser, Translator
 from extkd_jax.models.review import ReviewFusion
-from extkd_jax.train.objectives import CONNECTOR_LOSSES, SEGMENT_LOSSES
+from extkd_jax.train.objectives import CONNECTOR_LOSSES, PREACT_LOSSES, SEGMENT_LOSSES
 from extkd_jax.train.step import Network, Student, TrainState, make_train_step, split
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -31,12 +31,12 @@ def build_model(name: str, kwargs, num_classes: int, seed: int, dtype) -> nnx.Mo
     return create_model(name, num_classes, rngs=nnx.Rngs(params=seed, dropout=seed + 1), dtype=dtype, **dict(kwargs))
 
 
-def segment_shapes(model: nnx.Module, input_shape: tuple[int, ...]) -> list[tuple[int, ...]]:
-    """Shapes (batch axis included) of a model's segments, computed abstractly (no FLOPs)."""
+def segment_shapes(model: nnx.Module, input_shape: tuple[int, ...], taps: str = "segments") -> list[tuple[int, ...]]:
+    """Shapes (batch axis included) of a model's segments (or pre-activation taps), computed abstractly."""
     graph, variables = split(model)
 
     def segments(variables, x):
-        return forward_with_segments(graph.merge(variables), x, train=False)[1]
+        return forward_with_segments(graph.merge(variables), x, train=False, taps=taps)[1]
 
     out = jax.eval_shape(segments, variables, jax.ShapeDtypeStruct(input_shape, jnp.float32))
     return [tuple(s.shape) for s in out]
@@ -144,12 +144,15 @@ def build(
     pairs, extras = (), {}
     teacher_network, teacher_variables = teacher if teacher is not None else (None, None)
     if teacher is not None:
-        teacher_shapes = segment_shapes(teacher_network.graph.merge(teacher_variables), batch_shape)
-        student_shapes = segment_shapes(model, batch_shape)
+        taps = "preact" if config.loss.name in PREACT_LOSSES else "segments"
+        teacher_model = teacher_network.graph.merge(teacher_variables)
+        teacher_shapes = segment_shapes(teacher_model, batch_shape, taps)
+        student_shapes = segment_shapes(model, batch_shape, taps)
         pairs = segment_pairs(config.loss, len(student_shapes), len(teacher_shapes))
-        extras = student_extras(config, num_classes, student_shapes, teacher_shapes, pairs, dtype)
+        extras = student_extras(config, num_classes, student_shapes, teacher_shapes, pairs, dtype, teacher_model)
         if config.teacher.fold_batchnorm:
             teacher_network, teacher_variables = fold_network(teacher_network, teacher_variables)
+        teacher_network = dataclasses.replace(teacher_network, taps=taps)
     elif config.loss.name == "ssd_kd":
         raise ValueError("loss.name='ssd_kd' needs a teacher")
     model_graph, _ = split(model)
@@ -193,7 +196,7 @@ class Head(nnx.Module):
         return self.linear(x).astype(jnp.float32)
 
 
-def student_extras(config, num_classes: int, student_shapes, teacher_shapes, pairs, dtype) -> dict:
+def student_extras(config, num_classes: int, student_shapes, teacher_shapes, pairs, dtype, teacher_model=None) -> dict:
     """The trainable modules a loss adds to the student (`Student`'s connectors, heads, projector), initialised
     from a stream of their own so that adding them never changes the student's initial weights."""
     rngs = nnx.Rngs(params=config.seed + CONNECTOR_SEED_OFFSET)
@@ -218,6 +221,14 @@ def student_extras(config, num_classes: int, student_shapes, teacher_shapes, pai
         rate = config.loss.ft_rate
         out["connectors"] = [Translator(student_shapes[s][-1], teacher_shapes[t][-1], rate, rngs=rngs, dtype=dtype)]
         out["projector"] = Paraphraser(teacher_shapes[t][-1], rate, rngs=rngs, dtype=dtype)
+    elif name == "ofd":
+        if not hasattr(teacher_model, "bn_before_relu"):
+            raise ValueError(
+                f"loss.name='ofd' needs the BN before each of the teacher's pre-activation taps; "
+                f"{type(teacher_model).__name__} does not name them (bn_before_relu); the CIFAR ResNets do"
+            )
+        bns = teacher_model.bn_before_relu()
+        out["projector"] = Margins([losses.ofd_margin(bns[t].scale[...], bns[t].bias[...]) for _, t in pairs])
     elif name == "reviewkd":
         if any(len(student_shapes[s]) != 4 or len(teacher_shapes[t]) != 4 for s, t in pairs):
             raise ValueError("loss.name='reviewkd' needs feature maps (H, W, C): a paired segment is a vector")

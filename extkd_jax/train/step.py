@@ -92,11 +92,13 @@ class Network:
     mean: np.ndarray
     std: np.ndarray
     dtype: Any
+    taps: str = "segments"  # what `outputs` returns beside the logits: "segments" or "preact" (OFD's teacher)
 
     def outputs(self, variables: dict, images: jax.Array, *, train: bool = False, rngs: nnx.Rngs | None = None):
-        """(float32 logits, segments) of pixel-valued images."""
+        """(float32 logits, segments, or the pre-activation taps) of pixel-valued images."""
         model = self.graph.merge(variables)
-        return forward_with_segments(model, normalize(images, self.mean, self.std, self.dtype), train=train, rngs=rngs)
+        x = normalize(images, self.mean, self.std, self.dtype)
+        return forward_with_segments(model, x, train=train, rngs=rngs, taps=self.taps)
 
     def frozen_outputs(self, variables: dict, images: jax.Array):
         """The teacher as a plain function of its variables: eval mode, no gradient into either output."""
@@ -125,6 +127,7 @@ def make_train_step(
     """The pure step; without a teacher the objective must be `ce` or `purf`. `pairs`: (student, teacher)
     segments; `mix`: "none", "mixup" or "cutmix" (with `loss.mix_alpha`)."""
     mixers = {"mixup": mixup, "cutmix": cutmix}
+    taps = "preact" if loss_config.name in objectives.PREACT_LOSSES else "segments"
 
     def step(state: TrainState, teacher_variables, images, labels, key):
         mix_key, objective_key, dropout_key = (
@@ -143,7 +146,7 @@ def make_train_step(
         def loss_fn(params):
             module = student.graph.merge({"params": params, "batch_stats": state.batch_stats})
             run = objectives.run_student_fn(
-                module, lambda x: normalize(x, student.mean, student.std, student.dtype), dropout_key
+                module, lambda x: normalize(x, student.mean, student.std, student.dtype), dropout_key, taps
             )
             ctx = objectives.Context(
                 loss_config,
