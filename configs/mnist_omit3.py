@@ -13,7 +13,8 @@ Variants (`--config=mnist_omit3:<variant>`):
 - `curve`: 12 student epochs and the dark-knowledge curve, accuracy on the 3s when 0.5%, 2% or 10% of them are
   kept, for scratch_transfer, kd and extended_kd (about an hour);
 - `long`: Hinton's number, the students for 60 epochs (kd and extended_kd, knobs as `curve` chose them);
-- `all`: every method of docs/methods.md's related-methods table, each tuned on a two-value grid;
+- `all`: every method of docs/methods.md's related-methods table, each tuned on a two-value grid (ssd_kd's RKD
+  angle term, N^3 x 800 per step, takes about 19 minutes an epoch here: docs/results/methods_mnist leaves it out);
 - `zoo`: the standard KD zoo (every ZOO_METHODS entry an MLP can run) next to kd and extended_kd, two-value grids;
 - `teacher`: the teacher alone, for `extkd train`.
 """
