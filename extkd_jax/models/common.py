@@ -63,6 +63,24 @@ def conv(
     )
 
 
+def conv_transpose(
+    in_ch: int, out_ch: int, kernel: int, *, stride: int = 1, padding: str = "SAME", rngs: nnx.Rngs, dtype: Any
+) -> nnx.ConvTranspose:
+    """NHWC transposed convolution without bias, He (fan_out) init: upsampling connectors, FT's decoder."""
+    return nnx.ConvTranspose(
+        in_ch,
+        out_ch,
+        kernel_size=(kernel, kernel),
+        strides=(stride, stride),
+        padding=padding,
+        use_bias=False,
+        kernel_init=conv_init,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        rngs=rngs,
+    )
+
+
 def batch_norm(features: int, *, rngs: nnx.Rngs, dtype: Any) -> nnx.BatchNorm:
     """BatchNorm over the last axis, momentum 0.9, epsilon 1e-5, float32 statistics and parameters."""
     return nnx.BatchNorm(

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from extkd_jax.models.common import batch_norm, conv, conv_init, linear
+from extkd_jax.models.common import batch_norm, conv, conv_transpose, linear
 
 
 class Connector(nnx.Module):
@@ -61,18 +61,7 @@ class Connector(nnx.Module):
             elif th % sh == 0 and tw % sw == 0 and th // sh == tw // sw:
                 f = th // sh
                 self.kind = "transposed_conv"
-                layer = nnx.ConvTranspose(
-                    sc,
-                    tc,
-                    kernel_size=(f, f),
-                    strides=(f, f),
-                    padding="VALID",
-                    use_bias=False,
-                    kernel_init=conv_init,
-                    dtype=dtype,
-                    param_dtype=jnp.float32,
-                    rngs=rngs,
-                )
+                layer = conv_transpose(sc, tc, f, stride=f, padding="VALID", rngs=rngs, dtype=dtype)
             else:
                 raise ValueError(
                     f"Connector: student shape {s} and teacher shape {t} have no integer spatial ratio "

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from extkd_jax.models.common import batch_norm, conv, conv_init
+from extkd_jax.models.common import batch_norm, conv, conv_transpose
 
 
 def _leaky(x: jax.Array) -> jax.Array:
@@ -36,17 +36,7 @@ class Paraphraser(nnx.Module):
         )
         self.decoder = nnx.List(
             [
-                nnx.ConvTranspose(
-                    i,
-                    o,
-                    kernel_size=(3, 3),
-                    padding="SAME",
-                    use_bias=False,
-                    kernel_init=conv_init,
-                    dtype=dtype,
-                    param_dtype=jnp.float32,
-                    rngs=rngs,
-                )
+                conv_transpose(i, o, 3, rngs=rngs, dtype=dtype)
                 for i, o in ((code, code), (code, channels), (channels, channels))
             ]
         )
