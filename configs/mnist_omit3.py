@@ -13,8 +13,7 @@ Variants (`--config=mnist_omit3:<variant>`):
 - `curve`: 12 student epochs and the dark-knowledge curve, accuracy on the 3s when 0.5%, 2% or 10% of them are
   kept, for scratch_transfer, kd and extended_kd (about an hour);
 - `long`: Hinton's number, the students for 60 epochs (kd and extended_kd, knobs as `curve` chose them);
-- `all`: every method of docs/methods.md's related-methods table but ssd_kd, each tuned on a two-value grid (ssd_kd's
-  RKD angle term, N^3 x 800 per step, took 19 minutes an epoch here; add it with --config.reproduce.methods=...);
+- `all`: every method of docs/methods.md's related-methods table, each tuned on a two-value grid;
 - `zoo`: the standard KD zoo (every ZOO_METHODS entry an MLP can run) next to kd and extended_kd, two-value grids;
 - `teacher`: the teacher alone, for `extkd train`.
 """
@@ -55,16 +54,10 @@ def get_config(arg=None):
             "two": two,
             "curve": curve,
             "long": long,
-            "all": all_methods,
+            "all": lambda c: base.with_all_methods(c, spatial=False),
             "zoo": lambda c: base.with_zoo(c, spatial=False),
         },
     )
-
-
-def all_methods(c):
-    base.with_all_methods(c, spatial=False)
-    # ssd_kd's RKD angle term is N^3 x 800 per step at batch 256: about 19 minutes an epoch on 2 CPU cores
-    c.reproduce.methods = tuple(m for m in c.reproduce.methods if m != "ssd_kd")
 
 
 def two(c):

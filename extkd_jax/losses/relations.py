@@ -34,9 +34,24 @@ def _pair_mask(fn: str, where: Any, n: int) -> Array:
     return mask
 
 
-def _pairwise_distances(e: Array) -> Array:
-    squared = jnp.sum(jnp.square(e[:, None, :] - e[None, :, :]), axis=-1)
-    return jnp.sqrt(jnp.maximum(squared, 1e-12))  # the clamp keeps the gradient finite at zero distance
+def _centred_gram(e: Array, mask: Array) -> Array:
+    """E E^T of the embeddings centred on the mean of the kept rows (masked rows zeroed): every relation below is a
+    difference of embeddings, so centring changes none of them and keeps the Gram entries, and so the rounding of
+    the differences taken from them, small. O(N^2) memory instead of the O(N^2 D) of explicit differences."""
+    e = jnp.where(mask[:, None], e, 0.0)
+    e = e - jnp.sum(e, axis=0) / jnp.maximum(jnp.sum(mask), 1)
+    e = jnp.where(mask[:, None], e, 0.0)
+    return e @ e.T
+
+
+def _pairwise_sq_distances(gram: Array) -> Array:
+    """|e_i - e_j|^2 from the Gram matrix, clamped at 0 against rounding."""
+    sq = jnp.diagonal(gram)
+    return jnp.maximum(sq[:, None] + sq[None, :] - 2.0 * gram, 0.0)
+
+
+def _pairwise_distances(gram: Array) -> Array:
+    return jnp.sqrt(jnp.maximum(_pairwise_sq_distances(gram), 1e-12))  # the clamp keeps the gradient finite at 0
 
 
 def rkd_distance(student_emb: Array, teacher_emb: Array, *, where: Array | None = None) -> Array:
@@ -53,7 +68,7 @@ def rkd_distance(student_emb: Array, teacher_emb: Array, *, where: Array | None 
     count = jnp.maximum(jnp.sum(pairs), 1)
 
     def normalised(e):
-        d = _pairwise_distances(e)
+        d = _pairwise_distances(_centred_gram(e, mask))
         return d / jnp.maximum(jnp.sum(jnp.where(pairs, d, 0.0)) / count, 1e-12)
 
     diff = jnp.abs(normalised(s) - normalised(t))
@@ -63,7 +78,8 @@ def rkd_distance(student_emb: Array, teacher_emb: Array, *, where: Array | None 
 
 def rkd_angle(student_emb: Array, teacher_emb: Array, *, where: Array | None = None) -> Array:
     """Relational KD, angle term: smooth-L1 between the cosines of the angles (e_i - e_j, e_k - e_j) of every
-    triplet, student against teacher. A scalar."""
+    triplet, student against teacher. A scalar. The cosines come from the Gram matrix of the centred embeddings,
+    so the cost is O(N^2 D + N^3) (N^3 D for explicit difference vectors: 19 min an epoch for SSD-KD on MNIST)."""
     fn = "rkd_angle"
     s, t = _f32(student_emb), jax.lax.stop_gradient(_f32(teacher_emb))
     if s.shape[0] != t.shape[0]:
@@ -71,9 +87,11 @@ def rkd_angle(student_emb: Array, teacher_emb: Array, *, where: Array | None = N
     mask = _pair_mask(fn, where, s.shape[0])
 
     def cosines(e):
-        v = e[None, :, :] - e[:, None, :]  # v[j, i] = e_i - e_j
-        v = v / jnp.sqrt(jnp.maximum(jnp.sum(jnp.square(v), -1, keepdims=True), 1e-12))
-        return jnp.einsum("jid,jkd->jik", v, v)
+        # (e_i - e_j).(e_k - e_j) = G_ik - G_ij - G_jk + G_jj: O(N^2 D + N^3) rather than an O(N^3 D) contraction
+        g = _centred_gram(e, mask)
+        dots = g[None, :, :] - g.T[:, :, None] - g[:, None, :] + jnp.diagonal(g)[:, None, None]  # [j, i, k]
+        inv_norm = 1.0 / jnp.sqrt(jnp.maximum(_pairwise_sq_distances(g), 1e-12))  # [j, i] = 1 / |e_i - e_j|
+        return dots * inv_norm[:, :, None] * inv_norm[:, None, :]
 
     n = s.shape[0]
     eye = jnp.eye(n, dtype=bool)

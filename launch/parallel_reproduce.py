@@ -1,0 +1,258 @@
+#!/usr/bin/env python3
+"""Runs the methods of one or more `extkd reproduce` experiments as parallel processes on one host, then writes
+each experiment's report from the finished runs.
+
+Why: the CPU-scale models (resnet8, MLPs) leave an accelerator mostly idle, and an experiment's runs are
+independent once its teacher exists. One `extkd reproduce` per method (in its own part workdir) fills the
+accelerator and the host's cores; compilation, the main cost of such small runs, happens in parallel.
+
+    python launch/parallel_reproduce.py --workdir=/tmp/cmp --workers=8 \\
+        --experiment=zoo=cifar10_drop:cpu,zoo --experiment=conv=cifar10_drop:cpu,conv \\
+        -- --config.data.dir=/root/data --config.progress=False
+
+What it does, with W the --workdir:
+1. each method of each experiment is a job `extkd reproduce --config.reproduce.methods=(METHOD,)` in
+   W/parts/<method>-<key> (a method shared by experiments with the same settings runs once);
+2. the cheapest job of each teacher trains it (beside the jobs that need no teacher); the other jobs start with a
+   copy of the teacher once it is finished;
+3. each experiment's runs are gathered into W/<name> and `extkd reproduce` is run there on all its methods: every
+   run is found finished, so it only scores them and writes the report. Jobs that did not finish by --deadline
+   are left out of the report and named in W/parallel_summary.json. Rerunning the command resumes every part.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as futures
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# relative cost of one run (larger first, so the slowest jobs do not start last); 1 for the others
+COST = {"amkd": 6, "mismatch": 6, "ssd_kd": 4, "mtkd_ssr": 2, "reviewkd": 2, "ofd": 2, "ft": 2, "vid": 2}
+
+
+@dataclass
+class Job:
+    method: str
+    preset: str
+    workdir: Path
+    teacher: str | None  # the teacher run it distils from (None: trains without one)
+    settings: str  # the experiment's settings apart from `reproduce` (runs that share them share teachers)
+    experiments: list[str] = field(default_factory=list)
+    returncode: int | None = None
+    seconds: float = 0.0
+
+
+def _experiment_config(preset: str, overrides: list[str]):
+    from extkd_jax.cli import parse_flags
+
+    config, _, _ = parse_flags("reproduce", [f"--config={preset}", *overrides, "--workdir=unused"])
+    return config
+
+
+def _digest(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def _settings(config) -> str:
+    """The experiment's settings apart from the `reproduce` section: what its teacher and runs depend on."""
+    settings = json.loads(config.to_json_best_effort())
+    settings.pop("reproduce")
+    return _digest(settings)
+
+
+def _job_key(config, method: str) -> str:
+    """Equal for a method in two experiments with the same settings and the same grid for it."""
+    return f"{method}-{_digest([_settings(config), list(config.reproduce.grid.get(method, ()))])}"
+
+
+def _command(preset: str, methods: list[str], overrides: list[str], workdir: Path) -> list[str]:
+    listed = "(" + "".join(f"'{m}'," for m in methods) + ")"
+    return [
+        sys.executable,
+        "-m",
+        "extkd_jax.cli",
+        "reproduce",
+        f"--config={preset}",
+        *overrides,
+        f"--config.reproduce.methods={listed}",  # after the overrides: this job's methods whatever they say
+        f"--workdir={workdir}",
+    ]
+
+
+def _run(job: Job, overrides: list[str], deadline: float, env: dict) -> Job:
+    job.workdir.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    with open(job.workdir / "part.log", "a") as log:
+        try:
+            job.returncode = subprocess.run(
+                _command(job.preset, [job.method], overrides, job.workdir),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                timeout=max(deadline - time.time(), 1.0),
+                check=False,
+            ).returncode
+        except subprocess.TimeoutExpired:
+            job.returncode = -9
+    job.seconds = time.time() - start
+    print(f"[parallel] {job.method} ({job.workdir.name}): exit {job.returncode} in {job.seconds:.0f}s", flush=True)
+    return job
+
+
+def _teacher_ready(trainer: Job) -> bool:
+    """Whether the trainer's teacher is finished: its reproduce logs a student run only after training and scoring
+    the teacher, which is not written to again."""
+    if trainer.returncode == 0:
+        return True
+    log = trainer.workdir / "part.log"
+    text = log.read_text() if log.exists() else ""
+    return "reproduce: runs/" in text or "reproduce: selection/" in text
+
+
+def _copy_tree(source: Path, target: Path) -> None:
+    """Copies the run directories under `source` (teacher, runs/, selection/) into `target`, leaving out locks."""
+    shutil.copytree(source, target, dirs_exist_ok=True, ignore=shutil.ignore_patterns(".lock", "part.log"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--workdir", required=True, type=Path)
+    parser.add_argument(
+        "--experiment",
+        action="append",
+        required=True,
+        metavar="NAME=PRESET",
+        help="an experiment: its folder name under --workdir and its preset[:variant]",
+    )
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes at a time")
+    parser.add_argument(
+        "--deadline",
+        type=float,
+        default=0.0,
+        help="seconds for the parallel jobs (0: no limit); the reports are written after it",
+    )
+    parser.add_argument("overrides", nargs="*", help="after --: --config.KEY=VALUE flags for every run")
+    args = parser.parse_args(argv)
+    if args.workers < 1:
+        parser.error(f"--workers={args.workers}: expected at least 1")
+    experiments: dict[str, tuple[str, list[str]]] = {}
+    jobs: dict[str, Job] = {}
+    from extkd_jax.experiment.runs import METHODS
+
+    for spec in args.experiment:
+        name, sep, preset = spec.partition("=")
+        if not sep or not name or not preset or "/" in name or name == "parts":
+            parser.error(f"--experiment={spec!r}: expected NAME=PRESET with a folder name other than 'parts'")
+        config = _experiment_config(preset, args.overrides)
+        methods = list(config.reproduce.methods)
+        experiments[name] = (preset, methods)
+        for method in methods:
+            key, spec_ = _job_key(config, method), METHODS[method]
+            job = jobs.setdefault(
+                key,
+                Job(
+                    method,
+                    preset,
+                    args.workdir / "parts" / key,
+                    spec_.teacher if spec_.distils else None,
+                    _settings(config),
+                ),
+            )
+            job.experiments.append(name)
+    deadline = time.time() + args.deadline if args.deadline > 0 else float("inf")
+    env = {**os.environ, "XLA_PYTHON_CLIENT_PREALLOCATE": "false", "PYTHONUNBUFFERED": "1"}
+    env.setdefault("JAX_COMPILATION_CACHE_DIR", str(args.workdir / "xla_cache"))
+
+    # the cheapest job of each teacher trains it; the others start as soon as it has begun its first student run
+    teacher_jobs: dict[tuple[str, str], Job] = {}
+    for job in sorted(jobs.values(), key=lambda j: COST.get(j.method, 1)):
+        if job.teacher is not None:
+            teacher_jobs.setdefault((job.teacher, job.settings), job)
+    trainers = set(map(id, teacher_jobs.values()))
+    waiting = sorted(
+        (j for j in jobs.values() if j.teacher is not None and id(j) not in trainers),
+        key=lambda j: -COST.get(j.method, 1),
+    )
+    print(
+        f"[parallel] {len(jobs)} jobs, {args.workers} at a time; teachers trained by "
+        f"{[j.method for j in teacher_jobs.values()]}",
+        flush=True,
+    )
+    with futures.ThreadPoolExecutor(args.workers) as pool:
+        running = {
+            pool.submit(_run, j, args.overrides, deadline, env)
+            for j in sorted(jobs.values(), key=lambda j: -COST.get(j.method, 1))
+            if j.teacher is None or id(j) in trainers
+        }
+        while running or waiting:
+            _, running = futures.wait(running, timeout=2.0, return_when=futures.FIRST_COMPLETED)
+            for key, trainer in teacher_jobs.items():
+                ready, failed = _teacher_ready(trainer), trainer.returncode not in (None, 0)
+                if not (ready or failed):
+                    continue
+                for other in [w for w in waiting if (w.teacher, w.settings) == key]:
+                    waiting.remove(other)
+                    if ready:
+                        _copy_tree(trainer.workdir / other.teacher, other.workdir / other.teacher)
+                        running.add(pool.submit(_run, other, args.overrides, deadline, env))
+                    else:
+                        other.returncode = trainer.returncode  # its teacher is missing
+    summary = {
+        "jobs": {
+            k: {"method": j.method, "experiments": j.experiments, "exit": j.returncode, "seconds": round(j.seconds, 1)}
+            for k, j in jobs.items()
+        },
+        "reports": {},
+    }
+    reports = {}  # the experiments' reports, written side by side: each only scores its finished runs
+    for name, (preset, methods) in experiments.items():
+        done = [
+            m
+            for m in methods
+            if all(j.returncode == 0 for j in jobs.values() if j.method == m and name in j.experiments)
+        ]
+        target = args.workdir / name
+        for job in jobs.values():
+            if name in job.experiments and job.method in done:
+                for sub in job.workdir.iterdir():
+                    if sub.is_dir():
+                        _copy_tree(sub, target / sub.name)
+        missing = [m for m in methods if m not in done]
+        summary["reports"][name] = {"preset": preset, "methods": done, "left_out": missing}
+        if done:
+            target.mkdir(parents=True, exist_ok=True)
+            log = open(target / "report.log", "w")  # noqa: SIM115 - closed once the process ends
+            reports[name] = (
+                subprocess.Popen(
+                    _command(preset, done, args.overrides, target), stdout=log, stderr=subprocess.STDOUT, env=env
+                ),
+                log,
+                time.time(),
+            )
+    status = 0
+    for name, report in summary["reports"].items():
+        rc = 1
+        if name in reports:
+            process, log, start = reports[name]
+            rc = process.wait()
+            log.close()
+            report["seconds"] = round(time.time() - start, 1)
+        report["exit"] = rc
+        print(f"[parallel] report {name}: exit {rc}, left out {report['left_out'] or 'none'}", flush=True)
+        status = status or rc or (3 if report["left_out"] else 0)
+    (args.workdir / "parallel_summary.json").write_text(json.dumps(summary, indent=2))
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
