@@ -34,7 +34,23 @@ DISTILLING_METHODS = (
     "kd_auto",
 )
 # the standard KD baselines of RepDistiller / mdistiller (issue #15), compared by `with_zoo`
-ZOO_METHODS = ("pkt", "rkd", "sp", "cc", "nst", "dist", "ls_kd", "mlkd", "vid", "ab", "fsp", "ft", "reviewkd", "ofd")
+ZOO_METHODS = (
+    "pkt",
+    "rkd",
+    "sp",
+    "cc",
+    "nst",
+    "dist",
+    "ls_kd",
+    "mlkd",
+    "vid",
+    "ab",
+    "fsp",
+    "ft",
+    "reviewkd",
+    "ofd",
+    "crd",
+)
 # need feature maps (H, W, C), left out for MLP students (ofd: the ResNets' pre-activation taps)
 SPATIAL_METHODS = ("at", "nst", "ft", "reviewkd", "ofd")
 # a two-value grid per knob for the comparison of every method (with_all_methods); the temperature's is the preset's
@@ -56,6 +72,7 @@ TWO_VALUE_GRIDS = {
     "ft_weight": (20.0, 200.0),
     "review_weight": (0.1, 1.0),
     "ofd_weight": (1e-4, 1e-3),
+    "contrast_weight": (0.08, 0.8),
 }
 # ab, fsp, ft: their init stage as a tenth and a quarter of the student's epochs (RepDistiller's is 30 of 270)
 INIT_STAGE_FRACTIONS = (0.1, 0.25)
@@ -100,7 +117,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.loss = ml_collections.ConfigDict()
     c.loss.name = "ce"  # ce | purf (alone) | kd | fitnet | extended_kd | at | dkd | mkd | mtkd_ssr | amkd | pfkd
     #                     | mismatch | ssd_kd | pkt | rkd | sp | cc | nst | dist | ls_kd | mlkd | vid | ab | fsp | ft
-    #                     | reviewkd | ofd
+    #                     | reviewkd | ofd | crd
     #                     (with a teacher): see
     #                     extkd_jax/train/objectives.py
     c.loss.temperature = 4.0
@@ -152,6 +169,13 @@ def get_config() -> ml_collections.ConfigDict:
     c.loss.review_weight = 1.0  # reviewkd: the hierarchical context loss (mdistiller's CIFAR weight)
     c.loss.review_warmup_epochs = 1.0  # reviewkd: its weight ramps up linearly over these epochs
     c.loss.ofd_weight = 1e-3  # ofd: its per-example sums (mdistiller's CIFAR FEAT_WEIGHT)
+    # crd: KD + contrast_weight x the NCE loss of both embeddings against the other network's memory bank (on the
+    # penultimate features); RepDistiller's defaults: -b 0.8, 16384 negatives, 128-d, nce_t 0.07, momentum 0.5
+    c.loss.contrast_weight = 0.8
+    c.loss.contrast_negatives = 16384
+    c.loss.contrast_dim = 128
+    c.loss.contrast_temperature = 0.07
+    c.loss.contrast_momentum = 0.5
 
     c.optim = ml_collections.ConfigDict()
     c.optim.learning_rate = 0.1

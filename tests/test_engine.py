@@ -75,7 +75,7 @@ def test_no_dropped_label_ever_reaches_a_training_batch(data_dir):
     assert np.isin([3, 7], ds.test.labels).all() and np.isin([3, 7], ds.val.labels).all()
     mesh = _one_device_mesh()
 
-    def recording_step(state, teacher_vars, x, y, key):
+    def recording_step(state, teacher_vars, x, y, key, indices=None):
         return state, {"labels": y}
 
     run_steps = make_run_steps(recording_step, mesh, 20, "mnist")

@@ -175,10 +175,10 @@ def _run(loss: str, model: str = "resnet8", steps: int = 6, **overrides):
 
         graph, variables = split(build_model("mlp", {"hidden_sizes": (32, 32), "input_size": 64}, 10, 5, jnp.float32))
         teacher = (Network(graph, np.full(1, 120.0, np.float32), np.full(1, 60.0, np.float32), jnp.float32), variables)
-    program = tiny_setup(config, shape, steps, teacher)
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, size=(16, *shape), dtype=np.uint8)
     labels = rng.integers(0, 10, size=(16,)).astype(np.int32)
+    program = tiny_setup(config, shape, steps, teacher, train_labels=labels if loss == "crd" else None)
     mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), (sharding.DATA_AXIS,))
     run_steps = make_run_steps(program.step_fn, mesh, 16, "none")
     state = sharding.put_replicated(program.init_state(), mesh)
@@ -212,6 +212,7 @@ PARTS = {
     "ft": ("ft", "reconstruction"),
     "reviewkd": ("review",),
     "ofd": ("ofd",),
+    "crd": ("contrast",),
 }
 
 
@@ -224,7 +225,7 @@ def test_every_method_trains_through_the_engine(loss):
         assert np.all(metrics[part] >= 0) and metrics[part].max() > 0, part
     module = program.student.graph.merge(program.variables)
     assert len(module.heads) == (3 if loss == "mtkd_ssr" else 0)  # one head per student stage
-    assert (module.projector is not None) == (loss in ("amkd", "pfkd", "ssd_kd", "ft", "reviewkd", "ofd"))
+    assert (module.projector is not None) == (loss in ("amkd", "pfkd", "ssd_kd", "ft", "reviewkd", "ofd", "crd"))
 
 
 @pytest.mark.parametrize("loss", ["mtkd_ssr", "ssd_kd", "amkd", "mismatch"])

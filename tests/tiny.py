@@ -84,7 +84,9 @@ def random_teacher(
     return Network(graph, np.full(channels, mean, np.float32), np.full(channels, std, np.float32), dtype), variables
 
 
-def tiny_setup(config, input_shape, steps_per_epoch: int, teacher=None, mean: float = 120.0, std: float = 60.0):
+def tiny_setup(
+    config, input_shape, steps_per_epoch: int, teacher=None, mean: float = 120.0, std: float = 60.0, train_labels=None
+):
     """`train.setup.build` with fixed normalisation statistics (what the loop computes from the data)."""
     from extkd_jax.train.setup import build
 
@@ -97,6 +99,7 @@ def tiny_setup(config, input_shape, steps_per_epoch: int, teacher=None, mean: fl
         np.full(channels, mean, np.float32),
         np.full(channels, std, np.float32),
         teacher,
+        train_labels,
     )
 
 

@@ -104,7 +104,8 @@ def preflight(config: ml_collections.ConfigDict, methods: tuple[str, ...], workd
             except ValueError as err:
                 raise ValueError(f"method {method}: {err}") from None
         try:
-            build(configs[0], datasets.num_classes, input_shape, 1, mean, std, random_teachers.get(spec.teacher))
+            teacher = random_teachers.get(spec.teacher)
+            build(configs[0], datasets.num_classes, input_shape, 1, mean, std, teacher, datasets.transfer.labels)
         except ValueError as err:
             raise ValueError(f"method {method}: {err}") from None
 

@@ -112,6 +112,11 @@ METHODS: dict[str, Method] = {
     "ft": Method(
         "ft", "factor transfer (Kim et al. 2018): KD + factors of a translator against a paraphraser's", "ft_weight"
     ),
+    "crd": Method(
+        "crd",
+        "CRD (Tian et al. 2020): KD + NCE of embeddings against the other network's memory bank",
+        "contrast_weight",
+    ),
 }
 TEACHER_RUNS = ("teacher", "teacher_purf")
 

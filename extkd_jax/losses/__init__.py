@@ -17,6 +17,7 @@ Contract (see docs/design.md):
 """
 
 from extkd_jax.losses._core import REDUCTIONS, reduce_loss, sum_and_count
+from extkd_jax.losses.contrastive import contrast_scores, crd_nce, momentum_update, sample_negatives, unit_rows
 from extkd_jax.losses.features import attention_transfer, extended_kd_loss, segment_mse
 from extkd_jax.losses.logits import cross_entropy, dkd, kd_kl
 from extkd_jax.losses.relations import (
@@ -54,6 +55,11 @@ from extkd_jax.losses.zoo_features import (
 
 __all__ = [
     "REDUCTIONS",
+    "contrast_scores",
+    "crd_nce",
+    "momentum_update",
+    "sample_negatives",
+    "unit_rows",
     "attention_transfer",
     "channel_distillation",
     "feature_kl",

@@ -103,10 +103,15 @@ def check_config(config, mode: str) -> None:
         "review_weight",
         "review_warmup_epochs",
         "ofd_weight",
+        "contrast_weight",
     ):
         _number(loss[key], f"loss.{key}", minimum=0)
     _number(loss.adv_steps, "loss.adv_steps", minimum=0, integer=True)
     _number(loss.embedding_size, "loss.embedding_size", minimum=1, integer=True)
+    _number(loss.contrast_negatives, "loss.contrast_negatives", minimum=1, integer=True)
+    _number(loss.contrast_dim, "loss.contrast_dim", minimum=1, integer=True)
+    _number(loss.contrast_temperature, "loss.contrast_temperature", minimum=0, strict=True)
+    _number(loss.contrast_momentum, "loss.contrast_momentum", minimum=0, maximum=1)
     for key in ("segments", "teacher_segments"):
         for i in loss[key]:
             _number(i, f"loss.{key} entry", integer=True)
@@ -144,6 +149,12 @@ def check_config(config, mode: str) -> None:
         raise ConfigError(
             f"loss.name={loss.name!r} needs a teacher: use `extkd distill`, or loss.name='ce' (or 'purf') for "
             "`extkd train`"
+        )
+    if loss.name == "crd" and (data.pipeline == "stream" or data.placement == "sharded"):
+        raise ConfigError(
+            f"loss.name='crd' keeps a memory row per transfer example and needs each batch's positions in the set: "
+            f"data.pipeline={data.pipeline!r} / data.placement={data.placement!r} do not provide them; use "
+            "data.pipeline='device' with data.placement='replicated' (or 'auto' on one host)"
         )
     if loss.name == "mkd" and mix != "none":
         raise ConfigError(f"loss.name='mkd' mixes its own inputs; data.augment={data.augment!r} mixes them again")

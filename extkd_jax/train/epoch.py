@@ -156,15 +156,16 @@ def make_run_steps(step_fn: StepFn, mesh: Mesh, batch_size: int, augment_kind: s
     )
 
     def gather(images, labels, perm, s):
+        """(images, labels, positions in the transfer set; None where each device holds its own slice)."""
         if placement == "sharded":
-            return sharded_gather(perm, images, labels, s)
+            return (*sharded_gather(perm, images, labels, s), None)
         idx = jax.lax.dynamic_slice_in_dim(perm, s * batch_size, batch_size)
         idx = jax.lax.with_sharding_constraint(idx, batch_spec)
-        return jnp.take(images, idx, axis=0), jnp.take(labels, idx, axis=0)
+        return jnp.take(images, idx, axis=0), jnp.take(labels, idx, axis=0), idx
 
     def one_step(state, teacher_vars, images, labels, perm, key, s):
-        x, y = gather(images, labels, perm, s)
-        return _augmented_step(step_fn, augment_kind, state, teacher_vars, x, y, key, s)
+        x, y, idx = gather(images, labels, perm, s)
+        return _augmented_step(step_fn, augment_kind, state, teacher_vars, x, y, key, s, idx)
 
     def run_steps(state, teacher_vars, images, labels, perm, key, start, num_steps):
         return _steps(lambda st, s: one_step(st, teacher_vars, images, labels, perm, key, s), state, start, num_steps)
@@ -172,11 +173,12 @@ def make_run_steps(step_fn: StepFn, mesh: Mesh, batch_size: int, augment_kind: s
     return jax.jit(run_steps, static_argnames=("num_steps",), donate_argnums=(0,), out_shardings=replicated(mesh))
 
 
-def _augmented_step(step_fn: StepFn, augment_kind: str, state, teacher_vars, x, y, key, s):
+def _augmented_step(step_fn: StepFn, augment_kind: str, state, teacher_vars, x, y, key, s, idx=None):
     """Step `s` of an epoch: its augmentation and step keys come from (epoch key, s) alone, whatever the pipeline,
-    the dispatch size or the number of devices."""
+    the dispatch size or the number of devices. `idx`: the batch's positions in the transfer set, if known."""
     aug_key, step_key = jax.random.split(jax.random.fold_in(key, s))
-    return step_fn(state, teacher_vars, augment_batch(aug_key, x, augment_kind), y, step_key)
+    x = augment_batch(aug_key, x, augment_kind)
+    return step_fn(state, teacher_vars, x, y, step_key, indices=idx)
 
 
 def _steps(one_step, state, start, num_steps: int):

@@ -95,7 +95,8 @@ def train_and_evaluate(
     teacher, identity = None, None
     if mode == "distill":
         teacher, identity = load_teacher(config, data.num_classes, data.input_shape, config.compute_dtype)
-    setup = build(config, data.num_classes, data.input_shape, num_steps, data.mean, data.std, teacher)
+    labels = data.datasets.transfer.labels if data.pipeline == "device" and placement != "sharded" else None
+    setup = build(config, data.num_classes, data.input_shape, num_steps, data.mean, data.std, teacher, labels)
     card = model_card(config, data.num_classes, data.input_shape, data.mean, data.std, data.plan.class_names)
     info = {
         "num_classes": data.num_classes,

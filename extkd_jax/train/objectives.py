@@ -29,6 +29,9 @@ inputs it needs (clean, mixed, adversarial, sampled, rotated) and returns (total
 | reviewkd    | min(1, epoch / review_warmup_epochs) * review_weight * hierarchical context loss of the student's   |
 |             | segments and pooled features, fused by attention (ABF), against the teacher's                    |
 | ofd         | ofd_weight * sum_k 2^(k-n+1) * margin-ReLU partial L2 of the pre-activation taps (connectors)     |
+| crd         | contrast_weight * NCE of the student's and the teacher's embedded penultimate features, each      |
+|             | against the other network's momentum memory bank (positive: the example itself; negatives: other |
+|             | classes)                                                                                         |
 
 Each method's choices where its paper leaves them open are in its function's docstring and docs/methods.md.
 """
@@ -49,7 +52,23 @@ from extkd_jax.losses.zoo import MLKD_TEMPERATURES
 from extkd_jax.losses.zoo_features import match_spatial
 from extkd_jax.models import forward_with_segments
 
-ZOO_LOSSES = ("pkt", "rkd", "sp", "cc", "nst", "dist", "ls_kd", "mlkd", "vid", "ab", "fsp", "ft", "reviewkd", "ofd")
+ZOO_LOSSES = (
+    "pkt",
+    "rkd",
+    "sp",
+    "cc",
+    "nst",
+    "dist",
+    "ls_kd",
+    "mlkd",
+    "vid",
+    "ab",
+    "fsp",
+    "ft",
+    "reviewkd",
+    "ofd",
+    "crd",
+)
 TEACHER_LOSSES = (
     "kd",
     "fitnet",
@@ -94,6 +113,7 @@ class Context:
     run_student: Callable  # pixel images -> (logits, segments), train mode
     run_teacher: Callable | None  # pixel images -> (logits, segments), frozen
     teacher_logits_fn: Callable | None  # pixel images -> logits (differentiable in the images: attacks)
+    indices: jax.Array | None = None  # the batch's positions in the transfer set (device pipeline), for crd
     _cache: dict = dataclasses.field(default_factory=dict)
 
     def student(self, images: jax.Array | None = None):
@@ -353,6 +373,8 @@ def _zoo(ctx: Context):
         return total + c.ofd_weight * ofd, {**parts, "ofd": ofd}, logits
     if c.name in INIT_STAGE_LOSSES:
         return (*_init_stage(ctx, total, parts, segments), logits)
+    if c.name == "crd":
+        return (*_crd(ctx, total, parts, segments, teacher_segments), logits)
     s_emb, t_emb = pooled(segments[-1]), pooled(teacher_segments[-1])
     if c.name == "pkt":
         extra = losses.pkt(s_emb, t_emb)
@@ -429,6 +451,37 @@ def _review(ctx: Context, kd_total, kd_parts, segments, teacher_segments):
     review = losses.hierarchical_context(fusion(student, [t.shape[1] for t in teacher]), teacher)
     ramp = jnp.minimum(1.0, ctx.epoch / c.review_warmup_epochs) if c.review_warmup_epochs > 0 else 1.0
     return kd_total + ramp * c.review_weight * review, {**kd_parts, "review": review}
+
+
+def _crd(ctx: Context, kd_total, kd_parts, segments, teacher_segments):
+    """CRD (Tian et al. 2020) as RepDistiller runs it, on top of KD: both penultimate features embedded (linear heads,
+    unit rows); the student's against the teacher's memory bank and the teacher's against the student's, each row
+    scored with its own example (positive) and `contrast_negatives` examples of other classes, exp(score / T)
+    divided by a constant fixed on the first step (mean score x set size), NCE loss; then both banks move their
+    batch rows towards the new embeddings (momentum). Needs the batch's positions in the transfer set."""
+    c = ctx.loss
+    if ctx.indices is None:
+        raise ValueError(
+            "loss.name='crd' needs each batch's positions in the transfer set, which only data.pipeline='device' "
+            "with replicated placement provides"
+        )
+    head = ctx.module.projector
+    v_s = losses.unit_rows(head.embed_student(pooled(segments[-1])))
+    v_t = losses.unit_rows(head.embed_teacher(pooled(teacher_segments[-1])))
+    negatives = losses.sample_negatives(
+        ctx.key, ctx.labels, head.order[...], head.class_start[...], head.class_count[...], c.contrast_negatives
+    )
+    contrast = jnp.concatenate([ctx.indices[:, None].astype(negatives.dtype), negatives], axis=1)
+    n = head.num_data
+    scores_s = losses.contrast_scores(v_s, head.memory_teacher[...], contrast, c.contrast_temperature)
+    scores_t = losses.contrast_scores(v_t, head.memory_student[...], contrast, c.contrast_temperature)
+    first = jax.lax.stop_gradient(jnp.stack([jnp.mean(scores_s), jnp.mean(scores_t)]) * n)
+    z = jnp.where(head.normalisers[...] < 0, first, head.normalisers[...])
+    contrast_loss = losses.crd_nce(scores_s / z[0], n) + losses.crd_nce(scores_t / z[1], n)
+    head.normalisers[...] = z
+    head.memory_student[...] = losses.momentum_update(head.memory_student[...], ctx.indices, v_s, c.contrast_momentum)
+    head.memory_teacher[...] = losses.momentum_update(head.memory_teacher[...], ctx.indices, v_t, c.contrast_momentum)
+    return kd_total + c.contrast_weight * contrast_loss, {**kd_parts, "contrast": contrast_loss}
 
 
 OBJECTIVES = {

@@ -14,7 +14,15 @@ from flax import nnx
 
 from extkd_jax import losses
 from extkd_jax.data.augment import parse_augment
-from extkd_jax.models import Connector, Margins, VidRegressor, create_model, fold_batchnorm, forward_with_segments
+from extkd_jax.models import (
+    Connector,
+    ContrastMemory,
+    Margins,
+    VidRegressor,
+    create_model,
+    fold_batchnorm,
+    forward_with_segments,
+)
 from extkd_jax.models.common import linear
 from extkd_jax.models.factor_transfer import Paraphraser, Translator
 from extkd_jax.models.review import ReviewFusion
@@ -132,11 +140,13 @@ def build(
     mean: np.ndarray,
     std: np.ndarray,
     teacher: tuple[Network, dict] | None = None,
+    train_labels: np.ndarray | None = None,
 ) -> TrainSetup:
     """The student of `config` (connectors sized from the teacher's segments), the optimizer and the pure step.
 
     `input_shape` is one example's (H, W, C); `mean`, `std` the student's input normalisation; `teacher` is
-    None (a run without a teacher) or (Network, variables) of the trained teacher.
+    None (a run without a teacher) or (Network, variables) of the trained teacher; `train_labels` the transfer
+    set's labels in the order the device pipeline indexes them (crd's memory banks; None elsewhere).
     """
     dtype = DTYPES[config.compute_dtype]
     batch_shape = (2, *input_shape)
@@ -149,7 +159,9 @@ def build(
         teacher_shapes = segment_shapes(teacher_model, batch_shape, taps)
         student_shapes = segment_shapes(model, batch_shape, taps)
         pairs = segment_pairs(config.loss, len(student_shapes), len(teacher_shapes))
-        extras = student_extras(config, num_classes, student_shapes, teacher_shapes, pairs, dtype, teacher_model)
+        extras = student_extras(
+            config, num_classes, student_shapes, teacher_shapes, pairs, dtype, teacher_model, train_labels
+        )
         if config.teacher.fold_batchnorm:
             teacher_network, teacher_variables = fold_network(teacher_network, teacher_variables)
         teacher_network = dataclasses.replace(teacher_network, taps=taps)
@@ -196,7 +208,9 @@ class Head(nnx.Module):
         return self.linear(x).astype(jnp.float32)
 
 
-def student_extras(config, num_classes: int, student_shapes, teacher_shapes, pairs, dtype, teacher_model=None) -> dict:
+def student_extras(
+    config, num_classes: int, student_shapes, teacher_shapes, pairs, dtype, teacher_model=None, train_labels=None
+) -> dict:
     """The trainable modules a loss adds to the student (`Student`'s connectors, heads, projector), initialised
     from a stream of their own so that adding them never changes the student's initial weights."""
     rngs = nnx.Rngs(params=config.seed + CONNECTOR_SEED_OFFSET)
@@ -235,6 +249,16 @@ def student_extras(config, num_classes: int, student_shapes, teacher_shapes, pai
         student_channels = [student_shapes[s][-1] for s, _ in pairs] + [student_dim]
         teacher_channels = [teacher_shapes[t][-1] for _, t in pairs] + [teacher_dim]
         out["projector"] = ReviewFusion(student_channels, teacher_channels, rngs=rngs, dtype=dtype)
+    elif name == "crd":
+        if train_labels is None:
+            raise ValueError(
+                "loss.name='crd' needs the transfer set's labels (one memory row per example): only the device "
+                "pipeline (data.pipeline='device') provides them"
+            )
+        c = config.loss
+        out["projector"] = ContrastMemory(
+            student_dim, teacher_dim, train_labels, c.contrast_dim, rngs=rngs, dtype=dtype
+        )
     elif name == "vid":
         init = losses.vid_log_scale(config.loss.vid_init_variance)
         out["connectors"] = [

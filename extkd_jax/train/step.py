@@ -1,6 +1,7 @@
 """The training step in one place: forward with segments, the objective, the update and the metrics.
 
-A step is the pure function ``step(state, teacher_variables, images, labels, key) -> (state, metrics)`` made by
+A step is the pure function ``step(state, teacher_variables, images, labels, key, indices=None) -> (state, metrics)``
+(``indices``: the batch's positions in the transfer set, where the pipeline knows them; CRD's memory needs them) made by
 ``make_train_step`` from static pieces (graph definitions, the loss config, the optimizer), so nothing in Python
 runs per step once it is jitted. ``images`` are pixel values (uint8, or float after augmentation); each network
 normalises them with its own statistics (the student with those of its training set, the teacher with those it was
@@ -63,7 +64,7 @@ class Student(nnx.Module):
     """What the optimizer updates: the student model and the modules its loss adds: one connector per segment pair
     (fitnet, extended_kd, mtkd_ssr, ab, fsp; vid's regressors; ft's translator), heads on its stages (mtkd_ssr), a
     projector (amkd's embedding, pfkd's feature match, ssd_kd's rotation head; ft's paraphraser; reviewkd's fusion
-    chain)."""
+    chain; crd's embedding heads and memory banks)."""
 
     def __init__(
         self,
@@ -129,7 +130,7 @@ def make_train_step(
     mixers = {"mixup": mixup, "cutmix": cutmix}
     taps = "preact" if loss_config.name in objectives.PREACT_LOSSES else "segments"
 
-    def step(state: TrainState, teacher_variables, images, labels, key):
+    def step(state: TrainState, teacher_variables, images, labels, key, indices=None):
         mix_key, objective_key, dropout_key = (
             jax.random.split(key, 3)
             if mix != "none" or loss_config.name in ("mkd", "amkd", "mismatch", "purf", "ssd_kd")
@@ -160,6 +161,7 @@ def make_train_step(
                 run,
                 run_teacher,
                 teacher_logits_fn,
+                indices,
             )
             total, parts, logits = objectives.objective(ctx)
             return total, (parts, nnx.to_pure_dict(nnx.state(module, nnx.BatchStat)), logits)

@@ -28,7 +28,7 @@ labels = (ids % 10).astype(np.int32)
 data = DeviceDataset(images, labels, mesh, "sharded")
 
 
-def recording_step(state, teacher_vars, x, y, key):
+def recording_step(state, teacher_vars, x, y, key, indices=None):
     return state, {"x": x, "y": y}
 
 
