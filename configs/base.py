@@ -50,9 +50,10 @@ ZOO_METHODS = (
     "reviewkd",
     "ofd",
     "crd",
+    "kdsvd",
 )
 # need feature maps (H, W, C), left out for MLP students (ofd: the ResNets' pre-activation taps)
-SPATIAL_METHODS = ("at", "nst", "ft", "reviewkd", "ofd")
+SPATIAL_METHODS = ("at", "nst", "ft", "reviewkd", "ofd", "kdsvd")
 # a two-value grid per knob for the comparison of every method (with_all_methods); the temperature's is the preset's
 TWO_VALUE_GRIDS = {
     "segment_weight": (0.1, 1.0),
@@ -73,6 +74,7 @@ TWO_VALUE_GRIDS = {
     "review_weight": (0.1, 1.0),
     "ofd_weight": (1e-4, 1e-3),
     "contrast_weight": (0.08, 0.8),
+    "kdsvd_weight": (0.1, 1.0),
 }
 # ab, fsp, ft: their init stage as a tenth and a quarter of the student's epochs (RepDistiller's is 30 of 270)
 INIT_STAGE_FRACTIONS = (0.1, 0.25)
@@ -117,7 +119,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.loss = ml_collections.ConfigDict()
     c.loss.name = "ce"  # ce | purf (alone) | kd | fitnet | extended_kd | at | dkd | mkd | mtkd_ssr | amkd | pfkd
     #                     | mismatch | ssd_kd | pkt | rkd | sp | cc | nst | dist | ls_kd | mlkd | vid | ab | fsp | ft
-    #                     | reviewkd | ofd | crd
+    #                     | reviewkd | ofd | crd | kdsvd
     #                     (with a teacher): see
     #                     extkd_jax/train/objectives.py
     c.loss.temperature = 4.0
@@ -176,6 +178,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.loss.contrast_dim = 128
     c.loss.contrast_temperature = 0.07
     c.loss.contrast_momentum = 0.5
+    c.loss.kdsvd_weight = 1.0  # kdsvd, on every paired segment (mdistiller's FEAT_WEIGHT)
+    c.loss.kdsvd_k = 1  # kdsvd: the teacher's singular vectors per segment (the student's: k + 3)
 
     c.optim = ml_collections.ConfigDict()
     c.optim.learning_rate = 0.1

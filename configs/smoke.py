@@ -2,7 +2,8 @@
 
 extkd reproduce --config=configs/smoke.py --workdir=/tmp/extkd_smoke
 
-Variants: `all` (every related method), `zoo` (the KD zoo an MLP can run), `conv` (ResNets: at, nst, ft, reviewkd, ofd).
+Variants: `all` (every related method), `zoo` (the KD zoo an MLP can run), `conv` (ResNets: at, nst, ft, reviewkd, ofd,
+kdsvd).
 """
 
 import ml_collections
@@ -31,7 +32,8 @@ def get_config(arg=None):
 
 
 def conv(c):
-    """Tiny CIFAR-style ResNets on the 8x8 digits, for the methods that need feature maps (at, nst, ft, reviewkd, ofd)
+    """Tiny CIFAR-style ResNets on the 8x8 digits, for the methods that need feature maps (at, nst, ft, reviewkd,
+    ofd, kdsvd)
     next to kd, each at its configured knob (grids of one value: equal budgets)."""
     c.teacher.name = "resnet8"
     c.teacher.kwargs = ml_collections.ConfigDict({"in_channels": 1})  # grey digits
@@ -41,6 +43,6 @@ def conv(c):
     c.num_epochs = 1
     c.seeds = 1
     c.loss.init_epochs = 0.5  # ft: half the epoch for the paraphraser
-    c.reproduce.methods = ("kd", "at", "nst", "ft", "reviewkd", "ofd")
+    c.reproduce.methods = ("kd", "at", "nst", "ft", "reviewkd", "ofd", "kdsvd")
     for method in c.reproduce.methods:
         c.reproduce.grid[method] = ()

@@ -213,6 +213,7 @@ PARTS = {
     "reviewkd": ("review",),
     "ofd": ("ofd",),
     "crd": ("contrast",),
+    "kdsvd": ("kdsvd",),
 }
 
 

@@ -143,6 +143,37 @@ def ref_ofd_margin(scale, bias):
     return np.array(out)
 
 
+def ref_kdsvd(student, teacher, k=1):
+    """mdistiller's kdsvd_loss in float64 NumPy (np.linalg.svd), each singular vector signed so that its largest
+    entry is positive (the library's fixed sign; the reference leaves it to LAPACK)."""
+
+    def top(x, n):
+        _, sv, vh = np.linalg.svd(x.reshape(-1, x.shape[-1]), full_matrices=False)
+        v = vh[:n].T
+        v = v * np.where(v[np.argmax(np.abs(v), 0), np.arange(n)] < 0, -1.0, 1.0)
+        return v, sv[:n] / np.linalg.norm(sv[:n])
+
+    total = 0.0
+    for e in range(len(student[0])):
+        prev = None
+        for s, t in zip(student, teacher, strict=True):
+            v_t, sv = top(t[e], k)
+            v_s, _ = top(s[e], k + 3)
+            cos = v_s.T @ v_t
+            match = np.where(np.abs(cos) == np.abs(cos).max(0, keepdims=True), np.sign(cos), 0.0)
+            v_s, v_t = (v_s @ match) * sv, v_t * sv
+            if prev is not None:
+                ps, pt = prev
+                for a in range(v_s.shape[0]):
+                    for b in range(ps.shape[0]):
+                        for j in range(k):
+                            rs = np.exp(-((v_s[a, j] - ps[b, j]) ** 2) / 8)
+                            rt = np.exp(-((v_t[a, j] - pt[b, j]) ** 2) / 8)
+                            total += (rs - rt) ** 2
+            prev = (v_s, v_t)
+    return total / len(student[0])
+
+
 def _cases(rng):
     """name -> (loss of (student, teacher), reference, student, teacher); FSP's inputs are segment lists."""
     fsp_s = [rng.normal(size=(3, 4, 4, 2)), rng.normal(size=(3, 2, 2, 3)), rng.normal(size=(3, 4))]
@@ -182,6 +213,12 @@ def _cases(rng):
             rng.normal(size=(3, 2, 2, 4)),
             rng.normal(size=(3, 2, 2, 4)),
         ),
+        "kdsvd": (
+            lambda s, t, **kw: losses.kdsvd(s, t, **kw),
+            ref_kdsvd,
+            [rng.normal(size=(3, 3, 3, 4)), rng.normal(size=(3, 2, 2, 5))],
+            [rng.normal(size=(3, 3, 3, 4)) * 2, rng.normal(size=(3, 2, 2, 5)) + 1],
+        ),
         "factor_transfer": (
             losses.factor_transfer,
             ref_ft,
@@ -210,6 +247,7 @@ def test_value_against_numpy(name, rng):
 @pytest.mark.parametrize("name", NAMES)
 def test_student_gradient_against_finite_differences(name, rng):
     fn, ref, s, t = _cases(rng)[name]
+    atol = 1e-4 if name == "kdsvd" else 2e-5  # kdsvd: float32 orthogonal iteration on the Gram matrix
     if isinstance(s, list):  # one student segment at a time
         for k in range(len(s)):
 
@@ -218,11 +256,11 @@ def test_student_gradient_against_finite_differences(name, rng):
 
             got = jax.grad(lambda x, k=k: fn([*_f32(s)[:k], x, *_f32(s)[k + 1 :]], _f32(t)))(_f32(s[k]))
             want = fd_grad(on_segment, s[k], h=1e-6)
-            np.testing.assert_allclose(np.asarray(got), want, rtol=2e-3, atol=2e-5 * np.abs(want).max())
+            np.testing.assert_allclose(np.asarray(got), want, rtol=2e-3, atol=atol * np.abs(want).max())
         return
     got = np.asarray(jax.grad(lambda x: fn(x, _f32(t)))(_f32(s)))
     want = fd_grad(lambda x: ref(x, t), s, h=1e-6)
-    np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-5 * np.abs(want).max())
+    np.testing.assert_allclose(got, want, rtol=2e-3, atol=atol * np.abs(want).max())
 
 
 def test_vid_variance_gradient_against_finite_differences(rng):
@@ -336,3 +374,29 @@ def test_ofd_margin_against_the_gaussian_formula(rng):
     got = np.asarray(losses.ofd_margin(scale, bias))
     np.testing.assert_allclose(got, ref_ofd_margin(scale, bias), rtol=1e-5, atol=1e-6)
     assert got[0] == pytest.approx(-3.0) and np.all(got < 0)
+
+
+def test_singular_vectors_by_orthogonal_iteration_match_lapack(rng):
+    """Vectors and values against float64 np.linalg.svd, to the accuracy the iteration count gives for the gaps."""
+    for shape in [(9, 4), (4, 5), (30, 8)]:
+        x = rng.normal(size=shape)
+        _, sv, vh = np.linalg.svd(x, full_matrices=False)
+        want = vh[:3].T * np.where(vh[:3].T[np.argmax(np.abs(vh[:3].T), 0), np.arange(3)] < 0, -1.0, 1.0)
+        ratio = ((sv[1:4] / sv[:3]) ** 2).max()
+        vectors, values = losses.top_right_singular_vectors(_f32(x), 3)
+        np.testing.assert_allclose(np.asarray(values), sv[:3], rtol=1e-5)
+        np.testing.assert_allclose(np.asarray(vectors), want, atol=max(1e-5, 10 * ratio**100))
+
+
+def test_kdsvd_gradient_stays_finite_with_dead_channels(rng):
+    """Zero channels give repeated zero singular values, where the exact gradient of the vectors is unbounded."""
+    maps = [rng.normal(size=(2, 4, 4, 6)), np.maximum(rng.normal(size=(2, 2, 2, 6)), 0)]
+    for m in maps:
+        m[..., 3:] = 0.0
+    teacher = [rng.normal(size=(2, 4, 4, 6)), rng.normal(size=(2, 2, 2, 6))]
+    grads = jax.grad(lambda x: losses.kdsvd(x, [_f32(t) for t in teacher]))([_f32(m) for m in maps])
+    assert all(np.all(np.isfinite(np.asarray(g))) for g in grads)
+    with pytest.raises(ValueError, match=r"kdsvd: segment 0 has 3 channels; k \+ 3 = 4 vectors are needed"):
+        losses.kdsvd([np.zeros((2, 2, 2, 3))] * 2, [np.zeros((2, 2, 2, 3))] * 2)
+    with pytest.raises(ValueError, match=r"kdsvd: segment 0: student .* expected maps \(N, H, W, C\) with equal"):
+        losses.kdsvd([np.zeros((2, 2, 2, 4))] * 2, [np.zeros((2, 2, 2, 5))] * 2)

@@ -117,6 +117,9 @@ METHODS: dict[str, Method] = {
         "CRD (Tian et al. 2020): KD + NCE of embeddings against the other network's memory bank",
         "contrast_weight",
     ),
+    "kdsvd": Method(
+        "kdsvd", "KDSVD (Lee et al. 2018): KD + RBF relations of singular vectors between stages", "kdsvd_weight"
+    ),
 }
 TEACHER_RUNS = ("teacher", "teacher_purf")
 

@@ -290,3 +290,100 @@ def ofd(
     positive = t > 0
     per = jnp.where(below, jnp.square(s - m), 0.0) + jnp.where(between | positive, jnp.square(s - t), 0.0)
     return _reduce(fn, jnp.sum(per.reshape(per.shape[0], -1), axis=-1), where, weights, reduction)
+
+
+# KDSVD's singular vectors come from orthogonal iteration on the Gram matrix (matrix products only): XLA:CPU's
+# LAPACK eigensolver hung inside a whole training step here, and the exact gradient of singular vectors,
+# 1 / (s_i^2 - s_j^2), is unbounded wherever singular values repeat (dead channels); the iteration's is bounded.
+# The error of vector i after the iterations is about (s_{i+1} / s_i)^(2 x SVD_ITERATIONS).
+SVD_ITERATIONS = 100
+
+
+def _canonical_signs(vectors: Array) -> Array:
+    """+1 or -1 per column, so that each column's entry of largest magnitude is positive (a fixed sign)."""
+    pick = jnp.take_along_axis(vectors, jnp.argmax(jnp.abs(vectors), axis=0)[None, :], axis=0)[0]
+    return jnp.where(pick < 0, -1.0, 1.0)
+
+
+def _orthonormal_columns(v: Array) -> Array:
+    """Modified Gram-Schmidt on the columns of v (C, k); a column with nothing left becomes 0."""
+    columns = []
+    for j in range(v.shape[1]):
+        c = v[:, j]
+        for q in columns:
+            c = c - jnp.dot(q, c) * q
+        columns.append(c / jnp.sqrt(jnp.maximum(jnp.sum(jnp.square(c)), 1e-30)))
+    return jnp.stack(columns, axis=1)
+
+
+def top_right_singular_vectors(x: Array, k: int) -> tuple[Array, Array]:
+    """(vectors (C, k), singular values (k,)) of `x` (P, C) for its `k` largest singular values, each vector signed
+    so that its largest entry is positive. Orthogonal iteration on x^T x (SVD_ITERATIONS) from a fixed start;
+    differentiable by automatic differentiation through the iterations."""
+    x = _f32(x)
+    channels = x.shape[-1]
+    gram = x.T @ x
+    scaled = gram / jnp.maximum(jnp.trace(gram), 1e-30)  # eigenvalues in [0, 1]: no overflow in any dtype
+    # a fixed, generic start: no column orthogonal to the leading singular vectors
+    start = jnp.cos(jnp.arange(channels, dtype=jnp.float32)[:, None] * (jnp.arange(k, dtype=jnp.float32) + 1.0) * 1.3)
+    v = jax.lax.fori_loop(0, SVD_ITERATIONS, lambda _, v: _orthonormal_columns(scaled @ v), start + 0.5)
+    v = v * jax.lax.stop_gradient(_canonical_signs(v))
+    singular = jnp.sqrt(jnp.maximum(jnp.einsum("ck,cd,dk->k", v, gram, v), 0.0))
+    return v, singular
+
+
+def kdsvd(
+    student_segments: Sequence[Array],
+    teacher_segments: Sequence[Array],
+    k: int = 1,
+    *,
+    where: Array | None = None,
+    weights: Array | None = None,
+    reduction: str = "mean",
+) -> Array:
+    """KD with singular value decomposition (Lee et al. 2018), mdistiller's form: per segment, each example's map
+    (H*W, C) gives its top right singular vectors, `k` for the teacher and `k + 3` for the student; each teacher
+    vector is matched by the student vector of largest |cosine| (sign flipped to agree); both are scaled by the
+    teacher's top-k singular values L2-normalised; between consecutive segments an RBF
+    ``exp(-(v_i - v_j)^2 / 8)`` relates every channel of one to every channel of the other, and the loss is the sum
+    of the squared differences of the student's and teacher's RBF matrices. Student and teacher need the same
+    channel counts; vector segments are refused."""
+    fn = "kdsvd"
+    if len(student_segments) != len(teacher_segments) or len(student_segments) < 2:
+        raise ValueError(
+            f"{fn}: needs the same number (>= 2) of student and teacher segments, got {len(student_segments)} and "
+            f"{len(teacher_segments)}"
+        )
+    if not (isinstance(k, int) and k >= 1):
+        raise ValueError(f"{fn}: k must be a positive integer, got {k!r}")
+    per_example, previous = 0.0, None
+    for idx, (s, t) in enumerate(zip(student_segments, teacher_segments, strict=True)):
+        s = _features(fn, f"student_segments[{idx}]", s, where)
+        t = jax.lax.stop_gradient(_features(fn, f"teacher_segments[{idx}]", t, where))
+        if s.ndim != 4 or t.ndim != 4 or s.shape[-1] != t.shape[-1]:
+            raise ValueError(
+                f"{fn}: segment {idx}: student {tuple(s.shape)} and teacher {tuple(t.shape)}; expected maps "
+                "(N, H, W, C) with equal channel counts"
+            )
+        if s.shape[-1] < k + 3:
+            raise ValueError(f"{fn}: segment {idx} has {s.shape[-1]} channels; k + 3 = {k + 3} vectors are needed")
+        xs, xt = s.reshape(s.shape[0], -1, s.shape[-1]), t.reshape(t.shape[0], -1, t.shape[-1])
+        v_t, singular = jax.vmap(lambda a: top_right_singular_vectors(a, k))(xt)  # (N, C, k), (N, k)
+        v_t, singular = jax.lax.stop_gradient(v_t), jax.lax.stop_gradient(singular)
+        singular = singular / jnp.sqrt(jnp.maximum(jnp.sum(jnp.square(singular), -1, keepdims=True), 1e-24))
+        v_s, _ = jax.vmap(lambda a: top_right_singular_vectors(a, k + 3))(xs)  # (N, C, k + 3)
+        cosine = jnp.einsum("nci,ncj->nij", v_s, v_t)  # (N, k + 3, k)
+        best = jnp.max(jnp.abs(cosine), axis=1, keepdims=True)
+        match = jax.lax.stop_gradient(jnp.where(jnp.abs(cosine) == best, jnp.sign(cosine), 0.0))
+        v_s = jnp.einsum("nci,nij->ncj", v_s, match) * singular[:, None, :]
+        v_t = v_t * singular[:, None, :]
+        if previous is not None:
+            prev_s, prev_t = previous
+
+            def rbf(a, b):
+                return jnp.exp(-jnp.square(a[:, :, None, :] - b[:, None, :, :]) / 8.0)
+
+            diff = jnp.square(rbf(v_s, prev_s) - rbf(v_t, prev_t))
+            per_example = per_example + jnp.sum(diff.reshape(diff.shape[0], -1), -1)
+        previous = (v_s, v_t)
+    return _reduce(fn, per_example, where, weights, reduction)

@@ -104,12 +104,14 @@ def check_config(config, mode: str) -> None:
         "review_warmup_epochs",
         "ofd_weight",
         "contrast_weight",
+        "kdsvd_weight",
     ):
         _number(loss[key], f"loss.{key}", minimum=0)
     _number(loss.adv_steps, "loss.adv_steps", minimum=0, integer=True)
     _number(loss.embedding_size, "loss.embedding_size", minimum=1, integer=True)
     _number(loss.contrast_negatives, "loss.contrast_negatives", minimum=1, integer=True)
     _number(loss.contrast_dim, "loss.contrast_dim", minimum=1, integer=True)
+    _number(loss.kdsvd_k, "loss.kdsvd_k", minimum=1, integer=True)
     _number(loss.contrast_temperature, "loss.contrast_temperature", minimum=0, strict=True)
     _number(loss.contrast_momentum, "loss.contrast_momentum", minimum=0, maximum=1)
     for key in ("segments", "teacher_segments"):

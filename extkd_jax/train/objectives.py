@@ -32,6 +32,7 @@ inputs it needs (clean, mixed, adversarial, sampled, rotated) and returns (total
 | crd         | contrast_weight * NCE of the student's and the teacher's embedded penultimate features, each      |
 |             | against the other network's momentum memory bank (positive: the example itself; negatives: other |
 |             | classes)                                                                                         |
+| kdsvd       | kdsvd_weight * RBF relations of the top singular vectors of consecutive paired segments          |
 
 Each method's choices where its paper leaves them open are in its function's docstring and docs/methods.md.
 """
@@ -68,6 +69,7 @@ ZOO_LOSSES = (
     "reviewkd",
     "ofd",
     "crd",
+    "kdsvd",
 )
 TEACHER_LOSSES = (
     "kd",
@@ -84,7 +86,20 @@ TEACHER_LOSSES = (
     *ZOO_LOSSES,
 )
 # losses that pair student and teacher segments
-SEGMENT_LOSSES = ("fitnet", "extended_kd", "at", "mtkd_ssr", "nst", "vid", "ab", "fsp", "ft", "reviewkd", "ofd")
+SEGMENT_LOSSES = (
+    "fitnet",
+    "extended_kd",
+    "at",
+    "mtkd_ssr",
+    "nst",
+    "vid",
+    "ab",
+    "fsp",
+    "ft",
+    "reviewkd",
+    "ofd",
+    "kdsvd",
+)
 CONNECTOR_LOSSES = ("fitnet", "extended_kd", "mtkd_ssr", "ab", "fsp", "ofd")  # ... through learned connectors
 PREACT_LOSSES = ("ofd",)  # read the networks' pre-activation taps instead of their segments
 INIT_STAGE_LOSSES = ("ab", "fsp")  # a feature-only first stage, then plain KD (RepDistiller's `init`)
@@ -389,6 +404,11 @@ def _zoo(ctx: Context):
         for regressor, (s, t) in zip(ctx.module.connectors, ctx.pairs, strict=True):
             student, teacher = match_spatial(segments[s], teacher_segments[t])
             extra = extra + losses.vid(regressor(student), teacher, regressor.log_scale[...], VID_EPS)
+    elif c.name == "kdsvd":
+        if any(segments[s].ndim != 4 for s, _ in ctx.pairs):
+            raise ValueError("loss.name='kdsvd' needs feature maps (H, W, C): the student's segments are vectors")
+        paired = [segments[s] for s, _ in ctx.pairs], [teacher_segments[t] for _, t in ctx.pairs]
+        extra = losses.kdsvd(*paired, k=int(c.kdsvd_k))
     else:  # nst
         if any(segments[s].ndim != 4 for s, _ in ctx.pairs):
             raise ValueError("loss.name='nst' needs feature maps (H, W, C): the student's segments are vectors")
