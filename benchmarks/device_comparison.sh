@@ -3,17 +3,18 @@
 # grids) in one call to a lent accelerator, every method as its own process (launch/parallel_reproduce.py):
 #
 #   bash benchmarks/device_comparison.sh [--cpu] [--wheelhouse DIR] [--data DIR] [--out DIR] [--workers N]
-#                                        [--deadline SECONDS]
+#                                        [--deadline SECONDS] [--experiment NAME=PRESET]... [--override FLAG]...
 #
 # Experiments: zoo_cifar10 = cifar10_drop:cpu,zoo (the KD zoo, issue #15) and methods_cifar10 =
 # cifar10_drop:cpu,conv (the related methods that use feature maps, issue #14). --deadline (default 330 s) bounds
 # the training jobs; the reports are then written from what finished. Writes at most 8 files under --out:
 # parallel.log, parallel_summary.json, <experiment>.tgz (report, results, plots, run configs and metrics; no
-# checkpoints) and part_logs.tgz. --cpu rehearses the same sequence on the smoke presets.
+# checkpoints) and part_logs.tgz. --cpu rehearses the same sequence on the smoke presets. --experiment (repeatable)
+# replaces the default experiments; --override (repeatable) adds a --config.KEY=VALUE flag to every run.
 set -uo pipefail
 
 repo=$(cd "$(dirname "$0")/.." && pwd)
-mode=device wheelhouse="" data=/root/data out=${OUT:-} workers=12 deadline=330
+mode=device wheelhouse="" data=/root/data out=${OUT:-} workers=12 deadline=330 chosen=() extra=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --cpu) mode=cpu ;;
@@ -22,7 +23,9 @@ while [ $# -gt 0 ]; do
     --out) out=$2; shift ;;
     --workers) workers=$2; shift ;;
     --deadline) deadline=$2; shift ;;
-    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+    --experiment) chosen+=("--experiment=$2"); shift ;;
+    --override) extra+=("$2"); shift ;;
+    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
     *) echo "device_comparison.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -48,6 +51,8 @@ else
   experiments=(--experiment=zoo_cifar10=cifar10_drop:cpu,zoo --experiment=methods_cifar10=cifar10_drop:cpu,conv)
   overrides=(--config.data.dir="$data" --config.progress=False)
 fi
+[ ${#chosen[@]} -gt 0 ] && experiments=("${chosen[@]}")
+overrides+=("${extra[@]}")
 (cd /tmp && "$py" "$repo/launch/parallel_reproduce.py" --workdir="$work/cmp" --workers="$workers" \
   --deadline="$deadline" "${experiments[@]}" -- "${overrides[@]}") >>"$out/parallel.log" 2>&1
 rc=$?

@@ -75,14 +75,17 @@ def _job_key(config, method: str) -> str:
 
 def _command(preset: str, methods: list[str], overrides: list[str], workdir: Path) -> list[str]:
     listed = "(" + "".join(f"'{m}'," for m in methods) + ")"
+    # an override of the method list chose the experiment's methods; each command names its own (given twice,
+    # ml_collections would merge the two tuples)
+    kept = [o for o in overrides if not o.startswith("--config.reproduce.methods=")]
     return [
         sys.executable,
         "-m",
         "extkd_jax.cli",
         "reproduce",
         f"--config={preset}",
-        *overrides,
-        f"--config.reproduce.methods={listed}",  # after the overrides: this job's methods whatever they say
+        *kept,
+        f"--config.reproduce.methods={listed}",
         f"--workdir={workdir}",
     ]
 
