@@ -1,0 +1,68 @@
+"""launch/parallel_reproduce.py: an experiment run as one process per method gives the serial run's results; a
+deadline leaves unfinished methods out of the report, named; bad arguments are refused by name."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+
+import pytest
+
+from tests.tiny import REPO_ROOT
+
+METHODS = "--config.reproduce.methods=('scratch_transfer','kd')"
+
+
+def _driver():
+    spec = importlib.util.spec_from_file_location("parallel_reproduce", REPO_ROOT / "launch" / "parallel_reproduce.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def _per_run(results: dict) -> dict:
+    return {
+        (name, run["seed"]): (run["test_acc"], run["unseen_acc_corrected"])
+        for name, method in results["methods"].items()
+        for run in method["runs"]
+    }
+
+
+@pytest.mark.slow
+def test_parallel_runs_give_the_serial_results(tmp_path, monkeypatch):
+    from extkd_jax.cli import main
+
+    monkeypatch.chdir(REPO_ROOT)
+    rc = _driver().main([f"--workdir={tmp_path / 'par'}", "--workers=2", "--experiment=smoke=smoke", "--", METHODS])
+    assert rc == 0
+    summary = json.loads((tmp_path / "par" / "parallel_summary.json").read_text())
+    assert summary["reports"]["smoke"]["left_out"] == [] and summary["reports"]["smoke"]["exit"] == 0
+    assert {job["method"] for job in summary["jobs"].values()} == {"scratch_transfer", "kd"}
+    assert main(["reproduce", "--config=smoke", METHODS, f"--workdir={tmp_path / 'serial'}"]) == 0
+    parallel = json.loads((tmp_path / "par" / "smoke" / "results.json").read_text())
+    serial = json.loads((tmp_path / "serial" / "results.json").read_text())
+    assert _per_run(parallel) == _per_run(serial) and len(_per_run(serial)) == 4  # 2 methods x 2 seeds
+    assert parallel["methods"]["kd"]["chosen"] == serial["methods"]["kd"]["chosen"]
+
+
+@pytest.mark.slow
+def test_a_deadline_leaves_unfinished_methods_out_by_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO_ROOT)
+    rc = _driver().main(
+        [f"--workdir={tmp_path}", "--workers=2", "--deadline=0.5", "--experiment=smoke=smoke", "--", METHODS]
+    )
+    summary = json.loads((tmp_path / "parallel_summary.json").read_text())
+    assert rc != 0 and summary["reports"]["smoke"]["left_out"] == ["scratch_transfer", "kd"]
+    assert all(job["exit"] != 0 for job in summary["jobs"].values())
+
+
+def test_bad_arguments_are_refused_by_name(tmp_path, capsys):
+    driver = _driver()
+    with pytest.raises(SystemExit):
+        driver.main([f"--workdir={tmp_path}", "--workers=0", "--experiment=a=smoke"])
+    assert "--workers=0: expected at least 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        driver.main([f"--workdir={tmp_path}", "--experiment=smoke"])
+    assert "expected NAME=PRESET" in capsys.readouterr().err
