@@ -136,6 +136,8 @@ def make_train_step(
             if mix != "none" or loss_config.name in ("mkd", "amkd", "mismatch", "purf", "ssd_kd")
             else (None, key, key)
         )
+        if loss_config.name == "crd":  # its negatives are drawn with the objective's key: dropout gets its own
+            dropout_key = jax.random.fold_in(key, 1)
         images = jnp.asarray(images, jnp.float32)
         targets = jax.nn.one_hot(labels, num_classes)
         if mix != "none":
