@@ -270,7 +270,7 @@ def _changed(before, after) -> bool:
     )
 
 
-@pytest.mark.parametrize("loss", ["ft", "reviewkd"])
+@pytest.mark.parametrize("loss", ["ft", "reviewkd", "kdsvd"])
 def test_feature_map_methods_refuse_vector_segments(loss):
     with pytest.raises(ValueError, match=f"loss.name='{loss}' needs feature maps"):
         _train(loss, model="mlp")
