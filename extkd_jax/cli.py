@@ -249,7 +249,10 @@ def main(argv: list[str] | None = None) -> int:
         print(result["table"])
         return 0
     if not isinstance(result, dict):  # reproduce's Results
+        diverged = sorted(result.diverged)
         result = {"report": f"{workdir}/report.md", "wall_time_s": result.wall_time_s}
+        if diverged:
+            result["diverged"] = ", ".join(diverged) + " (left out: a run stopped on a non-finite loss; see the report)"
     summary = {k: v for k, v in result.items() if not isinstance(v, (list, dict))}
     print(json.dumps(summary, indent=1))
     return 0

@@ -283,3 +283,32 @@ def test_the_feature_map_methods_in_one_smoke_experiment(tmp_path, capsys):
     assert {(c["method"], c["baseline"]) for c in results["comparisons"]} >= {(m, "kd") for m in SPATIAL_METHODS}
     record = json.loads((tmp_path / "runs" / "ft" / "seed_0" / "metrics.jsonl").read_text().splitlines()[0])
     assert record["train_reconstruction"] > 0 and record["train_ft"] > 0
+
+
+def test_a_diverging_method_is_reported_and_the_others_go_on(tmp_path, capsys):
+    """Extended-KD with a segment weight that overflows float32 stops on a non-finite loss: the experiment still
+    finishes, names it as diverged (results.json, report, README table, CLI summary) and compares the rest; when
+    every method diverges, the CLI fails with the reason."""
+    from extkd_jax import cli
+    from extkd_jax.experiment.report import readme_table_of
+
+    flags = [
+        "reproduce",
+        "--config=smoke",
+        "--config.seeds=1",
+        "--config.reproduce.grid.kd=(4.0,)",
+        "--config.reproduce.grid.extended_kd=(1e39,)",  # inf in float32
+        f"--workdir={tmp_path}",
+    ]
+    assert cli.main([*flags, "--config.reproduce.methods=('scratch_transfer','kd','extended_kd')"]) == 0
+    assert "extended_kd (left out" in capsys.readouterr().out
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert list(results["methods"]) == ["scratch_transfer", "kd"]
+    assert list(results["diverged"]) == ["extended_kd"]
+    assert results["diverged"]["extended_kd"].startswith("runs/extended_kd/seed_0: non-finite loss at step 0")
+    assert results["comparisons"] == []  # kd is a baseline, scratch_transfer distils nothing
+    report = (tmp_path / "report.md").read_text()
+    assert "- **extended_kd**: diverged" in report and "no figures): extended_kd." in report
+    assert readme_table_of(tmp_path).splitlines()[-1] == "| extended_kd | diverged | - | - |"
+    assert cli.main([*flags, "--config.reproduce.methods=('extended_kd',)"]) == 1
+    assert "every method of the experiment diverged" in capsys.readouterr().err

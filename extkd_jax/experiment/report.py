@@ -91,6 +91,8 @@ def summary(results: Results) -> list[str]:
             f"label-free correction ({pct(m.stat('unseen_acc'))}% before); "
             f"{pct(m.stat('test_acc_corrected'))}% of the whole test set."
         )
+    for name, reason in results.diverged.items():
+        lines.append(f"- **{name}**: diverged, left out of every table and comparison ({reason}).")
     if results.comparisons:
         lines += ["", "Seed by seed, against KD and against Extended-KD:", ""]
         lines += [f"- {verdict(c)}." for c in results.comparisons]
@@ -154,6 +156,8 @@ def write_report(results: Results, workdir: epath.Path, plots: dict[str, str]) -
         for name, m in results.methods.items()
     ]
     out += _table(header, rows) + [MAIN_TABLE_END, ""]
+    if results.diverged:
+        out += [f"Diverged (a run stopped on a non-finite loss, so no figures): {', '.join(results.diverged)}.", ""]
     if results.comparisons:
         out += [
             "## Paired comparisons with KD and Extended-KD",
@@ -274,7 +278,7 @@ def readme_table(results: Results) -> str:
             pct(m.stat("unseen_acc_corrected")),
         ]
         for name, m in results.methods.items()
-    ]
+    ] + [[name, "diverged", "-", "-"] for name in results.diverged]
     header = ["student", "test acc, corrected (%)", f"{dropped} right, before (%)", f"{dropped} right, corrected (%)"]
     return "\n".join(_table(header, rows))
 

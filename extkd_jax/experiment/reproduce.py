@@ -9,6 +9,10 @@
 4. each student is scored on the test set before and after the label-free per-class bias correction;
 5. optionally the dark-knowledge curve: the same students with `data.keep_fraction` of each dropped class kept;
 6. `results.json`, `report.md`, PNG plots and the resolved configs are written into the workdir.
+
+A method whose run stops on a non-finite loss (`on_nonfinite`) is reported as diverged, with the run and the error,
+and left out of the tables and comparisons; the other methods go on. One unstable method does not cost the whole
+experiment, and a rerun tries it again (a run diverges before its first checkpoint or resumes from its last).
 """
 
 from __future__ import annotations
@@ -38,13 +42,22 @@ from extkd_jax.experiment.runs import (
 from extkd_jax.experiment.scoring import Scorer
 from extkd_jax.train.config_checks import check_config
 from extkd_jax.train.lock import WorkdirLock
-from extkd_jax.train.loop import maybe_initialize_distributed, train_and_evaluate
+from extkd_jax.train.loop import NonFiniteLossError, maybe_initialize_distributed, train_and_evaluate
 from extkd_jax.train.metrics import read_metrics
 from extkd_jax.train.setup import DTYPES, build, build_model
 from extkd_jax.train.step import Network, split
 from extkd_jax.train.workdir import check_or_write_config, config_to_dict, write_text_atomic
 
 log = logging.getLogger(__name__)
+
+
+class RunDiverged(Exception):
+    """A run of the experiment stopped on a non-finite loss: `run` is its name in the workdir."""
+
+    def __init__(self, run: str, error: NonFiniteLossError):
+        super().__init__(f"{run}: {error}")
+        self.run, self.error = run, error
+
 
 DATASET_NOTES = {
     ("cifar10", "npz"): "CIFAR-10 copy decoded from JPEG (quality about 75, PSNR 30 dB); accuracies run 1-3 points "
@@ -168,23 +181,33 @@ def _reproduce(config, workdir, preset, command_line, methods, data_for, dataset
         run_config = student_config(config, method, seed, str(workdir / teacher), knob_value, keep_fraction)
         log.info("reproduce: %s", name)
         mode = "distill" if METHODS[method].distils else "train"
-        train_and_evaluate(run_config, workdir / name, mode=mode, datasets=data_for(run_config))
+        try:
+            train_and_evaluate(run_config, workdir / name, mode=mode, datasets=data_for(run_config))
+        except NonFiniteLossError as err:
+            raise RunDiverged(name, err) from err
         return scorer.score(workdir / name, method, seed, name, knob_value, keep_fraction, teacher), run_config
 
-    results_by_method, run_configs = {}, {}
+    results_by_method, run_configs, diverged = {}, {}, {}
     for method in methods:
         spec, grid = METHODS[method], grid_of(config, method)
-        points = (
-            [GridPoint(v, run(method, selection_seed(config), v, selection=True)[0]) for v in grid]
-            if len(grid) > 1
-            else []
-        )
-        chosen, tie = _choose(points, float(config.loss[spec.knob])) if points else (grid[0] if grid else None, [])
-        finals = [run(method, s, chosen) for s in reported_seeds(config)]
+        try:
+            points = (
+                [GridPoint(v, run(method, selection_seed(config), v, selection=True)[0]) for v in grid]
+                if len(grid) > 1
+                else []
+            )
+            chosen, tie = _choose(points, float(config.loss[spec.knob])) if points else (grid[0] if grid else None, [])
+            finals = [run(method, s, chosen) for s in reported_seeds(config)]
+        except RunDiverged as err:
+            log.warning("reproduce: %s diverged, left out of the results: %s", method, err)
+            diverged[method] = str(err)
+            continue
         run_configs[method] = finals[0][1]
         results_by_method[method] = MethodResult(
             method, spec.loss, spec.description, spec.knob, chosen, tie, points, [r for r, _ in finals]
         )
+    if not results_by_method:
+        raise NonFiniteLossError(f"every method of the experiment diverged: {diverged}")
     curve = _curve(config, results_by_method, run)
     results = Results(
         preset=preset,
@@ -202,6 +225,7 @@ def _reproduce(config, workdir, preset, command_line, methods, data_for, dataset
         comparisons=compare_all(results_by_method, [int(c) for c in datasets.drop_classes]),
         curve=curve,
         wall_time_s=time.time() - t_start,
+        diverged=diverged,
     )
     if is_main:
         write_outputs(workdir, results, config, teachers, run_configs)

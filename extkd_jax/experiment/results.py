@@ -192,6 +192,8 @@ class Results:
     comparisons: list[Comparison]
     curve: list[CurvePoint]
     wall_time_s: float
+    # methods left out because a run stopped on a non-finite loss: {method: "run: error"}
+    diverged: dict[str, str] = dataclasses.field(default_factory=dict)
 
     @property
     def class_names(self) -> list[str]:
