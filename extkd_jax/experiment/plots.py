@@ -211,6 +211,8 @@ def write_plots(results: Results, workdir: epath.Path) -> dict[str, str]:
     except ImportError as err:
         log.warning("%s", err)
         return {}
+    if not results.methods:  # every method diverged: nothing to draw
+        return {}
     featured = "extended_kd" if "extended_kd" in results.methods else list(results.methods)[-1]
     figures = {
         "per_class_accuracy.png": lambda: per_class(plt, results, corrected=True),

@@ -10,9 +10,10 @@
 5. optionally the dark-knowledge curve: the same students with `data.keep_fraction` of each dropped class kept;
 6. `results.json`, `report.md`, PNG plots and the resolved configs are written into the workdir.
 
-A method whose run stops on a non-finite loss (`on_nonfinite`) is reported as diverged, with the run and the error,
-and left out of the tables and comparisons; the other methods go on. One unstable method does not cost the whole
-experiment, and a rerun tries it again (a run diverges before its first checkpoint or resumes from its last).
+A method whose run stops on a non-finite loss (`on_nonfinite='stop'`) is reported as diverged, with the run and the
+error, and left out of the tables and comparisons; the other methods go on, so one unstable method does not cost the
+whole experiment. The run keeps a `diverged.txt` naming the error, so a rerun reports it again without training it
+again; delete that file, or set `on_nonfinite='skip'`, to train it once more.
 """
 
 from __future__ import annotations
@@ -51,12 +52,14 @@ from extkd_jax.train.workdir import check_or_write_config, config_to_dict, write
 log = logging.getLogger(__name__)
 
 
+DIVERGED_MARKER = "diverged.txt"  # in a run's directory: the error that stopped it
+
+
 class RunDiverged(Exception):
     """A run of the experiment stopped on a non-finite loss: `run` is its name in the workdir."""
 
-    def __init__(self, run: str, error: NonFiniteLossError):
+    def __init__(self, run: str, error: str):
         super().__init__(f"{run}: {error}")
-        self.run, self.error = run, error
 
 
 DATASET_NOTES = {
@@ -181,10 +184,15 @@ def _reproduce(config, workdir, preset, command_line, methods, data_for, dataset
         run_config = student_config(config, method, seed, str(workdir / teacher), knob_value, keep_fraction)
         log.info("reproduce: %s", name)
         mode = "distill" if METHODS[method].distils else "train"
+        marker = workdir / name / DIVERGED_MARKER
+        if marker.exists() and config.on_nonfinite == "stop":
+            raise RunDiverged(name, marker.read_text())
         try:
             train_and_evaluate(run_config, workdir / name, mode=mode, datasets=data_for(run_config))
         except NonFiniteLossError as err:
-            raise RunDiverged(name, err) from err
+            if is_main:
+                write_text_atomic(marker, str(err))
+            raise RunDiverged(name, str(err)) from err
         return scorer.score(workdir / name, method, seed, name, knob_value, keep_fraction, teacher), run_config
 
     results_by_method, run_configs, diverged = {}, {}, {}
@@ -206,8 +214,6 @@ def _reproduce(config, workdir, preset, command_line, methods, data_for, dataset
         results_by_method[method] = MethodResult(
             method, spec.loss, spec.description, spec.knob, chosen, tie, points, [r for r, _ in finals]
         )
-    if not results_by_method:
-        raise NonFiniteLossError(f"every method of the experiment diverged: {diverged}")
     curve = _curve(config, results_by_method, run)
     results = Results(
         preset=preset,
