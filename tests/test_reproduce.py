@@ -322,3 +322,27 @@ def test_a_diverging_method_is_reported_and_the_others_go_on(tmp_path, capsys, m
     again = json.loads((tmp_path / "results.json").read_text())
     assert again["methods"] == {} and again["diverged"] == {"extended_kd": error}
     assert "- **extended_kd**: diverged" in (tmp_path / "report.md").read_text()
+
+
+def test_a_diverged_curve_point_is_left_out_by_name():
+    """A dark-knowledge curve point whose runs diverge is named in `diverged`; the other points stay."""
+    from types import SimpleNamespace
+
+    from extkd_jax.experiment.reproduce import RunDiverged, _curve
+
+    config = tiny_config(
+        ".", **{"seeds": 2, "reproduce.keep_fractions": (0.1, 0.5), "reproduce.curve_methods": ("kd",)}
+    )
+    main_runs = [SimpleNamespace(unseen_acc=0.1 * s, unseen_acc_corrected=0.2 * s, wall_time_s=1.0) for s in (1, 2)]
+    methods = {"kd": SimpleNamespace(runs=main_runs, chosen=4.0)}
+
+    def run(method, seed, knob, fraction):
+        if fraction == 0.5:
+            raise RunDiverged(f"curve/{method}/seed_{seed}", "non-finite loss at step 3")
+        return SimpleNamespace(unseen_acc=0.5, unseen_acc_corrected=0.6, wall_time_s=2.0), None
+
+    diverged = {}
+    points = _curve(config, methods, run, diverged)
+    assert [(p.method, p.keep_fraction) for p in points] == [("kd", 0.0), ("kd", 0.1)]
+    assert points[0].unseen_acc_corrected.mean == pytest.approx(0.3) and points[1].wall_time_s == 4.0
+    assert diverged == {"kd (keep_fraction=0.5)": "curve/kd/seed_0: non-finite loss at step 3"}

@@ -55,8 +55,8 @@ log = logging.getLogger(__name__)
 DIVERGED_MARKER = "diverged.txt"  # in a run's directory: the error that stopped it
 
 
-class RunDiverged(Exception):
-    """A run of the experiment stopped on a non-finite loss: `run` is its name in the workdir."""
+class RunDiverged(NonFiniteLossError):
+    """A run of the experiment stopped on a non-finite loss (now or, per its diverged.txt, before)."""
 
     def __init__(self, run: str, error: str):
         super().__init__(f"{run}: {error}")
@@ -214,7 +214,7 @@ def _reproduce(config, workdir, preset, command_line, methods, data_for, dataset
         results_by_method[method] = MethodResult(
             method, spec.loss, spec.description, spec.knob, chosen, tie, points, [r for r, _ in finals]
         )
-    curve = _curve(config, results_by_method, run)
+    curve = _curve(config, results_by_method, run, diverged)
     results = Results(
         preset=preset,
         command=command_line or "extkd reproduce",
@@ -238,18 +238,26 @@ def _reproduce(config, workdir, preset, command_line, methods, data_for, dataset
     return results
 
 
-def _curve(config, methods: dict[str, MethodResult], run) -> list[CurvePoint]:
-    """Accuracy on the dropped classes against the fraction of their examples kept (0 = the main runs)."""
+def _curve(config, methods: dict[str, MethodResult], run, diverged: dict[str, str]) -> list[CurvePoint]:
+    """Accuracy on the dropped classes against the fraction of their examples kept (0 = the main runs); a point whose
+    runs diverged is left out and added to `diverged`."""
     points = []
     for method in config.reproduce.curve_methods if config.reproduce.keep_fractions else ():
         if method not in methods:
             continue
         for fraction in sorted(set(config.reproduce.keep_fractions) | {0.0}):
-            runs = (
-                methods[method].runs
-                if fraction == 0.0
-                else [run(method, s, methods[method].chosen, fraction)[0] for s in reported_seeds(config)]
-            )
+            try:
+                runs = (
+                    methods[method].runs
+                    if fraction == 0.0
+                    else [run(method, s, methods[method].chosen, fraction)[0] for s in reported_seeds(config)]
+                )
+            except RunDiverged as err:
+                log.warning(
+                    "reproduce: %s with keep_fraction=%g diverged, left out of the curve: %s", method, fraction, err
+                )
+                diverged[f"{method} (keep_fraction={fraction:g})"] = str(err)
+                continue
             own_runs_s = sum(r.wall_time_s for r in runs) if fraction > 0.0 else 0.0  # 0: the main runs
             points.append(
                 CurvePoint(
