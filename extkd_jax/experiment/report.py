@@ -206,8 +206,11 @@ def write_report(results: Results, workdir: epath.Path, plots: dict[str, str]) -
                         else ("tie" if p.value in m.tie else ""),
                     ]
                     for p in m.grid
-                ],
+                ]
+                + [[value, "diverged", "-", "-", ""] for value in m.diverged_grid],
             ) + [""]
+            out += [f"{m.knob}={value} diverged: {reason}." for value, reason in m.diverged_grid.items()]
+            out += [""] if m.diverged_grid else []
             if m.tie:
                 out += [f"Tie between {m.tie}: the value nearest the preset's was kept.", ""]
     oracle = {n: m for n, m in results.methods.items() if m.runs[0].oracle}

@@ -10,9 +10,10 @@
 5. optionally the dark-knowledge curve: the same students with `data.keep_fraction` of each dropped class kept;
 6. `results.json`, `report.md`, PNG plots and the resolved configs are written into the workdir.
 
-A method whose run stops on a non-finite loss (`on_nonfinite='stop'`) is reported as diverged, with the run and the
-error, and left out of the tables and comparisons; the other methods go on, so one unstable method does not cost the
-whole experiment. The run keeps a `diverged.txt` naming the error, so a rerun reports it again without training it
+A run that stops on a non-finite loss (`on_nonfinite='stop'`) does not stop the experiment: a grid value whose
+selection run diverges is not chosen (and is named in the knob-selection table); a method with no grid value left, or
+whose reported runs diverge, is reported as diverged, with the run and the error, and left out of the tables and
+comparisons. The run keeps a `diverged.txt` naming the error, so a rerun reports it again without training it
 again; delete that file, or set `on_nonfinite='skip'`, to train it once more.
 """
 
@@ -198,12 +199,16 @@ def _reproduce(config, workdir, preset, command_line, methods, data_for, dataset
     results_by_method, run_configs, diverged = {}, {}, {}
     for method in methods:
         spec, grid = METHODS[method], grid_of(config, method)
+        points, diverged_grid = [], {}
+        for v in grid if len(grid) > 1 else ():  # a value whose selection run diverges is not chosen
+            try:
+                points.append(GridPoint(v, run(method, selection_seed(config), v, selection=True)[0]))
+            except RunDiverged as err:
+                log.warning("reproduce: %s at %s=%g diverged, not chosen: %s", method, spec.knob, v, err)
+                diverged_grid[f"{v:g}"] = str(err)
         try:
-            points = (
-                [GridPoint(v, run(method, selection_seed(config), v, selection=True)[0]) for v in grid]
-                if len(grid) > 1
-                else []
-            )
+            if diverged_grid and not points:
+                raise RunDiverged("every grid value", "; ".join(diverged_grid.values()))
             chosen, tie = _choose(points, float(config.loss[spec.knob])) if points else (grid[0] if grid else None, [])
             finals = [run(method, s, chosen) for s in reported_seeds(config)]
         except RunDiverged as err:
@@ -212,7 +217,7 @@ def _reproduce(config, workdir, preset, command_line, methods, data_for, dataset
             continue
         run_configs[method] = finals[0][1]
         results_by_method[method] = MethodResult(
-            method, spec.loss, spec.description, spec.knob, chosen, tie, points, [r for r, _ in finals]
+            method, spec.loss, spec.description, spec.knob, chosen, tie, points, [r for r, _ in finals], diverged_grid
         )
     curve = _curve(config, results_by_method, run, diverged)
     results = Results(

@@ -121,6 +121,8 @@ class MethodResult:
     tie: list[float]  # grid values tied with the chosen one on the criterion ([] when no tie)
     grid: list[GridPoint]
     runs: list[RunResult]  # the reported seeds, trained after the choice
+    # grid values whose selection run stopped on a non-finite loss, {f"{value:g}": "run: error"}: not chosen
+    diverged_grid: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def stat(self, metric: str) -> Stat:
         return Stat.of([getattr(r, metric) for r in self.runs])
