@@ -48,29 +48,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 from extkd_jax import losses
+from extkd_jax.configs.base import ZOO_METHODS
 from extkd_jax.data.mixing import mixup, rotate90
 from extkd_jax.losses.zoo import MLKD_TEMPERATURES
 from extkd_jax.losses.zoo_features import match_spatial
 from extkd_jax.models import forward_with_segments
 
-ZOO_LOSSES = (
-    "pkt",
-    "rkd",
-    "sp",
-    "cc",
-    "nst",
-    "dist",
-    "ls_kd",
-    "mlkd",
-    "vid",
-    "ab",
-    "fsp",
-    "ft",
-    "reviewkd",
-    "ofd",
-    "crd",
-    "kdsvd",
-)
+ZOO_LOSSES = ZOO_METHODS  # each zoo method's objective bears its name
 TEACHER_LOSSES = (
     "kd",
     "fitnet",
