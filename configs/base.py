@@ -160,6 +160,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.loss.dist_beta = 1.0  # dist: inter-class relation (replaces the KL, weighted by kd_weight)
     c.loss.dist_gamma = 1.0  # dist: intra-class relation
     # mlkd: CE + kd_weight x multi-level logit KD at loss.temperature and 2, 3, 5, 6 (no weight of its own)
+    c.loss.mlkd_batch_invariant = False  # mlkd: relation terms x C / N^2 (True) or the reference's 1/C, 1/N
     c.loss.vid_weight = 1.0  # vid, on every paired segment
     c.loss.vid_init_variance = 5.0  # vid: the learned variance's starting value
     c.loss.init_epochs = 1.0  # ab, fsp, ft: epochs of the feature-only init stage (RepDistiller: 30 of 270)

@@ -74,7 +74,7 @@ def ref_ab(s, t, margin=1.0):
     return total / len(s)
 
 
-def ref_mlkd(zs, zt, temperatures=(4.0, 2.0, 3.0, 5.0, 6.0)):
+def ref_mlkd(zs, zt, temperatures=(4.0, 2.0, 3.0, 5.0, 6.0), batch_invariant=False):
     n, c = zs.shape
     total = 0.0
     for temp in temperatures:
@@ -86,7 +86,7 @@ def ref_mlkd(zs, zt, temperatures=(4.0, 2.0, 3.0, 5.0, 6.0)):
             for b in range(c)
         )
         batch = sum((pt[i] @ pt[j] - ps[i] @ ps[j]) ** 2 for i in range(n) for j in range(n))
-        total += instance + classes / c + batch / n
+        total += instance + ((classes + batch) * c / n**2 if batch_invariant else classes / c + batch / n)
     return total
 
 
@@ -201,6 +201,12 @@ def _cases(rng):
             rng.normal(size=(4, 7)),
         ),
         "mlkd": (losses.mlkd, ref_mlkd, rng.normal(size=(5, 6)) * 2, rng.normal(size=(5, 6)) * 4),
+        "mlkd_batch_invariant": (
+            lambda s, t, **kw: losses.mlkd(s, t, batch_invariant=True, **kw),
+            lambda s, t: ref_mlkd(s, t, batch_invariant=True),
+            rng.normal(size=(7, 3)) * 2,
+            rng.normal(size=(7, 3)) * 4,
+        ),
         "hierarchical_context": (
             lambda s, t, **kw: losses.hierarchical_context(s, t, **kw),
             ref_hcl,
@@ -316,6 +322,21 @@ def test_identical_features_give_zero_and_ab_respects_the_margin(rng):
     teacher = rng.normal(size=(3, 8))
     # a student on the right side of every boundary by at least the margin costs nothing
     assert float(losses.activation_boundary(np.where(teacher > 0, 1.5, -1.5), teacher, margin=1.0)) == 0.0
+
+
+def test_mlkd_batch_invariant_equals_the_reference_at_n_equal_c_and_stays_bounded_as_n_grows(rng):
+    z = rng.normal(size=(6, 6)) * 3
+    t = rng.normal(size=(6, 6)) * 3
+    assert float(losses.mlkd(z, t, batch_invariant=True)) == pytest.approx(float(losses.mlkd(z, t)), rel=1e-6)
+    # the batch repeated 16 times: the reference's relation terms grow 256x (class) and 16x (batch), these do not
+    big_s, big_t = np.tile(z[:, :3], (16, 1)), np.tile(t[:, :3], (16, 1))
+    growth = float(losses.mlkd(big_s, big_t, (4.0,)) - losses.mlkd(z[:, :3], t[:, :3], (4.0,)))
+    assert growth > 1.0  # the reference grew
+    same = (
+        losses.mlkd(big_s, big_t, (4.0,), batch_invariant=True),
+        losses.mlkd(z[:, :3], t[:, :3], (4.0,), batch_invariant=True),
+    )
+    assert float(same[0]) == pytest.approx(float(same[1]), rel=1e-5)
 
 
 def test_mlkd_extreme_logits_stay_finite(rng):

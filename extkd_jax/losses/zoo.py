@@ -257,13 +257,18 @@ def mlkd(
     teacher_logits: Array,
     temperatures: Sequence[float] = (4.0, *MLKD_TEMPERATURES),
     *,
+    batch_invariant: bool = False,
     where: Array | None = None,
 ) -> Array:
     """Multi-level logit distillation (Jin et al., CVPR 2023) on one view of the batch (N, C): for each temperature
     T, with ``P = softmax(logits / T)``, instance level ``T^2 KL(P_t || P_s)`` (mean over examples) + class level
     ``||P_t^T P_t - P_s^T P_s||_F^2 / C`` + batch level ``||P_t P_t^T - P_s P_s^T||_F^2 / N``, summed over T.
     The reference's second, strongly augmented view and its median-confidence masks (which scale its reduced
-    weak-view terms by about one half) are left out."""
+    weak-view terms by about one half) are left out.
+
+    The class level grows as (N / C)^2 and the batch level as N / C; the reference ran with N <= C (CIFAR-100,
+    ImageNet). `batch_invariant=True` scales both by ``C / N^2`` instead: the same value at N = C, and no growth
+    with the batch (at N = 256, C = 10 the reference's terms diverge an MNIST student)."""
     fn = "mlkd"
     s, t = _f32(student_logits), jax.lax.stop_gradient(_f32(teacher_logits))
     if s.ndim != 2 or s.shape != t.shape:
@@ -282,7 +287,11 @@ def mlkd(
         instance = kd_kl(s, t, temperature, where=mask)
         p_s = jnp.where(mask[:, None], jax.nn.softmax(s / temperature, -1), 0.0)
         p_t = jnp.where(mask[:, None], jax.nn.softmax(t / temperature, -1), 0.0)
-        classes = jnp.sum(jnp.square(p_t.T @ p_t - p_s.T @ p_s)) / s.shape[-1]
-        batch = jnp.sum(jnp.square(p_t @ p_t.T - p_s @ p_s.T)) / count
+        classes = jnp.sum(jnp.square(p_t.T @ p_t - p_s.T @ p_s))
+        batch = jnp.sum(jnp.square(p_t @ p_t.T - p_s @ p_s.T))
+        if batch_invariant:
+            classes, batch = classes * s.shape[-1] / count**2, batch * s.shape[-1] / count**2
+        else:
+            classes, batch = classes / s.shape[-1], batch / count
         total = total + instance + classes + batch
     return total

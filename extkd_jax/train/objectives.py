@@ -353,7 +353,9 @@ def _zoo(ctx: Context):
         if c.name == "dist":
             kd = losses.dist(logits, teacher_logits, c.dist_beta, c.dist_gamma, c.temperature)
         elif c.name == "mlkd":
-            kd = losses.mlkd(logits, teacher_logits, (c.temperature, *MLKD_TEMPERATURES))
+            kd = losses.mlkd(
+                logits, teacher_logits, (c.temperature, *MLKD_TEMPERATURES), batch_invariant=c.mlkd_batch_invariant
+            )
         else:
             kd = losses.logit_standardized_kd(logits, teacher_logits, c.temperature)
         return c.ce_weight * ce + c.kd_weight * kd, {"ce": ce, c.name: kd}, logits
