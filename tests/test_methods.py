@@ -365,3 +365,11 @@ def test_boundary_and_sampled_images_do_what_they_claim():
     sampled, wanted, confidence = objectives.sampled_images(ctx, steps=10, step_size=8.0)
     start = np.asarray(jax.nn.softmax(network.logits(variables, images)))
     assert float(np.mean(confidence)) > float(np.mean(start[np.arange(16), np.asarray(wanted)]))
+
+
+def test_mlkd_batch_invariant_reaches_the_loss():
+    """loss.mlkd_batch_invariant changes MLKD's first-step value (same weights, same batch) and nothing else of it."""
+    reference, _ = _train("mlkd", steps=1, **{"loss.mlkd_batch_invariant": False})
+    invariant, _ = _train("mlkd", steps=1, **{"loss.mlkd_batch_invariant": True})
+    assert np.isfinite(invariant["mlkd"][0]) and invariant["mlkd"][0] != pytest.approx(reference["mlkd"][0], rel=1e-3)
+    np.testing.assert_allclose(invariant["ce"], reference["ce"], rtol=1e-6)
