@@ -28,7 +28,7 @@ from extkd_jax.train.metrics import MetricsLog, classification_summary
 from extkd_jax.train.progress import Progress
 from extkd_jax.train.setup import build, model_variables
 from extkd_jax.train.teacher import check_same_teacher, load_teacher
-from extkd_jax.train.workdir import check_or_write_config, stored_record
+from extkd_jax.train.workdir import check_checkpoint_record, check_or_write_config, config_to_dict, stored_record
 
 log = logging.getLogger(__name__)
 
@@ -119,10 +119,14 @@ def _train(config, workdir, mode, info, read_only, data, setup, card, mesh, plac
     num_steps = data.steps_per_epoch
     checkpointer = Checkpointer(workdir, keep=config.keep_checkpoints, create=not read_only)
     state, partial, data_state, history = setup.init_state(), {}, None, None
+    run = {"kind": mode, "config": config_to_dict(config), **info}  # recorded in each checkpoint's meta
     restored = checkpointer.restore_latest({"state": state, "meta": None, "data": None}, optional=("data",))
+    where = "the checkpoint"
     if restored is not None:
         state, meta, data_state = restored[1]["state"], restored[1]["meta"], restored[1]["data"] or None
         partial, history = meta.get("partial_sums", {}), meta.get("records")
+        where = f"checkpoint step {restored[0]} in {checkpointer.directory}"
+        check_checkpoint_record(meta.get("run"), run, where)
     start_step = int(sharding.to_host(state.step))
     total_steps = num_steps * config.num_epochs
     if start_step > total_steps:
@@ -132,7 +136,7 @@ def _train(config, workdir, mode, info, read_only, data, setup, card, mesh, plac
             "extend it, or another --workdir for a shorter run"
         )
     metrics_log = MetricsLog(workdir, enabled=is_main and not read_only)
-    metrics_log.resume(start_step // num_steps, history)
+    metrics_log.resume(start_step // num_steps, history, where)
     complete = start_step == total_steps and bool(metrics_log.records)
     if read_only and not complete:
         raise OSError(f"workdir {workdir} is not writable: a run with epochs left writes its checkpoints there")
@@ -155,7 +159,8 @@ def _train(config, workdir, mode, info, read_only, data, setup, card, mesh, plac
     def save(step: int, meta: dict) -> None:
         host = sharding.to_host(state)
         model = model_variables({"params": host.params, "batch_stats": host.batch_stats})
-        checkpointer.save(step, {"state": host, "model": model, "card": card, "meta": meta, "data": batches.state()})
+        items = {"state": host, "model": model, "card": card, "meta": {**meta, "run": run}, "data": batches.state()}
+        checkpointer.save(step, items)
 
     def stop_if_preempted(step: int, sigterm: dict, meta: dict) -> None:
         reason = _preemption(sigterm, checkpointer, step) if step < total_steps else None

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import numpy as np
 from etils import epath
 
-from extkd_jax.train.workdir import write_text_atomic
+from extkd_jax.train.workdir import is_remote, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -119,31 +119,44 @@ class TensorBoardLog:
         self._writer.close()
 
 
+class MetricsConflictError(ValueError):
+    """metrics.jsonl and the checkpoint's copy of the records disagree on an epoch both hold."""
+
+
 class MetricsLog:
     """One JSON object per epoch in `workdir/metrics.jsonl`, and the same scalars in TensorBoard.
 
-    The records are kept in memory (and in each checkpoint's meta, see train/loop.py), and the whole file is
-    rewritten atomically at each epoch: a torn last line, a deleted file or epochs written after the last checkpoint
-    are repaired on resume, and a file deleted mid-run is written again complete. Only process 0 writes; TensorBoard
-    is skipped with a warning when the `tensorboard` package is missing."""
+    The records are kept in memory (and in each checkpoint's meta, see train/loop.py). Each epoch's record is
+    appended to a local file and fsync'ed (O(1) bytes per epoch); the whole file is rewritten atomically instead on
+    an object store (gs://, no append) and when the file is not what this log last wrote (deleted or changed
+    mid-run). On resume a torn last line, a deleted file or epochs written after the last checkpoint are repaired
+    from the checkpoint's copy; a readable record that contradicts the checkpoint's copy stops the run
+    (MetricsConflictError) and neither is overwritten. Only process 0 writes; TensorBoard is skipped with a warning
+    when the `tensorboard` package is missing."""
 
     def __init__(self, workdir: str | epath.PathLike, enabled: bool = True):
         self.workdir = epath.Path(workdir)
         self.path = self.workdir / "metrics.jsonl"
         self.enabled = enabled
         self.records: list[dict] = []
+        self._size = -1  # bytes of the file as this log last wrote it (-1: unknown, rewrite before appending)
         self._tensorboard: TensorBoardLog | None = None  # made at the first record: a refused run leaves none
         self._tensorboard_missing = False
 
-    def resume(self, epoch: int, history: list[dict] | None) -> None:
+    def resume(self, epoch: int, history: list[dict] | None, checkpoint: str = "the checkpoint") -> None:
         """Starts from the records of epochs <= `epoch`: the checkpoint's copy `history` when it has one (older
         checkpoints do not), else the file's. Rewrites the file when it disagrees, with a warning when records
-        were damaged or missing (not for the records of epochs after the checkpoint, which a rerun redoes)."""
-        on_disk, bad = _parse_records(self.path.read_text()) if self.path.exists() else ([], 0)
+        were damaged or missing (not for the records of epochs after the checkpoint, which a rerun redoes).
+        `checkpoint` names the checkpoint in the error raised when a readable record of the file contradicts it."""
+        text = self.path.read_text() if self.path.exists() else ""
+        on_disk, bad = _parse_records(text)
+        if history is not None:
+            _check_agree(self.path, on_disk, history, epoch, checkpoint)
         source = on_disk if history is None else history
         self.records = [r for r in source if r.get("epoch", 0) <= epoch]
         kept = [r for r in on_disk if r.get("epoch", 0) <= epoch]
         if not self.enabled or (_same(on_disk, self.records) and not bad):
+            self._size = len(text.encode())
             return
         if bad or not _same(kept, self.records):
             log.warning(
@@ -158,7 +171,7 @@ class MetricsLog:
         self.records.append(record)
         if not self.enabled:
             return
-        self._write_file()
+        self._append(json.dumps(record) + "\n")
         if self._tensorboard is None and not self._tensorboard_missing:
             try:
                 self._tensorboard = TensorBoardLog(self.workdir / "tensorboard")
@@ -170,13 +183,45 @@ class MetricsLog:
         if self._tensorboard is not None:
             self._tensorboard.write(record.get("epoch", 0), _scalars(record))
 
+    def _append(self, line: str) -> None:
+        """Appends `line` locally (fsync'ed) when the file is as this log left it; else rewrites the whole file."""
+        local = os.fspath(self.path)
+        if is_remote(self.path) or self._size <= 0 or not os.path.isfile(local) or os.path.getsize(local) != self._size:
+            self._write_file()
+            return
+        data = line.encode()
+        with open(local, "ab") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        self._size += len(data)
+
     def _write_file(self) -> None:
         # the whole file, atomically, through epath: object stores (gs://) have no append
-        write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in self.records))
+        text = "".join(json.dumps(r) + "\n" for r in self.records)
+        write_text_atomic(self.path, text)
+        self._size = len(text.encode())
 
     def close(self) -> None:
         if self._tensorboard is not None:
             self._tensorboard.close()
+
+
+def _check_agree(path: epath.Path, on_disk: list[dict], history: list[dict], epoch: int, checkpoint: str) -> None:
+    """Raises MetricsConflictError when a readable record of the file differs from the checkpoint's record of the
+    same epoch (one of them was changed after it was written: neither is trusted over the other)."""
+    by_epoch = {r.get("epoch"): r for r in history}
+    for record in on_disk:
+        theirs = by_epoch.get(record.get("epoch"))
+        if record.get("epoch", 0) > epoch or theirs is None or _same([record], [theirs]):
+            continue
+        keys = sorted(k for k in set(record) | set(theirs) if json.dumps(record.get(k)) != json.dumps(theirs.get(k)))
+        shown = ", ".join(f"{k}: {record.get(k)!r} in the file, {theirs.get(k)!r} in the checkpoint" for k in keys[:4])
+        raise MetricsConflictError(
+            f"{path} and {checkpoint} disagree on epoch {record.get('epoch')} ({shown}): one was changed after it "
+            "was written. Neither is overwritten: restore the right metrics.jsonl (or delete it to have it rewritten "
+            "from the checkpoint), or use another --workdir"
+        )
 
 
 def _same(a: list[dict], b: list[dict]) -> bool:

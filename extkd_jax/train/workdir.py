@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from typing import Any
 
 import ml_collections
@@ -56,10 +57,38 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def write_text_atomic(path: epath.Path, text: str) -> None:
-    """Writes `text` to a temporary sibling, then renames it over `path`: a reader never sees half a file."""
+    """Writes `text` to a temporary sibling, then renames it over `path`: a reader never sees half a file. Locally
+    the data is fsync'ed before the rename and the directory after it, so a power cut leaves the old file or the
+    new one, never an empty one (an object store's upload is atomic by itself)."""
     tmp = path.parent / (path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    if is_remote(path):
+        tmp.write_text(text)
+        tmp.replace(path)
+        return
+    with open(os.fspath(tmp), "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(os.fspath(tmp), os.fspath(path))
+    fsync_dir(path.parent)
+
+
+def is_remote(path: str | epath.PathLike) -> bool:
+    return "://" in str(path)
+
+
+def fsync_dir(directory: epath.Path) -> None:
+    """Makes a rename or a new file in a local `directory` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(os.fspath(directory), os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def require_workdir(workdir: str | epath.PathLike) -> epath.Path:
@@ -74,7 +103,15 @@ def require_workdir(workdir: str | epath.PathLike) -> epath.Path:
 
 
 def check_parents(workdir: epath.Path) -> None:
-    """Refuses a workdir below a file (`mkdir` would fail with a bare NotADirectoryError)."""
+    """Refuses a workdir below a file (`mkdir` would fail with a bare NotADirectoryError), and a workdir (or a
+    folder above it) that is a dangling or looping symbolic link (`mkdir` would fail with "File exists")."""
+    if not is_remote(workdir):
+        for p in [epath.Path(workdir), *list(epath.Path(workdir).parents)[:-1]]:
+            if os.path.islink(os.fspath(p)) and not os.path.exists(os.fspath(p)):
+                raise ValueError(
+                    f"workdir {workdir}: {p} is a symbolic link to {os.readlink(os.fspath(p))!r}, which does not "
+                    "exist or loops back on itself; remove or fix the link, or use another --workdir"
+                )
     for parent in list(epath.Path(workdir).parents)[:-1]:
         if parent.exists() and not parent.is_dir():
             raise ValueError(f"workdir {workdir}: {parent} is a file, not a directory; use another --workdir")
@@ -111,23 +148,9 @@ def check_or_write_config(
             raise ValueError(
                 f"workdir {workdir} holds a `{stored.get('kind')}` run; this is a `{kind}` run. Use another --workdir."
             )
-        old, new = flatten(stored["config"]), flatten(record["config"])
-        defaults = _defaults()
-        differing = sorted(
-            k
-            for k in set(old) | set(new)
-            if old.get(k) != new.get(k)
-            # a key a newer version added, at its default (what the older version did), or one it removed
-            and not (k not in old and new.get(k) == defaults.get(k, object()))
-            and k in new
-            and k.split(".")[0] not in RESUMABLE_KEYS
-            and k not in RESUMABLE_KEYS
-            and not any(k == i or k.startswith(i + ".") for i in IGNORED_BY_KIND.get(kind, ()))
-            # the cosine / step schedules depend on the run length; a constant rate does not
-            and not (k == "num_epochs" and new.get("optim.schedule") == "constant")
-        )
+        differing = differing_keys(stored["config"], record["config"], kind)
         if differing:
-            shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in differing[:6])
+            shown = show_differences(stored["config"], record["config"], differing)
             raise ValueError(
                 f"workdir {workdir} holds a different experiment ({shown}); use another --workdir or the same config"
             )
@@ -135,6 +158,55 @@ def check_or_write_config(
     if write and not (path.exists() and path.read_text() == text):  # an identical rerun writes nothing
         workdir.mkdir(parents=True, exist_ok=True)
         write_text_atomic(path, text)
+
+
+def differing_keys(old_config: dict, new_config: dict, kind: str) -> list[str]:
+    """The keys (flattened) in which `new_config` is another experiment than `old_config` for a `kind` workdir:
+    keys that may change on a resume, and keys a newer version added at their default, are not counted."""
+    old, new = flatten(old_config), flatten(new_config)
+    defaults = _defaults()
+    return sorted(
+        k
+        for k in set(old) | set(new)
+        if old.get(k) != new.get(k)
+        # a key a newer version added, at its default (what the older version did), or one it removed
+        and not (k not in old and new.get(k) == defaults.get(k, object()))
+        and k in new
+        and k.split(".")[0] not in RESUMABLE_KEYS
+        and k not in RESUMABLE_KEYS
+        and not any(k == i or k.startswith(i + ".") for i in IGNORED_BY_KIND.get(kind, ()))
+        # the cosine / step schedules depend on the run length; a constant rate does not
+        and not (k == "num_epochs" and new.get("optim.schedule") == "constant")
+    )
+
+
+def check_checkpoint_record(recorded: dict | None, record: dict, checkpoint: str) -> None:
+    """Refuses to resume `checkpoint`, whose meta records the run it was written by (`recorded`: kind, config,
+    teacher), under another experiment's `record`: config.json alone is not the workdir's identity (it may have been
+    deleted, the documented fix for a damaged one, and the command rerun with another config). Checkpoints of
+    older versions record nothing and are not checked."""
+    if not recorded:
+        return
+    kind = record["kind"]
+    if recorded.get("kind") != kind:
+        raise ValueError(f"{checkpoint} was written by a `{recorded.get('kind')}` run; this is a `{kind}` run")
+    differing = differing_keys(recorded.get("config") or {}, record["config"], kind)
+    shown = [show_differences(recorded.get("config") or {}, record["config"], differing)] if differing else []
+    old_teacher = (recorded.get("teacher") or {}).get("variables_sha256")
+    new_teacher = (record.get("teacher") or {}).get("variables_sha256")
+    if old_teacher and new_teacher and old_teacher != new_teacher:
+        shown.append(f"teacher SHA-256: {old_teacher[:12]}... -> {new_teacher[:12]}...")
+    if shown:
+        raise ValueError(
+            f"{checkpoint} was written by another experiment than this command's ({'; '.join(shown)}: the "
+            "checkpoint's value -> this command's). Rerun with the config it was written with, or use another "
+            "--workdir"
+        )
+
+
+def show_differences(old_config: dict, new_config: dict, keys: list[str]) -> str:
+    old, new = flatten(old_config), flatten(new_config)
+    return ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys[:6])
 
 
 def _defaults() -> dict[str, Any]:
