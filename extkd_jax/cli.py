@@ -190,7 +190,7 @@ def _enable_compilation_cache() -> None:
 def run(command: str, config, workdir: str, command_line: str, weights: str | None = None) -> dict:
     """Runs one parsed command; returns its result record."""
     if command == "import-torch":
-        from extkd_jax.models.torch_weights import import_teacher
+        from extkd_jax.train.import_torch import import_teacher
 
         return {"workdir": import_teacher(config, weights, workdir), "model": config.model.name}
     if command in ("train", "distill"):

@@ -9,12 +9,15 @@ places on its devices (`transfer_rows`), so a multi-host run's processes each re
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import numpy as np
 
 from extkd_jax.data.dataset import ArrayDataset
 from extkd_jax.data.sources import Split, class_names, open_split
 from extkd_jax.data.splits import drop_class_indices, validation_indices
+
+log = logging.getLogger(__name__)
 
 # Seeds the fixed random training subset of `data.max_train_examples` apart from the validation split's stream.
 SUBSET_STREAM = 0x5B5E7
@@ -63,6 +66,7 @@ def plan_splits(data_config) -> SplitPlan:
             f"{c.name!r}: the transfer set is empty after dropping classes {dropped} from "
             f"{len(train)} training examples"
         )
+    _warn_missing_classes(c.name, labels[transfer], train_source.num_classes, dropped, f"{c.source}:{c.dir}")
     return SplitPlan(
         train_source,
         test_source,
@@ -73,6 +77,27 @@ def plan_splits(data_config) -> SplitPlan:
         train_source.num_classes,
         class_names(c.name, train_source.num_classes),
     )
+
+
+_WARNED: set[tuple] = set()  # each (dataset, classes) warned once per process: an experiment plans many runs
+
+
+def _warn_missing_classes(
+    name: str, labels: np.ndarray, num_classes: int, dropped: tuple[int, ...], where: str = ""
+) -> None:
+    """Warns when a class that is not dropped has no training example: the model is trained as if it were dropped
+    (a subset too small, a damaged file), which `data.drop_classes` would have said."""
+    counts = np.bincount(np.asarray(labels, np.int64), minlength=num_classes)
+    missing = tuple(int(k) for k in np.flatnonzero(counts[:num_classes] == 0) if int(k) not in dropped)
+    if missing and (name, where, missing) not in _WARNED:
+        _WARNED.add((name, where, missing))
+        log.warning(
+            "%r: class(es) %s have no training examples although they are not dropped (data.drop_classes=%s); "
+            "the model never sees them in training",
+            name,
+            list(missing),
+            list(dropped),
+        )
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -3,13 +3,16 @@
 `load_state_dict(model, state_dict)` copies every tensor into the model built by `create_model("resnet18" |
 "resnet34" | "resnet50", num_classes)`, converting layouts (conv OIHW -> HWIO, linear (out, in) -> (in, out), BN
 weight/bias/running stats -> scale/bias/mean/var) and refusing any missing, extra or misshapen entry by name.
-`import_teacher` then writes a workdir that `teacher.workdir` (or `extkd_jax.load`) uses like a trained one.
-torch is needed only to read a `.pth` file (the [torch] extra).
+`read_state_dict` reads a `.pth` file with `weights_only=True` (tensors only: a file holding code is refused, not
+run) and names what a bad file holds; `train.import_torch` writes the workdir. torch is needed only to read a `.pth`
+file (the [torch] extra).
 """
 
 from __future__ import annotations
 
-import json
+import io
+import re
+import warnings
 from typing import Any
 
 import numpy as np
@@ -21,15 +24,94 @@ TORCHVISION_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 _BN = {"weight": "scale", "bias": "bias", "running_mean": "mean", "running_var": "var"}
 
 
+class WeightsFileError(ValueError):
+    """A weights file that is not a PyTorch state_dict of tensors: `reason` says what it holds instead."""
+
+    def __init__(self, path: str, reason: str):
+        super().__init__(f"weights file {path}: {reason}")
+        self.path, self.reason = path, reason
+
+
+EXPECTED = "expected a state_dict of tensors, saved with torch.save(model.state_dict(), path)"
+
+
 def read_state_dict(path: str) -> dict[str, np.ndarray]:
-    """A PyTorch state_dict file as name -> numpy array."""
+    """A PyTorch state_dict file (local or gs://) as name -> numpy array; WeightsFileError when it is none."""
+    from etils import epath
+
+    try:
+        data = epath.Path(path).read_bytes()
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as err:
+        raise WeightsFileError(path, f"cannot be read ({type(err).__name__}); {EXPECTED}") from None
+    return parse_state_dict(data, path)
+
+
+def parse_state_dict(data: bytes, path: str = "<bytes>") -> dict[str, np.ndarray]:
+    """The state_dict in the bytes of a `.pth` file. Only tensors are unpickled (`weights_only=True`): a file holding
+    other Python objects (a whole model, code) is refused, never run."""
     try:
         import torch
     except ImportError as err:
         raise ImportError("reading a PyTorch state_dict needs torch: pip install 'extkd_jax[torch]'") from err
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    state = state.get("state_dict", state) if isinstance(state, dict) else state
-    return {k: v.detach().cpu().numpy() for k, v in state.items()}
+    if not data:
+        raise WeightsFileError(path, f"the file is empty; {EXPECTED}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's notes on pickle protocols: the error below says what matters
+            state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - torch raises pickle, zip, EOF and key errors for damaged files
+        raise WeightsFileError(path, _load_failure(err)) from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]  # a training checkpoint {"epoch": ..., "state_dict": ...}
+    if not isinstance(state, dict):
+        raise WeightsFileError(path, f"it holds a {type(state).__name__}, not a dict of tensors; {EXPECTED}")
+    if not state:
+        raise WeightsFileError(path, f"it holds an empty dict; {EXPECTED}")
+    others = [f"{k!r} ({type(v).__name__})" for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if others:
+        shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+        raise WeightsFileError(path, f"entries that are not tensors: {shown}; {EXPECTED}")
+    return {str(k): _numpy(v) for k, v in state.items()}
+
+
+def _numpy(tensor) -> np.ndarray:
+    import torch
+
+    tensor = tensor.detach().cpu()
+    return (tensor.float() if tensor.dtype == torch.bfloat16 else tensor).numpy()
+
+
+def _load_failure(err: Exception) -> str:
+    """What torch.load's error means, without torch's advice to retry with weights_only=False (which would run
+    whatever code the file holds)."""
+    text = str(err)
+    found = re.search(r"GLOBAL ([\w.]+)", text)
+    if found:
+        name = found.group(1)
+        whole = name.startswith(("torch.nn.", "__main__.")) or ".models." in name
+        what = "a whole model (saved with torch.save(model))" if whole else "a Python object that is not a tensor"
+        return (
+            f"it holds {what}: {name}. Only tensors are read from a weights file, so that no code in it runs; "
+            + EXPECTED
+        )
+    if "weights only" in text.lower() or type(err).__name__ == "UnpicklingError":
+        return f"it is not a PyTorch file, or holds objects other than tensors (its pickle was refused); {EXPECTED}"
+    first = (text.strip().splitlines() or [""])[0]
+    first = first.split(". This is an internal")[0][:160]  # miniz's long note on corrupted checkpoints
+    return f"it is truncated or not a PyTorch file ({type(err).__name__}: {first or 'no data'}); {EXPECTED}"
+
+
+def check_finite(state_dict: dict[str, np.ndarray]) -> None:
+    """Refuses tensors holding NaN or infinity, naming them (a student of such a teacher never trains)."""
+    bad = []
+    for name, value in state_dict.items():
+        value = np.asarray(value)
+        if np.issubdtype(value.dtype, np.floating) and not np.all(np.isfinite(value)):
+            nan, inf = int(np.isnan(value).sum()), int(np.isinf(value).sum())
+            bad.append(f"{name!r} ({nan} NaN, {inf} inf of {value.size})")
+    if bad:
+        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise ValueError(f"the state_dict holds non-finite values in {len(bad)} tensor(s): {shown}")
 
 
 def _target(model: nnx.Module, name: str) -> tuple[nnx.Variable, np.ndarray | None]:
@@ -56,6 +138,7 @@ def _target(model: nnx.Module, name: str) -> tuple[nnx.Variable, np.ndarray | No
 def load_state_dict(model: nnx.Module, state_dict: dict[str, np.ndarray]) -> nnx.Module:
     """Copies a torchvision ResNet state_dict into `model` (in place; returned for chaining)."""
     state_dict = {k: v for k, v in state_dict.items() if not k.endswith("num_batches_tracked")}
+    check_finite(state_dict)
     seen = set()
     for name, value in state_dict.items():
         try:
@@ -75,45 +158,3 @@ def load_state_dict(model: nnx.Module, state_dict: dict[str, np.ndarray]) -> nnx
     if missing:
         raise ValueError(f"the state_dict lacks {len(missing)} of the model's arrays, e.g. {missing[:3]}")
     return model
-
-
-def import_teacher(config, weights: str | dict, workdir: str) -> str:
-    """A workdir holding the torchvision weights as the trained model of `config` (its `model.name`, classes from
-    its data), with torchvision's ImageNet input normalisation: usable as `teacher.workdir`."""
-    from etils import epath
-
-    from extkd_jax.data import class_names
-    from extkd_jax.data.sources import KNOWN_NUM_CLASSES
-    from extkd_jax.train.checkpoint import Checkpointer
-    from extkd_jax.train.evaluate import model_card
-    from extkd_jax.train.setup import DTYPES, build_model
-    from extkd_jax.train.step import split
-    from extkd_jax.train.workdir import check_or_write_config
-
-    num_classes = KNOWN_NUM_CLASSES.get(config.data.name, 1000)
-    crop = config.data.crop_size or 224
-    model = build_model(config.model.name, config.model.kwargs, num_classes, config.seed, DTYPES[config.compute_dtype])
-    load_state_dict(model, read_state_dict(weights) if isinstance(weights, str) else weights)
-    _, variables = split(model)
-    card = model_card(
-        config,
-        num_classes,
-        (crop, crop, 3),
-        TORCHVISION_MEAN,
-        TORCHVISION_STD,
-        class_names(config.data.name, num_classes),
-    )
-    path = epath.Path(workdir)
-    info = {
-        "num_classes": num_classes,
-        "input_shape": [crop, crop, 3],
-        "drop_classes": [],
-        "imported_from": weights if isinstance(weights, str) else "a state_dict",
-    }
-    check_or_write_config(path, config, kind="train", write=True, info=info)
-    checkpointer = Checkpointer(path)
-    try:
-        checkpointer.save(0, {"model": variables, "card": card, "meta": {"imported": json.dumps(info)}})
-    finally:
-        checkpointer.close()
-    return str(path)

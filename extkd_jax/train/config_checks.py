@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 
 from extkd_jax.data.augment import parse_augment
@@ -10,6 +11,14 @@ from extkd_jax.train.objectives import LOSS_NAMES, TEACHER_LOSSES
 COMPUTE_DTYPES = ("float32", "bfloat16")
 SCHEDULES = ("cosine", "step", "constant")
 DATA_SOURCES = ("npz", "tfds", "sklearn")
+# A loss weight above this cannot be meant: it scales the gradients past any useful step (the largest default is
+# pkt's 3e4) and a loss of 1e26 times it overflows float32; weights above DIVERGENCE_HINT_WEIGHT are named when a
+# loss turns non-finite.
+MAX_LOSS_WEIGHT = 1e12
+DIVERGENCE_HINT_WEIGHT = 1e6
+# model / teacher kwargs that size a network: whole numbers >= 1 (nested in tuples for widths and VGG cfgs)
+SIZE_KWARGS = ("hidden_sizes", "input_size", "in_channels", "widths", "depths", "depth", "widen_factor", "cfg")
+RATE_KWARGS = ("dropout", "input_dropout")
 
 
 class ConfigError(ValueError):
@@ -19,12 +28,74 @@ class ConfigError(ValueError):
 def _number(value, name: str, *, minimum=None, strict=False, maximum=None, integer=False):
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ConfigError(f"{name}={value!r}: expected a {'whole ' if integer else ''}number")
+    if not math.isfinite(value):  # NaN passes every comparison (nan <= 0 is False)
+        raise ConfigError(f"{name}={value!r}: expected a finite number")
     if integer and int(value) != value:
         raise ConfigError(f"{name}={value!r}: expected a whole number")
     if minimum is not None and (value <= minimum if strict else value < minimum):
         raise ConfigError(f"{name}={value!r}: expected a value {'>' if strict else '>='} {minimum}")
     if maximum is not None and value >= maximum:
         raise ConfigError(f"{name}={value!r}: expected a value < {maximum}")
+
+
+def _loss_weight(value, name: str) -> None:
+    _number(value, name, minimum=0)
+    if value > MAX_LOSS_WEIGHT:
+        raise ConfigError(
+            f"{name}={value!r}: expected a loss weight <= {MAX_LOSS_WEIGHT:g}; a larger one scales the gradients "
+            "past any useful step and overflows float32 (max 3.4e38) with the loss"
+        )
+
+
+def loss_weights(loss) -> dict[str, float]:
+    """Every loss weight of a `loss` config block, by key (segment_weight's entries indexed)."""
+    out = {}
+    for key in sorted(loss.keys()):
+        if key.endswith("_weight") or key in ("dkd_alpha", "dkd_beta", "dist_beta", "dist_gamma"):
+            value = loss[key]
+            if isinstance(value, (tuple, list)):
+                out.update({f"loss.{key}[{i}]": v for i, v in enumerate(value)})
+            else:
+                out[f"loss.{key}"] = value
+    return out
+
+
+def divergence_hint(config) -> str:
+    """The config's likely causes of a non-finite loss, for the message that stops the run."""
+    big = [f"{k}={v:g}" for k, v in loss_weights(config.loss).items() if _real(v) and v > DIVERGENCE_HINT_WEIGHT]
+    lowered = f"lower optim.learning_rate (now {config.optim.learning_rate:g})"
+    if big:
+        limit = f"{DIVERGENCE_HINT_WEIGHT:g}"
+        return f"loss weights above {limit} are the likely cause ({', '.join(big)}): reduce them, or {lowered}"
+    return lowered
+
+
+def _real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _model_kwargs(kwargs, name: str) -> None:
+    """Size knobs of model.kwargs / teacher.kwargs (hidden sizes, widths, depths...): whole numbers >= 1; dropout
+    rates in [0, 1). Checked here, before a zero width fails deep inside XLA."""
+    for key in kwargs.keys() if kwargs is not None else ():
+        value = kwargs[key]
+        if key in SIZE_KWARGS and value is not None:
+            leaves = list(_leaves(value))
+            if not leaves:
+                raise ConfigError(f"{name}.{key}={value!r}: expected at least one size")
+            for leaf in leaves:
+                if not _real(leaf) or not math.isfinite(leaf) or int(leaf) != leaf or leaf < 1:
+                    raise ConfigError(f"{name}.{key}={value!r}: expected whole numbers >= 1, got {leaf!r}")
+        elif key in RATE_KWARGS:
+            _number(value, f"{name}.{key}", minimum=0, maximum=1)
+
+
+def _leaves(value):
+    if isinstance(value, (tuple, list)):
+        for v in value:
+            yield from _leaves(v)
+    else:
+        yield value
 
 
 def _choice(value, name: str, choices) -> None:
@@ -63,14 +134,14 @@ def check_config(config, mode: str) -> None:
         )
 
     _choice(config.model.name, "model.name", model_names())
+    _model_kwargs(config.model.get("kwargs"), "model.kwargs")
+    _model_kwargs(config.teacher.get("kwargs"), "teacher.kwargs")
     loss = config.loss
     _choice(loss.name, "loss.name", LOSS_NAMES)
     _number(loss.temperature, "loss.temperature", minimum=0, strict=True)
-    for key in ("ce_weight", "kd_weight", "dkd_alpha", "dkd_beta", "dkd_warmup_epochs"):
-        _number(loss[key], f"loss.{key}", minimum=0)
-    weights = loss.segment_weight
-    for w in weights if isinstance(weights, (tuple, list)) else (weights,):
-        _number(w, "loss.segment_weight", minimum=0)
+    _number(loss.dkd_warmup_epochs, "loss.dkd_warmup_epochs", minimum=0)
+    for key, value in loss_weights(loss).items():
+        _loss_weight(value, key)
     _number(loss.label_smoothing, "loss.label_smoothing", minimum=0, maximum=1)
     _number(loss.at_p, "loss.at_p", minimum=0, strict=True)
     for key in ("mix_alpha", "feature_temperature", "cc_gamma", "vid_init_variance", "ft_rate"):

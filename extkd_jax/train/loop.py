@@ -19,7 +19,7 @@ from etils import epath
 from extkd_jax.data import Datasets
 from extkd_jax.train import sharding
 from extkd_jax.train.checkpoint import Checkpointer
-from extkd_jax.train.config_checks import check_config
+from extkd_jax.train.config_checks import check_config, divergence_hint
 from extkd_jax.train.data import Batches, data_placement, eval_splits, run_data
 from extkd_jax.train.epoch import default_steps_per_dispatch
 from extkd_jax.train.evaluate import Predictor, model_card
@@ -190,7 +190,7 @@ def _train(config, workdir, mode, info, read_only, data, setup, card, mesh, plac
                 t0 = time.time()
                 state, step_metrics = batches.run(state, teacher_variables, offset, count)
                 step_metrics = sharding.to_host(step_metrics)
-                _check_finite(step_metrics, step, config.on_nonfinite)
+                _check_finite(step_metrics, step, config.on_nonfinite, divergence_hint(config))
                 _accumulate(sums, step_metrics)
                 step += count
                 images_seen += count * config.batch_size
@@ -202,7 +202,7 @@ def _train(config, workdir, mode, info, read_only, data, setup, card, mesh, plac
                 )
                 if step < (epoch + 1) * num_steps:
                     stop_if_preempted(step, sigterm, {"partial_sums": sums, "records": metrics_log.records})
-            _check_some_step_applied(sums, epoch + 1, num_steps)
+            _check_some_step_applied(sums, epoch + 1, num_steps, divergence_hint(config))
             record = _epoch_record(epoch + 1, step, sums, time.time() - epoch_t0, images_seen, time.time() - run_start)
             variables = model_variables({"params": state.params, "batch_stats": state.batch_stats})
             for name, split in evaluations.items():
@@ -245,16 +245,18 @@ def _accumulate(sums: dict, step_metrics: dict) -> None:
     sums["_last_lr"] = float(step_metrics["learning_rate"][-1])
 
 
-def _check_some_step_applied(sums: dict, epoch: int, num_steps: int) -> None:
+def _check_some_step_applied(sums: dict, epoch: int, num_steps: int, hint: str) -> None:
     """With on_nonfinite='skip', an epoch in which every step was skipped is a failed run, not a result."""
     if num_steps and sums.get("_count", 0) == 0:
         raise NonFiniteLossError(
             f"on_nonfinite='skip' skipped every one of the {num_steps} steps of epoch {epoch} (the loss was "
-            "non-finite at each): the model no longer trains; lower the learning rate and start a new --workdir"
+            f"non-finite at each): the model no longer trains; {hint}, and start a new --workdir"
         )
 
 
-def _check_finite(step_metrics: dict, first_step: int, policy: str) -> None:
+def _check_finite(step_metrics: dict, first_step: int, policy: str, hint: str) -> None:
+    """Stops at the first non-finite step, naming the parts of the loss that were and `hint` (the config's likely
+    causes: loss weights above 1e6, the learning rate)."""
     bad = np.flatnonzero(step_metrics["nonfinite"] > 0)
     if len(bad) == 0 or policy == "skip":
         return
@@ -264,7 +266,7 @@ def _check_finite(step_metrics: dict, first_step: int, policy: str) -> None:
     raise NonFiniteLossError(
         f"non-finite loss at step {first_step + i}: {', '.join(culprits)} = "
         f"{', '.join(str(parts[k]) for k in culprits)} (all parts: {parts}); "
-        "lower the learning rate, or set on_nonfinite='skip' to skip such steps"
+        f"{hint}, or set on_nonfinite='skip' to skip such steps"
     )
 
 
