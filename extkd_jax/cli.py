@@ -31,6 +31,9 @@ KINDS = {"train": "run", "distill": "run", "reproduce": "experiment", "import-to
 CONFIG_DOCS = "every config key, with its default and meaning: extkd_jax/configs/base.py (README: Config reference)"
 
 
+EXIT_ALL_DIVERGED = 3  # `extkd reproduce`: every method diverged (the report is written, naming them)
+
+
 class UsageError(Exception):
     """A bad command line: printed without a traceback, exit status 2."""
 
@@ -248,14 +251,22 @@ def main(argv: list[str] | None = None) -> int:
     if command == "report":
         print(result["table"])
         return 0
+    status = 0
     if not isinstance(result, dict):  # reproduce's Results
         diverged = sorted(result.diverged)
+        if diverged and not result.methods:  # nothing to compare: not a success, though the report is written
+            print(
+                f"extkd reproduce: error: every method diverged ({', '.join(diverged)}): no method has figures; "
+                f"see {workdir}/report.md (exit status {EXIT_ALL_DIVERGED})",
+                file=sys.stderr,
+            )
+            status = EXIT_ALL_DIVERGED
         result = {"report": f"{workdir}/report.md", "wall_time_s": result.wall_time_s}
         if diverged:
             result["diverged"] = ", ".join(diverged) + " (left out: a run stopped on a non-finite loss; see the report)"
     summary = {k: v for k, v in result.items() if not isinstance(v, (list, dict))}
     print(json.dumps(summary, indent=1))
-    return 0
+    return status
 
 
 if __name__ == "__main__":

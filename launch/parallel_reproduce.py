@@ -18,6 +18,13 @@ What it does, with W the --workdir:
 3. each experiment's runs are gathered into W/<name> and `extkd reproduce` is run there on all its methods: every
    run is found finished, so it only scores them and writes the report. Jobs that did not finish by --deadline
    are left out of the report and named in W/parallel_summary.json. Rerunning the command resumes every part.
+
+Every argument is checked before anything is written: experiment names are folder names (letters, digits, `_`,
+`-`; not `parts` or `xla_cache`), each given once, each preset loads and passes `extkd reproduce`'s checks, and a
+folder W/<name> that already holds something else (another experiment, a run) is refused, untouched. W is held
+(`W/.lock`, the lock `extkd` runs take) for the whole command: a second launcher on it is refused, naming the first.
+Exit status: 0 when every experiment's report lists all its methods; otherwise the first report's non-zero status
+(3: every method diverged) or 3 when a method was left out; 1 when W is held by another process.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ import concurrent.futures as futures
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -34,6 +42,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+NAME = re.compile(r"[A-Za-z0-9_-]+")  # an experiment's folder under --workdir
+RESERVED = ("parts", "xla_cache")  # the launcher's own folders under --workdir
 # relative cost of one run (larger first, so the slowest jobs do not start last); 1 for the others
 COST = {"amkd": 6, "mismatch": 6, "ssd_kd": 4, "mtkd_ssr": 2, "reviewkd": 2, "ofd": 2, "ft": 2, "vid": 2}
 
@@ -110,10 +120,17 @@ def _run(job: Job, overrides: list[str], deadline: float, env: dict) -> Job:
     return job
 
 
+def _finished(job: Job) -> bool:
+    """Whether the job's reproduce finished: its method trained, or diverged (named in its results)."""
+    from extkd_jax.cli import EXIT_ALL_DIVERGED
+
+    return job.returncode in (0, EXIT_ALL_DIVERGED)
+
+
 def _teacher_ready(trainer: Job) -> bool:
     """Whether the trainer's teacher is finished: its reproduce logs a student run only after training and scoring
     the teacher, which is not written to again."""
-    if trainer.returncode == 0:
+    if _finished(trainer):
         return True
     log = trainer.workdir / "part.log"
     text = log.read_text() if log.exists() else ""
@@ -148,15 +165,62 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.workers < 1:
         parser.error(f"--workers={args.workers}: expected at least 1")
-    experiments: dict[str, tuple[str, list[str]]] = {}
-    jobs: dict[str, Job] = {}
-    from extkd_jax.experiment.runs import METHODS
+    configs = _checked_experiments(parser, args)  # every argument, before anything is written
+    from extkd_jax.train.lock import WorkdirLock, WorkdirLockedError
 
+    try:
+        with WorkdirLock(args.workdir, "parallel_reproduce"):
+            return _launch(args, configs)
+    except WorkdirLockedError as err:
+        print(f"parallel_reproduce: error: {err}", file=sys.stderr)
+        return 1
+
+
+def _checked_experiments(parser: argparse.ArgumentParser, args) -> dict[str, tuple[str, object]]:
+    """{name: (preset, config)} of the --experiment flags, each checked; a bad one is a usage error naming it."""
+    from extkd_jax.cli import UsageError
+    from extkd_jax.experiment.reproduce import check_experiment
+    from extkd_jax.train.workdir import check_or_write_config, check_parents
+
+    workdir = args.workdir
+    try:
+        check_parents(workdir)
+    except ValueError as err:
+        parser.error(f"--workdir: {err}")
+    if workdir.exists() and not workdir.is_dir():
+        parser.error(f"--workdir={workdir} is a file; expected a directory")
+    if (workdir / "config.json").exists():
+        parser.error(
+            f"--workdir={workdir} holds an `extkd` run or experiment (config.json); the launcher's workdir holds "
+            "parts/ and one folder per experiment: use another --workdir"
+        )
+    configs: dict[str, tuple[str, object]] = {}
     for spec in args.experiment:
         name, sep, preset = spec.partition("=")
-        if not sep or not name or not preset or "/" in name or name == "parts":
-            parser.error(f"--experiment={spec!r}: expected NAME=PRESET with a folder name other than 'parts'")
-        config = _experiment_config(preset, args.overrides)
+        if not sep or not preset or not NAME.fullmatch(name) or name in RESERVED:
+            parser.error(
+                f"--experiment={spec!r}: expected NAME=PRESET, NAME a folder name of letters, digits, '_' and '-' "
+                f"other than {' and '.join(map(repr, RESERVED))}"
+            )
+        if name in configs:
+            parser.error(f"--experiment={spec!r}: the experiment name {name!r} is given twice; give each its own")
+        try:
+            config = _experiment_config(preset, args.overrides)
+            check_experiment(config)
+            check_or_write_config(workdir / name, config, kind="reproduce", write=False)
+        except (UsageError, ValueError) as err:
+            parser.error(f"--experiment={spec!r}: {err}")
+        configs[name] = (preset, config)
+    return configs
+
+
+def _launch(args, configs: dict[str, tuple[str, object]]) -> int:
+    """The jobs, then the reports, with --workdir held."""
+    from extkd_jax.experiment.runs import METHODS
+
+    experiments: dict[str, tuple[str, list[str]]] = {}
+    jobs: dict[str, Job] = {}
+    for name, (preset, config) in configs.items():
         methods = list(config.reproduce.methods)
         experiments[name] = (preset, methods)
         for method in methods:
@@ -200,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         while running or waiting:
             _, running = futures.wait(running, timeout=2.0, return_when=futures.FIRST_COMPLETED)
             for key, trainer in teacher_jobs.items():
-                ready, failed = _teacher_ready(trainer), trainer.returncode not in (None, 0)
+                ready, failed = _teacher_ready(trainer), trainer.returncode is not None and not _finished(trainer)
                 if not (ready or failed):
                     continue
                 for other in [w for w in waiting if (w.teacher, w.settings) == key]:
@@ -220,9 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     reports = {}  # the experiments' reports, written side by side: each only scores its finished runs
     for name, (preset, methods) in experiments.items():
         done = [
-            m
-            for m in methods
-            if all(j.returncode == 0 for j in jobs.values() if j.method == m and name in j.experiments)
+            m for m in methods if all(_finished(j) for j in jobs.values() if j.method == m and name in j.experiments)
         ]
         target = args.workdir / name
         for job in jobs.values():

@@ -286,9 +286,10 @@ def test_the_feature_map_methods_in_one_smoke_experiment(tmp_path, capsys):
 
 
 def test_a_diverging_method_is_reported_and_the_others_go_on(tmp_path, capsys, monkeypatch):
-    """Segment weights that overflow float32 stop runs on a non-finite loss: Extended-KD's diverging grid value is
-    not chosen, FitNet (both values diverge) is reported as diverged (results.json, report, README table, CLI
-    summary) and the experiment finishes; a rerun reports it again from the runs' diverged.txt without training."""
+    """Segment weights that blow the loss up within a few steps stop runs on a non-finite loss: Extended-KD's
+    diverging grid value is not chosen, FitNet (both values diverge) is reported as diverged (results.json, report,
+    README table, CLI summary) and the experiment finishes (exit 0: other methods have figures); a rerun of FitNet
+    alone reports it again from the runs' diverged.txt without training, and exits 3: every method diverged."""
     from extkd_jax import cli
     from extkd_jax.experiment import reproduce
     from extkd_jax.experiment.report import readme_table_of
@@ -298,8 +299,8 @@ def test_a_diverging_method_is_reported_and_the_others_go_on(tmp_path, capsys, m
         "--config=smoke",
         "--config.seeds=1",
         "--config.reproduce.grid.kd=(2.0, 4.0)",
-        "--config.reproduce.grid.extended_kd=(0.5, 1e39)",  # 1e39: inf in float32
-        "--config.reproduce.grid.fitnet=(1e39, 2e39)",
+        "--config.reproduce.grid.extended_kd=(0.5, 1e12)",  # 1e12: the largest weight accepted; inf within 3 steps
+        "--config.reproduce.grid.fitnet=(1e12, 5e11)",
         f"--workdir={tmp_path}",
     ]
     assert cli.main([*flags, "--config.reproduce.methods=('scratch_transfer','kd','fitnet','extended_kd')"]) == 0
@@ -308,23 +309,24 @@ def test_a_diverging_method_is_reported_and_the_others_go_on(tmp_path, capsys, m
     assert list(results["methods"]) == ["scratch_transfer", "kd", "extended_kd"]
     ext = results["methods"]["extended_kd"]
     assert ext["chosen"] == 0.5 and [g["value"] for g in ext["grid"]] == [0.5] and len(ext["runs"]) == 1
-    assert list(ext["diverged_grid"]) == ["1e+39"]
-    assert ext["diverged_grid"]["1e+39"].startswith("selection/extended_kd/segment_weight=1e+39/seed_1: non-finite")
+    assert list(ext["diverged_grid"]) == ["1e+12"]
+    assert ext["diverged_grid"]["1e+12"].startswith("selection/extended_kd/segment_weight=1e+12/seed_1: non-finite")
     assert list(results["diverged"]) == ["fitnet"]
     error = results["diverged"]["fitnet"]
-    assert error.startswith("every grid value: selection/fitnet/segment_weight=1e+39/seed_1: non-finite loss at step 0")
-    assert "selection/fitnet/segment_weight=2e+39/seed_1: non-finite" in error
-    assert (tmp_path / "selection/fitnet/segment_weight=2e+39/seed_1/diverged.txt").read_text() in error
+    assert error.startswith("every grid value: selection/fitnet/segment_weight=1e+12/seed_1: non-finite loss at step")
+    assert "selection/fitnet/segment_weight=5e+11/seed_1: non-finite" in error
+    assert (tmp_path / "selection/fitnet/segment_weight=5e+11/seed_1/diverged.txt").read_text() in error
     assert {(c["method"], c["baseline"]) for c in results["comparisons"]} == {("extended_kd", "kd")}
     report = (tmp_path / "report.md").read_text()
     assert "- **fitnet**: diverged" in report and "no figures): fitnet." in report
-    assert "| 1e+39 | diverged | - | - |  |" in report and "segment_weight=1e+39 diverged: selection/" in report
+    assert "| 1e+12 | diverged | - | - |  |" in report and "segment_weight=1e+12 diverged: selection/" in report
     assert readme_table_of(tmp_path).splitlines()[-1] == "| fitnet | diverged | - | - |"
 
     trained = []
     monkeypatch.setattr(reproduce, "train_and_evaluate", lambda c, w, **kw: trained.append(str(w)))
-    assert cli.main([*flags, "--config.reproduce.methods=('fitnet',)"]) == 0
-    assert "fitnet (left out" in capsys.readouterr().out
+    assert cli.main([*flags, "--config.reproduce.methods=('fitnet',)"]) == cli.EXIT_ALL_DIVERGED == 3
+    out = capsys.readouterr()
+    assert "fitnet (left out" in out.out and "every method diverged (fitnet)" in out.err
     assert trained == [str(tmp_path / "teacher")]  # the teacher is checked; the diverged runs are not retrained
     again = json.loads((tmp_path / "results.json").read_text())
     assert again["methods"] == {} and again["diverged"] == {"fitnet": error}

@@ -8,6 +8,7 @@ Accuracies are fractions in [0, 1], shown in percent with one decimal as `mean Â
 from __future__ import annotations
 
 import math
+import re
 
 from etils import epath
 
@@ -101,6 +102,13 @@ def summary(results: Results) -> list[str]:
 
 def write_report(results: Results, workdir: epath.Path, plots: dict[str, str]) -> epath.Path:
     """Writes `workdir/report.md`; `plots` are the figures `write_plots` wrote ({name: file})."""
+    path = epath.Path(workdir) / "report.md"
+    write_text_atomic(path, render_report(results, plots))
+    return path
+
+
+def render_report(results: Results, plots: dict[str, str]) -> str:
+    """The text of report.md: a function of the results and the figures' names only (a rerun can compare it)."""
     ds, names = results.dataset, results.class_names
     out = [
         f"# Dark-knowledge experiment: {results.preset}",
@@ -264,9 +272,15 @@ def write_report(results: Results, workdir: epath.Path, plots: dict[str, str]) -
     out += ["", "\\* dropped from the transfer set.", ""]
     if plots:
         out += ["## Figures", ""] + [f"![{name}]({file})" for name, file in plots.items()] + [""]
-    path = epath.Path(workdir) / "report.md"
-    write_text_atomic(path, "\n".join(out))
-    return path
+    return "\n".join(out)
+
+
+def linked_figures(report_text: str) -> dict[str, str]:
+    """{figure name: file} of the figures a report.md links (its `## Figures` section), as `plots` was."""
+    _, found, figures = report_text.partition("\n## Figures\n")
+    if not found:
+        return {}
+    return dict(re.findall(r"^!\[([^\]]*)\]\(([^)]*)\)$", figures, flags=re.MULTILINE))
 
 
 def readme_table(results: Results) -> str:

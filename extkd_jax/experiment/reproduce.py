@@ -14,7 +14,13 @@ A run that stops on a non-finite loss (`on_nonfinite='stop'`) does not stop the 
 selection run diverges is not chosen (and is named in the knob-selection table); a method with no grid value left, or
 whose reported runs diverge, is reported as diverged, with the run and the error, and left out of the tables and
 comparisons. The run keeps a `diverged.txt` naming the error, so a rerun reports it again without training it
-again; delete that file, or set `on_nonfinite='skip'`, to train it once more.
+again; delete that file, or set `on_nonfinite='skip'`, to train it once more. A run that finishes supersedes its
+`diverged.txt` (the file is removed, and a finished run is never reported as diverged, even when the removal was cut
+short), so reruns of a finished experiment agree. When every method diverges the report is still written and the CLI
+exits with status 3.
+
+The outputs are written only where their content changed (`outputs.write_outputs`): a rerun of a finished
+experiment writes nothing, gives the same results.json byte for byte, and works on a read-only disk.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import numpy as np
 from etils import epath
 
 from extkd_jax.data import Datasets, prepare_datasets
+from extkd_jax.experiment.outputs import write_outputs
 from extkd_jax.experiment.results import CurvePoint, GridPoint, MethodResult, Results, Stat, compare_all
 from extkd_jax.experiment.runs import (
     METHODS,
@@ -48,7 +55,7 @@ from extkd_jax.train.loop import NonFiniteLossError, maybe_initialize_distribute
 from extkd_jax.train.metrics import read_metrics
 from extkd_jax.train.setup import DTYPES, build, build_model
 from extkd_jax.train.step import Network, split
-from extkd_jax.train.workdir import check_or_write_config, config_to_dict, write_text_atomic
+from extkd_jax.train.workdir import check_or_write_config, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -165,14 +172,29 @@ def reproduce(
 
     datasets = data_for(config)
     preflight(config, methods, workdir, datasets)
-    with WorkdirLock(workdir, "reproduce", enabled=is_main):
-        check_or_write_config(workdir, config, kind="reproduce", write=is_main)
-        return _reproduce(config, workdir, preset, command_line, methods, data_for, datasets, t_start)
+    with WorkdirLock(workdir, "reproduce", enabled=is_main) as lock:
+        # a read-only workdir (the lock could not be created): a finished experiment still reports, writing nothing
+        check_or_write_config(workdir, config, kind="reproduce", write=is_main and not lock.read_only)
+        return _reproduce(config, workdir, preset, command_line, methods, data_for, datasets, t_start, lock.read_only)
 
 
-def _reproduce(config, workdir, preset, command_line, methods, data_for, datasets, t_start) -> Results:
+def _finished(run_dir: epath.Path, run_config) -> bool:
+    """Whether a run's metrics log holds its last epoch: it finished, whatever a diverged.txt beside it says."""
+    records = read_metrics(run_dir)
+    return bool(records) and records[-1].get("epoch") == run_config.num_epochs
+
+
+def _remove(path: epath.Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+
+
+def _reproduce(config, workdir, preset, command_line, methods, data_for, datasets, t_start, read_only) -> Results:
     """The experiment's runs and outputs, with its workdir held (see `reproduce`)."""
     is_main = jax.process_index() == 0
+    writes = is_main and not read_only
     scorer = Scorer(datasets, config.eval_batch_size, config.reproduce.shared_shift, config.reproduce.oracle_correction)
     teachers, teacher_summaries = {}, {}
     for teacher in dict.fromkeys(METHODS[m].teacher for m in methods if METHODS[m].distils) or ("teacher",):
@@ -186,14 +208,21 @@ def _reproduce(config, workdir, preset, command_line, methods, data_for, dataset
         log.info("reproduce: %s", name)
         mode = "distill" if METHODS[method].distils else "train"
         marker = workdir / name / DIVERGED_MARKER
-        if marker.exists() and config.on_nonfinite == "stop":
-            raise RunDiverged(name, marker.read_text())
+        if marker.exists():
+            if _finished(workdir / name, run_config):  # finished later (on_nonfinite='skip'): the finished state wins
+                log.info("reproduce: %s finished after %s was written: the file is removed", name, DIVERGED_MARKER)
+                if writes:
+                    _remove(marker)
+            elif config.on_nonfinite == "stop":
+                raise RunDiverged(name, marker.read_text())
         try:
             train_and_evaluate(run_config, workdir / name, mode=mode, datasets=data_for(run_config))
         except NonFiniteLossError as err:
-            if is_main:
+            if writes:
                 write_text_atomic(marker, str(err))
             raise RunDiverged(name, str(err)) from err
+        if writes and marker.exists():  # the run finished: it supersedes its record of an earlier divergence
+            _remove(marker)
         return scorer.score(workdir / name, method, seed, name, knob_value, keep_fraction, teacher), run_config
 
     results_by_method, run_configs, diverged = {}, {}, {}
@@ -239,7 +268,7 @@ def _reproduce(config, workdir, preset, command_line, methods, data_for, dataset
         diverged=diverged,
     )
     if is_main:
-        write_outputs(workdir, results, config, teachers, run_configs)
+        write_outputs(workdir, results, {"reproduce": config, **teachers, **run_configs}, read_only)
     return results
 
 
@@ -328,17 +357,3 @@ def _hardware() -> dict:
         "hostname": socket.gethostname(),
         "cpu_count": os.cpu_count(),
     }
-
-
-def write_outputs(workdir: epath.Path, results: Results, config, teachers: dict, run_configs: dict) -> None:
-    """results.json, the resolved configs, report.md and the plots."""
-    from extkd_jax.experiment.plots import write_plots
-    from extkd_jax.experiment.report import write_report
-
-    configs_dir = workdir / "configs"
-    configs_dir.mkdir(parents=True, exist_ok=True)
-    for name, c in {"reproduce": config, **teachers, **run_configs}.items():
-        write_text_atomic(configs_dir / f"{name}.json", json.dumps(config_to_dict(c), indent=2))
-    write_text_atomic(workdir / "results.json", results.to_json())
-    plots = write_plots(results, workdir)
-    write_report(results, workdir, plots)
