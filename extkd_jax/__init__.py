@@ -1,7 +1,12 @@
 """extkd_jax: knowledge distillation of image classifiers in JAX / Flax NNX.
 
 Importing the package imports nothing heavy: `from extkd_jax.losses import kd_kl` needs only jax and chex.
-`extkd_jax.load(workdir)` (the training extras) returns a trained model callable on raw images.
+The Python API (the training extras; imported when first used):
+
+    extkd_jax.configs.get(name, variant=None, **overrides)   a preset's ConfigDict ("digits_omit3", "teacher")
+    extkd_jax.train(config, workdir)      trains (loss.name 'ce') or distils (a teacher loss) one model
+    extkd_jax.reproduce(config, workdir)  the dark-knowledge experiment of an experiment preset
+    extkd_jax.load(workdir)               the trained model, callable on raw images; `model.apply` is pure
 """
 
 from __future__ import annotations
@@ -24,3 +29,16 @@ def load(workdir, dtype: str | None = None):
     from extkd_jax.train.evaluate import load as _load
 
     return _load(workdir, dtype)
+
+
+def __getattr__(name: str):
+    """`train`, `reproduce` and `configs` on first use, so that `import extkd_jax` stays light."""
+    import importlib
+
+    if name in ("train", "configs"):  # subpackages; `extkd_jax.train` is callable (extkd_jax/train/__init__.py)
+        return importlib.import_module(f"{__name__}.{name}")
+    if name == "reproduce":
+        from extkd_jax.api import reproduce
+
+        return reproduce
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

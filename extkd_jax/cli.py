@@ -24,6 +24,7 @@ COMMANDS = {
     "reproduce": "the dark-knowledge experiment: teacher, every method, results.json, report.md, plots",
     "import-torch": "a teacher workdir from torchvision ResNet weights (--weights=STATE_DICT.pth)",
     "report": "print the summary table of a reproduced experiment (DIR/results.json), as the README shows it",
+    "config": "print a preset's resolved config as JSON, every key (defaults included), overrides applied",
 }
 NO_CONFIG = ("evaluate", "report")
 DEFAULT_PRESET = {"reproduce": "digits_omit3"}
@@ -52,8 +53,11 @@ def config_file(value: str) -> str:
     preset = importlib.resources.files("extkd_jax.configs") / (pathlib.Path(path).name.removesuffix(".py") + ".py")
     if preset.is_file() and preset.name != "base.py":
         return str(preset) + sep + variant
+    from extkd_jax.configs import did_you_mean
+
     raise UsageError(
-        f"--config={value}: no such config file; expected a path or one of the presets: {', '.join(preset_names())}"
+        f"--config={value}: no such config file; expected a path or one of the presets: {', '.join(preset_names())}."
+        + did_you_mean(pathlib.Path(path).name.removesuffix(".py"), preset_names())
     )
 
 
@@ -68,11 +72,11 @@ def usage(command: str | None = None) -> str:
     else:
         config = "" if command in NO_CONFIG else " --config=PRESET[:variant]"
         overrides = "" if command == "report" else " [--config.key=value ...]"
-        workdir = (
-            "an experiment's directory (local or gs://), holding results.json"
-            if command == "report"
-            else "the run's directory (local or gs://); rerunning the same command resumes"
-        )
+        workdir = {
+            "report": "an experiment's directory (local or gs://), holding results.json",
+            "evaluate": "a trained run's directory (local or gs://); its newest readable checkpoint is scored",
+            "import-torch": "the teacher workdir to write (local or gs://)",
+        }.get(command, "the run's directory (local or gs://); rerunning the same command resumes")
         lines = [
             f"usage: extkd {command}{config} --workdir=DIR{overrides}",
             "",
@@ -81,6 +85,11 @@ def usage(command: str | None = None) -> str:
             "flags:",
             f"  --workdir=DIR       {workdir}",
         ]
+        if command == "config":
+            lines = [f"usage: extkd config PRESET[:variant]{overrides}", "", COMMANDS[command], "", "flags:"]
+        if command == "import-torch":
+            lines = [lines[0].replace(" --workdir=DIR", " --workdir=DIR --weights=FILE"), *lines[1:]]
+            lines += ["  --weights=FILE      required: a torchvision ResNet state_dict file (.pth)"]
         if command not in NO_CONFIG:
             default = DEFAULT_PRESET.get(command)
             lines += [
@@ -104,7 +113,8 @@ def parse_flags(command: str, args: list[str]):
     if not given and command in DEFAULT_PRESET:
         args = [f"--config={DEFAULT_PRESET[command]}"] + args
     elif not given and command not in NO_CONFIG:
-        raise UsageError(f"`extkd {command}` needs --config=PRESET; presets: {', '.join(preset_names())}")
+        needs = "a PRESET[:variant]" if command == "config" else "--config=PRESET"
+        raise UsageError(f"`extkd {command}` needs {needs}; presets: {', '.join(preset_names())}")
     args = [f"--config={config_file(a.split('=', 1)[1])}" if a.startswith("--config=") else a for a in args]
     argv = [f"extkd {command}"] + args
     flag_values = flags.FlagValues()  # one per call: the CLI is also called in-process (tests, notebooks)
@@ -117,6 +127,9 @@ def parse_flags(command: str, args: list[str]):
     except (AttributeError, KeyError) as err:
         if "get_config" in str(err):
             raise UsageError(f"{given[0] if given else '--config'} defines no get_config() function") from None
+        unknown = _unknown_key([a for a in args if a.startswith("--config=")][-1:], args)
+        if unknown:
+            raise UsageError(f"{unknown} See {CONFIG_DOCS.split(': ', 1)[1]}, or `extkd config PRESET`") from None
         # ml_collections nests reprs: "'\\'epochs\\'\\nDid you mean ...'"; keep the key and the suggestion
         detail = " ".join(str(err).replace("\\n", " ").replace("\\'", "'").replace('\\"', '"').split())
         key = re.search(r"'([\w.]+)'", detail)
@@ -138,7 +151,9 @@ def parse_flags(command: str, args: list[str]):
         _check_config_object(config, given[0] if given else f"--config={DEFAULT_PRESET[command]}")
     if len(rest) > 1:
         raise UsageError(f"unexpected arguments {rest[1:]}; flags are --config, --config.KEY=VALUE, --workdir")
-    if not flag_values.workdir:
+    if command == "config" and flag_values.workdir:
+        raise UsageError("`extkd config` takes no --workdir: it prints the config and runs nothing")
+    if not flag_values.workdir and command != "config":
         raise UsageError(f"`extkd {command}` needs --workdir=DIR")
     if config is not None and command == "report":
         raise UsageError("`extkd report` takes only --workdir (the experiment's results.json is its input)")
@@ -147,6 +162,22 @@ def parse_flags(command: str, args: list[str]):
     if (command == "import-torch") != bool(flag_values.weights):
         raise UsageError("--weights=FILE goes with `extkd import-torch` (and it needs one)")
     return config, flag_values.workdir, flag_values.weights
+
+
+def _unknown_key(config_flag: list[str], args: list[str]) -> str | None:
+    """The first `--config.KEY` of `args` that the config of `config_flag` (["--config=PATH[:variant]"]) lacks,
+    named with the closest dotted key; None if none is unknown (or the config cannot be read here)."""
+    from extkd_jax import configs
+
+    try:
+        keys = configs.flat_keys(configs.get(config_flag[0].split("=", 1)[1]))
+    except Exception:  # noqa: BLE001 - ml_collections' own message is shown instead
+        return None
+    for arg in args:
+        key = arg.removeprefix("--config.").split("=", 1)[0]
+        if arg.startswith("--config.") and key not in keys and not any(k.startswith(key + ".") for k in keys):
+            return f"unknown config key {key!r} ({arg}).{configs.did_you_mean(key, keys)}"
+    return None
 
 
 def _check_config_object(config, given: str) -> None:
@@ -196,6 +227,10 @@ def run(command: str, config, workdir: str, command_line: str, weights: str | No
         from extkd_jax.train.import_torch import import_teacher
 
         return {"workdir": import_teacher(config, weights, workdir), "model": config.model.name}
+    if command == "config":
+        from extkd_jax.train.workdir import config_to_dict
+
+        return config_to_dict(config)
     if command in ("train", "distill"):
         from extkd_jax.train.loop import train_and_evaluate
 
@@ -238,8 +273,13 @@ def main(argv: list[str] | None = None) -> int:
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("extkd_jax").setLevel(logging.INFO)
+    if command == "config" and args[:1] and not args[0].startswith("-"):
+        args = [f"--config={args[0]}", *args[1:]]  # extkd config PRESET[:variant]
     try:
         config, workdir, weights = parse_flags(command, args)
+        if command == "config":
+            print(json.dumps(run(command, config, "", ""), indent=2))
+            return 0
         _enable_compilation_cache()
         result = run(command, config, workdir, shlex.join(["extkd", command, *args]), weights)
     except UsageError as err:

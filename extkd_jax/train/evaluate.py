@@ -6,8 +6,10 @@ A workdir's checkpoint carries everything needed to use its model (the `card` an
     model = extkd_jax.load("/tmp/mnist_student")
     logits = model(images_uint8_nhwc)                   # (N, num_classes) float32
     logits, segments = model(images, segments=True)
+    logits = jax.jit(model.apply)(model.variables, images)  # the same, as a pure function of the variables
 
-works without the training data or the config.
+works without the training data or the config. `model(...)` checks the pixel values against the card's `input`
+(`train/model_input.py`); `model.apply` checks shapes only (its values are traced).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from extkd_jax.train import sharding
 from extkd_jax.train.checkpoint import Checkpointer
 from extkd_jax.train.epoch import make_predict
 from extkd_jax.train.metrics import classification_summary
+from extkd_jax.train.model_input import DEFAULT_INPUT, check_pixel_range, input_convention
 from extkd_jax.train.setup import DTYPES, build_model
 from extkd_jax.train.step import Network, split
 from extkd_jax.train.workdir import read_config, require_workdir, write_text_atomic
@@ -44,6 +47,7 @@ def model_card(config, num_classes: int, input_shape, mean, std, class_names: li
         "class_names": list(class_names),
         "input_shape": [int(d) for d in input_shape],
         "normalization": {"mean": [float(v) for v in mean], "std": [float(v) for v in std]},
+        "input": input_convention(config.data),  # the pixel convention `TrainedModel` checks images against
         "compute_dtype": config.compute_dtype,
         "seed": int(config.seed),
         "dataset": config.data.name,
@@ -139,10 +143,11 @@ class Predictor:
 
 @dataclasses.dataclass
 class TrainedModel:
-    """A trained model ready for raw images: `model(images_uint8_nhwc) -> logits` (see the module docstring)."""
+    """A trained model ready for raw images: `model(images_uint8_nhwc) -> logits` (see the module docstring), and
+    `model.apply(model.variables, images)`, the same as a pure function of its variables (jit, vmap, grad)."""
 
     network: Network
-    variables: dict
+    variables: dict  # {"params", "batch_stats"}: every array of the model (the graph's other state is constant)
     card: dict
 
     @property
@@ -153,27 +158,47 @@ class TrainedModel:
     def num_classes(self) -> int:
         return self.card["num_classes"]
 
-    def __call__(self, images: Any, *, segments: bool = False, batch_size: int = 500):
+    @property
+    def input(self) -> dict:
+        """The pixel convention it was trained on (uint8 0..255; checkpoints older than the field: the same)."""
+        return self.card.get("input") or dict(DEFAULT_INPUT)
+
+    def apply(self, variables: dict, images: Any, segments: bool = False):
+        """Logits (N, num_classes) float32 of pixel-valued images (N, H, W, C) (`self.input`: uint8 0..255, or
+        floats on that scale), as a pure function of `variables` (`model.variables`); with `segments=True`,
+        (logits, [segment arrays]). Jittable (`jax.jit(model.apply, static_argnames="segments")`), vmappable,
+        differentiable with respect to float images. Shapes are checked here; values (traced) only by `model(...)`.
+        """
+        images = self._nhwc(jnp.asarray(images))
+        return self.network.outputs(variables, images) if segments else self.network.logits(variables, images)
+
+    def __call__(self, images: Any, *, segments: bool = False, batch_size: int = 500, check_range: bool = True):
         """Logits (N, num_classes) float32 of images (N, H, W, C) with raw pixel values (uint8 0..255, or
-        float); with `segments=True`, (logits, [segment arrays])."""
-        images = np.asarray(images)
-        if images.ndim == 3 and len(self.card["input_shape"]) == 3 and self.card["input_shape"][-1] == 1:
-            images = images[..., None]  # grayscale without its channel axis
-        if tuple(images.shape[1:]) != tuple(self.card["input_shape"]):
-            raise ValueError(
-                f"images of shape {images.shape}; this model takes (N, *{tuple(self.card['input_shape'])}) "
-                "with raw pixel values"
-            )
-        fn = self._outputs if segments else self._logits
-        outs = [fn(self.variables, jnp.asarray(images[i : i + batch_size])) for i in range(0, len(images), batch_size)]
+        float); with `segments=True`, (logits, [segment arrays]). Images outside the range the model was
+        trained on (floats in [0, 1], sklearn's raw 0..16 digits) are refused unless `check_range=False`."""
+        images = self._nhwc(np.asarray(images))
+        if check_range:
+            check_pixel_range(images, self.input)
+        outs = [
+            self._apply(self.variables, jnp.asarray(images[i : i + batch_size]), segments)
+            for i in range(0, len(images), batch_size)
+        ]
         if not segments:
             return np.concatenate([np.asarray(o) for o in outs]) if outs else np.zeros((0, self.num_classes))
         logits = np.concatenate([np.asarray(o[0]) for o in outs])
         return logits, [np.concatenate([np.asarray(o[1][k]) for o in outs]) for k in range(len(outs[0][1]))]
 
+    def _nhwc(self, images):
+        """`images` with the card's input shape, adding a grayscale channel axis if missing; else ValueError."""
+        shape = tuple(self.card["input_shape"])
+        if images.ndim == len(shape) and shape[-1] == 1 and tuple(images.shape[1:]) == shape[:-1]:
+            images = images[..., None]  # grayscale without its channel axis
+        if tuple(images.shape[1:]) != shape:
+            raise ValueError(f"images of shape {images.shape}; this model takes (N, *{shape}) with raw pixel values")
+        return images
+
     def __post_init__(self):
-        self._logits = jax.jit(self.network.logits)
-        self._outputs = jax.jit(self.network.outputs)
+        self._apply = jax.jit(self.apply, static_argnames="segments")
 
 
 def load(workdir: str | epath.PathLike, dtype: str | None = None) -> TrainedModel:
