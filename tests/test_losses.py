@@ -186,11 +186,10 @@ def test_extended_kd_loss_parts_and_total(rng):
     rel_close(parts["segment"], seg)
     rel_close(total, 0.3 * ce + 0.7 * kd + 2.0 * seg)
 
-    # per-segment weights: `segment` carries them, total adds it with factor 1
+    # per-segment weights: `segment` stays unweighted (like ce and kd), the total carries the weights
     total, parts = extended_kd_loss(s, t, y, ss, ts, segment_weight=[0.5, 4.0])
-    seg_w = ref_seg(ss, ts, [0.5, 4.0])
-    rel_close(parts["segment"], seg_w)
-    rel_close(total, ref_ce(s, y) + ref_kd(s, t, 4.0) + seg_w)
+    rel_close(parts["segment"], seg)
+    rel_close(total, ref_ce(s, y) + ref_kd(s, t, 4.0) + ref_seg(ss, ts, [0.5, 4.0]))
 
     # labels=None drops CE
     total, parts = extended_kd_loss(s, t, None, ss, ts, ce_weight=5.0)

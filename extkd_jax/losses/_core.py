@@ -12,8 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 
 Array = jax.Array
-Segments = Sequence[Any] | Mapping[Any, Any]
-SegmentWeights = None | float | Array | Sequence[Any] | Mapping[Any, Any]
+Segments = Sequence[Any] | Mapping[Any, Any] | Any  # a list, a dict or any pytree of arrays
+SegmentWeights = None | float | Array | Sequence[Any] | Mapping[Any, Any] | Any
 REDUCTIONS = ("mean", "sum", "none")
 
 
@@ -68,10 +68,20 @@ def _check_nonnegative(fn: str, name: str, value: Any) -> None:
         raise ValueError(f"{fn}: {name} must be >= 0, got {value!r}")
 
 
-def _check_logit_pair(fn: str, student_logits: Any, teacher_logits: Any) -> tuple[Array, Array]:
+def _class_last(fn: str, name: str, x: Array, axis: Any) -> Array:
+    """``x`` with its class axis ``axis`` moved last (the batch shape is then every other axis, in order)."""
+    if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)):
+        raise ValueError(f"{fn}: axis must be an integer, got {axis!r}")
+    if not -x.ndim <= axis < x.ndim:
+        raise ValueError(f"{fn}: axis={axis} is out of range for {name} of shape {tuple(x.shape)}")
+    return x if axis in (-1, x.ndim - 1) else jnp.moveaxis(x, int(axis), -1)
+
+
+def _check_logit_pair(fn: str, student_logits: Any, teacher_logits: Any, axis: int = -1) -> tuple[Array, Array]:
     s, t = _f32(student_logits), _f32(teacher_logits)
     _check_min_rank(fn, "student_logits", s, 1)
     _check_same_shape(fn, "student_logits", s, "teacher_logits", t)
+    s, t = _class_last(fn, "student_logits", s, axis), _class_last(fn, "teacher_logits", t, axis)
     return s, jax.lax.stop_gradient(t)
 
 
@@ -95,17 +105,23 @@ def _check_labels(fn: str, logits: Array, labels: Any) -> Array:
     return labels
 
 
+def _where_mask(fn: str, where: Any, batch: tuple[int, ...]) -> Array:
+    """``where`` as a boolean array of the batch shape; a ValueError naming the loss otherwise."""
+    mask = jnp.asarray(where)
+    if tuple(mask.shape) != batch:
+        raise ValueError(f"{fn}: where shape {tuple(mask.shape)} != batch shape {batch}")
+    if mask.dtype != jnp.bool_:
+        raise ValueError(f"{fn}: where must be boolean, got dtype {mask.dtype}")
+    return mask
+
+
 def _masked(fn: str, where: Any, x: Array, batch_ndim: int) -> Array:
     """``x`` with its masked-out examples set to 0 before any arithmetic, so that garbage in padded rows (NaN, inf)
     reaches neither the value nor the gradient (a ``where`` after the fact would still multiply NaN by 0)."""
     if where is None:
         return x
-    mask = jnp.asarray(where)
     batch = tuple(x.shape[:batch_ndim])
-    if tuple(mask.shape) != batch:
-        raise ValueError(f"{fn}: where shape {tuple(mask.shape)} != batch shape {batch}")
-    if mask.dtype != jnp.bool_:
-        raise ValueError(f"{fn}: where must be boolean, got dtype {mask.dtype}")
+    mask = _where_mask(fn, where, batch)
     return jnp.where(mask.reshape(batch + (1,) * (x.ndim - batch_ndim)), x, 0)
 
 
@@ -119,11 +135,7 @@ def _example_weights(fn: str, batch: tuple[int, ...], where: Any, weights: Any) 
         if not isinstance(weights, jax.core.Tracer) and np.any(np.asarray(w) < 0):
             raise ValueError(f"{fn}: weights must be >= 0, got min {float(np.min(np.asarray(w)))}")
     if where is not None:
-        mask = jnp.asarray(where)
-        if tuple(mask.shape) != batch:
-            raise ValueError(f"{fn}: where shape {tuple(mask.shape)} != batch shape {batch}")
-        if mask.dtype != jnp.bool_:
-            raise ValueError(f"{fn}: where must be boolean, got dtype {mask.dtype}")
+        mask = _where_mask(fn, where, batch)
         w = mask.astype(jnp.float32) if w is None else w * mask
     return w
 

@@ -3,7 +3,8 @@ against a memory bank, the NCE loss on them, the momentum update of the bank and
 
 The memory banks, embedding heads and normalisation constants are the caller's state (extkd_jax keeps them in the
 student-side state, `models.ContrastMemory`); these functions only compute. RepDistiller's `crd` (its
-`ContrastMemory` and `ContrastLoss`) is the reference read; the formulas are the paper's.
+`ContrastMemory` and `ContrastLoss`) is the reference read; the formulas are the paper's. The loss, crd_nce, takes
+``where`` / ``weights`` / ``reduction``; every function computes and returns float32 whatever the input dtype.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from extkd_jax.losses._core import Array, _check_min_rank, _check_positive, _f32
+from extkd_jax.losses._core import Array, _check_min_rank, _check_positive, _f32, _reduce, _where_mask
 
 NCE_EPS = 1e-7  # RepDistiller's eps in the NCE posteriors
 
@@ -44,18 +45,30 @@ def contrast_scores(embedding: Array, memory: Array, contrast_idx: Array, temper
     return jnp.exp(jnp.take_along_axis(every, idx, axis=1) / temperature)
 
 
-def crd_nce(scores: Array, num_data: int, eps: float = NCE_EPS) -> Array:
+def crd_nce(
+    scores: Array,
+    num_data: int,
+    eps: float = NCE_EPS,
+    *,
+    where: Array | None = None,
+    weights: Array | None = None,
+    reduction: str = "mean",
+) -> Array:
     """CRD's NCE loss on normalised scores P (N, K+1), the positive first: with noise probability Pn = 1 / num_data,
-    ``-(sum_i log(P_i0 / (P_i0 + K Pn + eps)) + sum_{i,k>0} log(K Pn / (P_ik + K Pn + eps))) / N``. A scalar."""
+    per example ``-(log(P_i0 / (P_i0 + K Pn + eps)) + sum_{k>0} log(K Pn / (P_ik + K Pn + eps)))``; the default
+    mean over the batch is RepDistiller's loss. Takes ``where``, ``weights``, ``reduction`` (each example's term
+    uses only its own row of scores; the normalisation of the scores, the caller's, is what couples the batch)."""
     fn = "crd_nce"
     _check_positive(fn, "num_data", num_data)
     p = _f32(scores)
     if p.ndim != 2 or p.shape[1] < 2:
         raise ValueError(f"{fn}: expected scores of shape (N, K+1) with K >= 1 negatives, got {p.shape}")
+    if where is not None:  # masked rows become 1: finite logs, so no NaN even in the gradient's discarded branch
+        p = jnp.where(_where_mask(fn, where, p.shape[:1])[:, None], p, 1.0)
     noise = (p.shape[1] - 1) / num_data  # K * Pn
     positive = jnp.log(p[:, 0] / (p[:, 0] + noise + eps))
-    negative = jnp.log(noise / (p[:, 1:] + noise + eps))
-    return -(jnp.sum(positive) + jnp.sum(negative)) / p.shape[0]
+    negative = jnp.sum(jnp.log(noise / (p[:, 1:] + noise + eps)), axis=-1)
+    return _reduce(fn, -(positive + negative), where, weights, reduction)
 
 
 def momentum_update(memory: Array, idx: Array, embedding: Array, momentum: float = 0.5) -> Array:

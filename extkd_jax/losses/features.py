@@ -1,13 +1,17 @@
-"""Losses on intermediate features: segment MSE, Extended-KD (logits + segments), attention transfer."""
+"""Losses on intermediate features: segment MSE, Extended-KD (logits + segments), attention transfer.
+
+Each takes ``where`` / ``weights`` / ``reduction`` on the per-example values, and extended_kd_loss the class ``axis``
+of its logits. Segments are lists, dicts or nested pytrees of arrays (``extkd_jax.losses.segments``). Inputs are
+cast to float32 and the result is float32 whatever the input dtype (bf16 included).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from extkd_jax.losses._core import (
     Array,
@@ -24,70 +28,26 @@ from extkd_jax.losses._core import (
     _reduce,
 )
 from extkd_jax.losses.logits import cross_entropy, kd_kl
+from extkd_jax.losses.segments import Segment, segment_pairs, segment_weight_list
 
 
-def _segment_items(fn: str, student: Segments, teacher: Segments) -> list[tuple[Any, Any, Any]]:
-    """[(name, student_k, teacher_k)]: names are indices for sequences, keys (sorted) for mappings."""
-    if isinstance(student, Mapping) or isinstance(teacher, Mapping):
-        if not (isinstance(student, Mapping) and isinstance(teacher, Mapping)):
-            raise ValueError(
-                f"{fn}: student_segments is {type(student).__name__} but teacher_segments is "
-                f"{type(teacher).__name__}; both must be sequences or both mappings"
-            )
-        if set(student) != set(teacher):
-            only_s = "[" + ", ".join(sorted(map(repr, set(student) - set(teacher)))) + "]"
-            only_t = "[" + ", ".join(sorted(map(repr, set(teacher) - set(student)))) + "]"
-            raise ValueError(
-                f"{fn}: segment keys differ: only in student_segments {only_s}, only in teacher_segments {only_t}"
-            )
-        if not student:
-            raise ValueError(f"{fn}: no segments given (empty mappings)")
-        return [(k, student[k], teacher[k]) for k in sorted(student)]
-    for name, value in (("student_segments", student), ("teacher_segments", teacher)):
-        if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
-            raise ValueError(f"{fn}: {name} must be a sequence or a mapping, got {type(value).__name__}")
-    if len(student) != len(teacher):
-        raise ValueError(
-            f"{fn}: segment count differs: {len(student)} student segments vs {len(teacher)} teacher segments"
-        )
-    if len(student) == 0:
-        raise ValueError(f"{fn}: no segments given (empty sequences)")
-    return [(i, s, t) for i, (s, t) in enumerate(zip(student, teacher))]
-
-
-def _segment_label(name: Any) -> str:
-    return f"segment {name}" if isinstance(name, int) else f"segment {name!r}"
-
-
-def _per_segment_weights(fn: str, weights: SegmentWeights, names: list[Any], mapping: bool, arg: str) -> list[Any]:
-    """One weight per segment (None -> 1). Concrete negative weights raise ValueError naming the segment."""
-    if weights is None:
-        return [1.0] * len(names)
-    if _is_scalar(weights):
-        _check_nonnegative(fn, arg, weights)
-        return [weights] * len(names)
-    if isinstance(weights, Mapping):
-        if not mapping:
-            raise ValueError(f"{fn}: {arg} is a mapping but the segments are a sequence; give a sequence")
-        if set(weights) != set(names):
-            raise ValueError(
-                f"{fn}: {arg} keys [{', '.join(sorted(map(repr, weights)))}] != segment keys "
-                f"[{', '.join(map(repr, names))}]"
-            )
-        out = [weights[n] for n in names]
-    else:
-        if hasattr(weights, "shape") and np.ndim(weights) != 1:
-            raise ValueError(f"{fn}: {arg} must be a scalar or one weight per segment, got shape {np.shape(weights)}")
-        out = list(weights)
-        if len(out) != len(names):
-            raise ValueError(f"{fn}: {arg} has {len(out)} entries for {len(names)} segments (order: {names})")
-    for n, w in zip(names, out):
-        if not _is_scalar(w):
-            raise ValueError(f"{fn}: {arg} for {_segment_label(n)} must be a scalar, got {w!r}")
-        v = _concrete_scalar(w)
-        if v is not None and not v >= 0:
-            raise ValueError(f"{fn}: {arg} for {_segment_label(n)} must be >= 0, got {w!r}")
+def _segment_terms(fn: str, segments: list[Segment], where: Any, batch_ndim: int) -> list[Array]:
+    """Per segment, the per-example MSE (batch shape) over the segment's non-batch elements."""
+    out = []
+    for seg in segments:
+        s, t = _f32(seg.student), jax.lax.stop_gradient(_f32(seg.teacher))
+        _check_same_shape(fn, f"{seg.label}: student", s, "teacher", t)
+        _check_min_rank(fn, seg.label, s, batch_ndim)
+        s, t = _masked(fn, where, s, batch_ndim), _masked(fn, where, t, batch_ndim)
+        out.append(jnp.mean(jnp.square(s - t), axis=tuple(range(batch_ndim, s.ndim))))
     return out
+
+
+def _weighted_sum(terms: list[Array], ws: list[Any]) -> Array:
+    total = _f32(ws[0]) * terms[0]
+    for term, w in zip(terms[1:], ws[1:]):
+        total = total + _f32(w) * term
+    return total
 
 
 def segment_mse(
@@ -103,30 +63,23 @@ def segment_mse(
     """Weighted sum over segments of the mean squared error between student and teacher segment outputs.
 
     Args:
-      student_segments: a sequence of arrays, or a mapping name -> array. Each must already have its teacher's
-        shape (map it through a Connector first when they differ).
-      teacher_segments: same structure and shapes; no gradient flows into them.
-      segment_weights: None (all 1), a scalar, or one non-negative weight per segment (a sequence in segment
-        order; for mapping segments, a mapping with the same keys). Mappings iterate in sorted key order.
+      student_segments: a list, a dict or any nested pytree of arrays (Linen's ``mutable=["intermediates"]``
+        output as it comes), paired with the teacher's by path (``extkd_jax.losses.segments``). Each must already
+        have its teacher's shape (map it through a Connector first when they differ).
+      teacher_segments: the same paths and shapes; no gradient flows into them.
+      segment_weights: None (all 1), a scalar, a sequence (one weight per top-level entry, or per segment in
+        flattened order), or a pytree / mapping of scalars matched by path prefix (``{"block1": 2.0}`` or
+        ``{"intermediates/block1/seg/0": 2.0}``). Dicts flatten in sorted key order.
       batch_ndim: how many leading axes are batch axes (the rest are averaged within each example).
-      where, weights, reduction: per-example mask, weights and reduction (module docstring).
+      where, weights, reduction: per-example mask, weights and reduction (module docstring). No ``axis``.
 
     Per example: ``sum_k w_k * mean((s_k - t_k)^2)`` over the segment's non-batch elements. Its batch mean
     equals the mean over all elements, batch included.
     """
     fn = "segment_mse"
-    items = _segment_items(fn, student_segments, teacher_segments)
-    names = [n for n, _, _ in items]
-    ws = _per_segment_weights(fn, segment_weights, names, isinstance(student_segments, Mapping), "segment_weights")
-    total = None
-    for (name, s, t), w in zip(items, ws):
-        s, t = _f32(s), jax.lax.stop_gradient(_f32(t))
-        _check_same_shape(fn, f"{_segment_label(name)}: student", s, "teacher", t)
-        _check_min_rank(fn, f"{_segment_label(name)}", s, batch_ndim)
-        s, t = _masked(fn, where, s, batch_ndim), _masked(fn, where, t, batch_ndim)
-        per_example = jnp.mean(jnp.square(s - t), axis=tuple(range(batch_ndim, s.ndim)))
-        total = _f32(w) * per_example if total is None else total + _f32(w) * per_example
-    return _reduce(fn, total, where, weights, reduction)
+    segments = segment_pairs(fn, student_segments, teacher_segments)
+    ws = segment_weight_list(fn, segment_weights, segments, student_segments, "segment_weights")
+    return _reduce(fn, _weighted_sum(_segment_terms(fn, segments, where, batch_ndim), ws), where, weights, reduction)
 
 
 def extended_kd_loss(
@@ -141,6 +94,7 @@ def extended_kd_loss(
     kd_weight: float | Array = 1.0,
     segment_weight: SegmentWeights = 1.0,
     label_smoothing: float = 0.0,
+    axis: int = -1,
     where: Array | None = None,
     weights: Array | None = None,
     reduction: str = "mean",
@@ -148,20 +102,21 @@ def extended_kd_loss(
     """Extended-KD (Yuan & Pan 2019): cross-entropy + logit KD + segment matching.
 
     Args:
-      student_logits, teacher_logits: (*batch, C); no gradient flows into the teacher.
+      student_logits, teacher_logits: (*batch, C) (the class axis at ``axis``); no gradient flows into the teacher.
       labels: integer labels or soft targets (see :func:`cross_entropy`), or None to drop the CE term.
-      student_segments, teacher_segments: as in :func:`segment_mse`, each (*batch, ...); both None drops the
-        segment term.
+      student_segments, teacher_segments: as in :func:`segment_mse` (lists, dicts, nested pytrees such as Linen's
+        intermediates), each (*batch, ...); both None drops the segment term.
       temperature: KD temperature (> 0).
       ce_weight, kd_weight: non-negative scalars.
-      segment_weight: a non-negative scalar, or one weight per segment (as ``segment_weights`` of segment_mse).
+      segment_weight: a non-negative scalar, or per-segment weights in any form ``segment_mse`` takes.
       label_smoothing: passed to :func:`cross_entropy`.
+      axis: the class axis of the logits (default -1).
       where, weights, reduction: applied to every part and to the total alike.
 
     Returns:
-      ``(total, parts)``: ``parts["ce"]`` and ``parts["kd"]`` unweighted (``ce`` 0 when labels is None),
-      ``parts["segment"]`` with only the per-segment weights (0 without segments);
-      ``total = ce_weight * ce + kd_weight * kd + (segment_weight if scalar else 1) * segment``.
+      ``(total, parts)``, every part unweighted: ``parts["ce"]`` (0 when labels is None), ``parts["kd"]`` and
+      ``parts["segment"] = sum_k mse_k`` (0 without segments), whatever form the segment weights take;
+      ``total = ce_weight * ce + kd_weight * kd + sum_k w_k * mse_k`` (``= w * segment`` for equal weights).
     """
     fn = "extended_kd_loss"
     _check_nonnegative(fn, "ce_weight", ce_weight)
@@ -170,27 +125,24 @@ def extended_kd_loss(
     if (student_segments is None) != (teacher_segments is None):
         raise ValueError(f"{fn}: student_segments and teacher_segments must both be given or both be None")
     reduce = {"where": where, "weights": weights, "reduction": reduction}
-    kd = kd_kl(student_logits, teacher_logits, temperature, **reduce)
+    kd = kd_kl(student_logits, teacher_logits, temperature, axis=axis, **reduce)
     zeros = jnp.zeros_like(kd)
-    ce = zeros if labels is None else cross_entropy(student_logits, labels, label_smoothing, **reduce)
+    ce = zeros if labels is None else cross_entropy(student_logits, labels, label_smoothing, axis=axis, **reduce)
     total = _f32(kd_weight) * kd + (zeros if labels is None else _f32(ce_weight) * ce)
-    scalar_weight = segment_weight is None or _is_scalar(segment_weight)
-    if scalar_weight and segment_weight is not None:
-        _check_nonnegative(fn, "segment_weight", segment_weight)
     if student_segments is None:
+        if segment_weight is not None and _is_scalar(segment_weight):
+            _check_nonnegative(fn, "segment_weight", segment_weight)
         return total, {"ce": ce, "kd": kd, "segment": zeros}
+    segments = segment_pairs(fn, student_segments, teacher_segments)
+    ws = segment_weight_list(fn, segment_weight, segments, student_segments, "segment_weight")
     batch_ndim = jnp.ndim(student_logits) - 1
-    if scalar_weight:
-        seg = segment_mse(student_segments, teacher_segments, batch_ndim=batch_ndim, **reduce)
-        total = total + _f32(1.0 if segment_weight is None else segment_weight) * seg
-    else:
-        items = _segment_items(fn, student_segments, teacher_segments)
-        _per_segment_weights(
-            fn, segment_weight, [n for n, _, _ in items], isinstance(student_segments, Mapping), "segment_weight"
-        )
-        seg = segment_mse(student_segments, teacher_segments, segment_weight, batch_ndim=batch_ndim, **reduce)
-        total = total + seg
-    return total, {"ce": ce, "kd": kd, "segment": seg}
+    # each segment reduced on its own: the reduction is linear, and the parts then need no second pass
+    per_example = _segment_terms(fn, segments, where, batch_ndim)
+    terms = [_reduce(fn, term, where, weights, reduction) for term in per_example]
+    segment = terms[0]
+    for term in terms[1:]:
+        segment = segment + term
+    return total + _weighted_sum(terms, ws), {"ce": ce, "kd": kd, "segment": segment}
 
 
 def _attention_map(f: Array, p: Any, p_is_two: bool) -> Array:

@@ -1,4 +1,9 @@
-"""Losses on logits: cross-entropy (integer labels or soft targets), Hinton's KD, decoupled KD."""
+"""Losses on logits: cross-entropy (integer labels or soft targets), Hinton's KD, decoupled KD.
+
+Each takes ``axis`` (the class axis, default -1: logits (N, C, H, W) with ``axis=1`` give a batch shape (N, H, W))
+and ``where`` / ``weights`` / ``reduction`` on the per-example values. Inputs are cast to float32 and the result is
+float32 whatever the input dtype (optax returns the input dtype; a bf16 batch mean would keep 8 bits of mantissa).
+"""
 
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ from extkd_jax.losses._core import (
     _check_min_rank,
     _check_nonnegative,
     _check_positive,
+    _class_last,
     _concrete_scalar,
     _f32,
     _kl_from_logp,
@@ -25,6 +31,7 @@ def kd_kl(
     teacher_logits: Array,
     temperature: float | Array = 4.0,
     *,
+    axis: int = -1,
     where: Array | None = None,
     weights: Array | None = None,
     reduction: str = "mean",
@@ -34,11 +41,12 @@ def kd_kl(
     Args:
       student_logits, teacher_logits: (*batch, C); no gradient flows into the teacher.
       temperature: T > 0 softening both distributions; T^2 keeps gradient magnitudes comparable across T.
+      axis: the class axis (default -1); the batch shape is every other axis, in order.
       where, weights, reduction: see the module docstring.
     """
     fn = "kd_kl"
     _check_positive(fn, "temperature", temperature)
-    s, t = _check_logit_pair(fn, student_logits, teacher_logits)
+    s, t = _check_logit_pair(fn, student_logits, teacher_logits, axis)
     s, t = _masked(fn, where, s, s.ndim - 1), _masked(fn, where, t, t.ndim - 1)
     temp = _f32(temperature)
     kl = (temp * temp) * _kl_from_logp(jax.nn.log_softmax(t / temp, -1), jax.nn.log_softmax(s / temp, -1))
@@ -50,6 +58,7 @@ def cross_entropy(
     labels: Array,
     label_smoothing: float = 0.0,
     *,
+    axis: int = -1,
     where: Array | None = None,
     weights: Array | None = None,
     reduction: str = "mean",
@@ -61,6 +70,8 @@ def cross_entropy(
       labels: integers (*batch) in [0, C), or soft targets (*batch, C) of non-negative floats summing to 1
         (mixup's mixed labels, a teacher's probabilities).
       label_smoothing: eps in [0, 1); the target becomes ``(1 - eps) * target + eps / C`` (optax's convention).
+      axis: the class axis of the logits (and of soft targets), default -1; integer labels have the logits' shape
+        without it.
       where, weights, reduction: see the module docstring.
     """
     fn = "cross_entropy"
@@ -69,17 +80,19 @@ def cross_entropy(
         raise ValueError(f"{fn}: label_smoothing must be in [0, 1), got {label_smoothing!r}")
     x = _f32(logits)
     _check_min_rank(fn, "logits", x, 1)
+    shape = tuple(x.shape)
+    x = _class_last(fn, "logits", x, axis)
     x = _masked(fn, where, x, x.ndim - 1)
     log_p = jax.nn.log_softmax(x, axis=-1)
     labels = jnp.asarray(labels)
     if jnp.issubdtype(labels.dtype, jnp.floating):
-        if tuple(labels.shape) != tuple(x.shape):
+        if tuple(labels.shape) != shape:
             raise ValueError(
                 f"{fn}: labels of dtype {labels.dtype} are soft targets and need the logits' shape "
-                f"{tuple(x.shape)}, got {tuple(labels.shape)}; give integer class labels or one "
+                f"{shape}, got {tuple(labels.shape)}; give integer class labels or one "
                 "probability per class"
             )
-        targets = jax.lax.stop_gradient(_f32(labels))
+        targets = jax.lax.stop_gradient(_class_last(fn, "labels", _f32(labels), axis))
         nll = -jnp.sum(targets * log_p, axis=-1)
     else:
         labels = _check_labels(fn, x, labels)
@@ -98,6 +111,7 @@ def dkd(
     beta: float | Array = 8.0,
     temperature: float | Array = 4.0,
     *,
+    axis: int = -1,
     where: Array | None = None,
     weights: Array | None = None,
     reduction: str = "mean",
@@ -108,6 +122,7 @@ def dkd(
       student_logits, teacher_logits: (*batch, C) with C >= 2; no gradient flows into the teacher.
       labels: (*batch) integer targets.
       alpha, beta: weights of TCKD and NCKD; temperature: T > 0.
+      axis: the class axis (default -1); labels have the logits' shape without it.
       where, weights, reduction: see the module docstring.
 
     TCKD = T^2 * KL between the binary (target, non-target) distributions of teacher and student; NCKD = T^2 * KL
@@ -118,7 +133,7 @@ def dkd(
     _check_positive(fn, "temperature", temperature)
     _check_nonnegative(fn, "alpha", alpha)
     _check_nonnegative(fn, "beta", beta)
-    s, t = _check_logit_pair(fn, student_logits, teacher_logits)
+    s, t = _check_logit_pair(fn, student_logits, teacher_logits, axis)
     s, t = _masked(fn, where, s, s.ndim - 1), _masked(fn, where, t, t.ndim - 1)
     if s.shape[-1] < 2:
         raise ValueError(f"{fn}: need at least 2 classes, got student_logits shape {tuple(s.shape)}")

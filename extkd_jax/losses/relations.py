@@ -1,9 +1,14 @@
 """Losses between examples and on embeddings: relational KD (distances and angles), the triplet margin, the
 distribution over a feature vector at a temperature, the loss-level mixture of KD targets, and smoothness.
 
-Every function follows the package contract (float32, no teacher gradient, `where` / `weights` / `reduction` on
-the per-example values); relational losses compare examples within a batch, so their batch axis is the first and
-only batch axis, and masked-out examples are left out of every pair.
+Every function follows the package contract: inputs cast to float32 and a float32 result whatever the input dtype
+(bf16 included), no teacher gradient, named shape errors. The per-example losses (triplet_margin, feature_kl,
+mixture_kd, channel_distillation, smoothness) take ``where`` / ``weights`` / ``reduction``, and feature_kl and
+mixture_kd the class ``axis``. The relational ones (rkd_distance, rkd_angle) compare examples within a batch of
+(N, D) embeddings and return one scalar: they take ``where`` only (masked-out examples are left out of every pair).
+Per-example ``weights`` have nothing to scale there (each term is a pair or a triplet of examples, and weighting
+pairs by ``w_i w_j`` would be another loss than the paper's), and ``reduction="none"`` has no per-example values
+to return.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from extkd_jax.losses._core import (
     _check_nonnegative,
     _check_positive,
     _check_same_shape,
+    _class_last,
     _f32,
     _kl_from_logp,
     _masked,
@@ -56,7 +62,8 @@ def _pairwise_distances(gram: Array) -> Array:
 
 def rkd_distance(student_emb: Array, teacher_emb: Array, *, where: Array | None = None) -> Array:
     """Relational KD, distance term (Park et al. 2019): smooth-L1 between the pairwise distances of the student's
-    and of the teacher's embeddings (N, D), each divided by its mean over the pairs. A scalar (pairs of examples)."""
+    and of the teacher's embeddings (N, D), each divided by its mean over the pairs. A scalar (pairs of examples).
+    Takes ``where`` only (batch-relational: see the module docstring)."""
     fn = "rkd_distance"
     s, t = _f32(student_emb), jax.lax.stop_gradient(_f32(teacher_emb))
     _check_min_rank(fn, "student_emb", s, 2)
@@ -79,7 +86,8 @@ def rkd_distance(student_emb: Array, teacher_emb: Array, *, where: Array | None 
 def rkd_angle(student_emb: Array, teacher_emb: Array, *, where: Array | None = None) -> Array:
     """Relational KD, angle term: smooth-L1 between the cosines of the angles (e_i - e_j, e_k - e_j) of every
     triplet, student against teacher. A scalar. The cosines come from the Gram matrix of the centred embeddings,
-    so the cost is O(N^2 D + N^3) (N^3 D for explicit difference vectors: 19 min an epoch for SSD-KD on MNIST)."""
+    so the cost is O(N^2 D + N^3) (N^3 D for explicit difference vectors: 19 min an epoch for SSD-KD on MNIST).
+    Takes ``where`` only (batch-relational: see the module docstring)."""
     fn = "rkd_angle"
     s, t = _f32(student_emb), jax.lax.stop_gradient(_f32(teacher_emb))
     if s.shape[0] != t.shape[0]:
@@ -112,7 +120,7 @@ def triplet_margin(
     reduction: str = "mean",
 ) -> Array:
     """Per example ``max(0, |a - p|^2 - |a - n|^2 + margin)`` on L2-normalised embeddings (*batch, D): the anchor
-    stays `margin` closer to its positive than to its negative."""
+    stays `margin` closer to its positive than to its negative. Takes ``where``, ``weights``, ``reduction``."""
     fn = "triplet_margin"
     _check_nonnegative(fn, "margin", margin)
     a, p, n = (_f32(x) for x in (anchor, positive, negative))
@@ -133,13 +141,17 @@ def feature_kl(
     teacher_features: Array,
     temperature: float = 4.0,
     *,
+    axis: int = -1,
     where: Array | None = None,
     weights: Array | None = None,
     reduction: str = "mean",
 ) -> Array:
-    """``T^2 * KL(softmax(h_t / T) || softmax(h_s / T))`` over the feature axis of (*batch, D) feature vectors: the
-    teacher's feature distribution at a feature temperature (the penultimate-feature KD of the methods table)."""
-    return kd_kl(student_features, teacher_features, temperature, where=where, weights=weights, reduction=reduction)
+    """``T^2 * KL(softmax(h_t / T) || softmax(h_s / T))`` over the feature axis (``axis``, default -1) of (*batch, D)
+    feature vectors: the teacher's feature distribution at a feature temperature (the penultimate-feature KD of the
+    methods table). Takes ``axis``, ``where``, ``weights``, ``reduction``."""
+    return kd_kl(
+        student_features, teacher_features, temperature, axis=axis, where=where, weights=weights, reduction=reduction
+    )
 
 
 def mixture_kd(
@@ -149,13 +161,15 @@ def mixture_kd(
     lam: float | Array,
     temperature: float | Array = 4.0,
     *,
+    axis: int = -1,
     where: Array | None = None,
     weights: Array | None = None,
     reduction: str = "mean",
 ) -> Array:
     """MKD's loss-level mixture: ``T^2 * [lam KL(p_a || q) + (1 - lam) KL(p_b || q)]`` per example, where ``q`` is
     the student on the mixed input and ``p_a``, ``p_b`` the teacher on the two source images (not on the mix);
-    `lam` a scalar or per example. By joint convexity it bounds the KD loss against the mixed teacher."""
+    `lam` a scalar or per example. By joint convexity it bounds the KD loss against the mixed teacher. Takes
+    ``axis`` (the class axis, default -1), ``where``, ``weights``, ``reduction``."""
     fn = "mixture_kd"
     _check_positive(fn, "temperature", temperature)
     s, a, b = (
@@ -165,6 +179,7 @@ def mixture_kd(
     )
     _check_same_shape(fn, "student_logits", s, "teacher_logits_a", a)
     _check_same_shape(fn, "student_logits", s, "teacher_logits_b", b)
+    s, a, b = (_class_last(fn, "logits", x, axis) for x in (s, a, b))
     s, a, b = (_masked(fn, where, x, x.ndim - 1) for x in (s, a, b))
     temp, lam = _f32(temperature), _f32(lam)
     log_q = jax.nn.log_softmax(s / temp, -1)
@@ -186,7 +201,8 @@ def channel_distillation(
 ) -> Array:
     """Channel-wise distillation (MTKD-SSR's stage-wise channel term, as Shu et al. 2021 define it): each channel's
     spatial map becomes a distribution (softmax over H*W at `temperature`); per example ``T^2 / C * sum_c
-    KL(teacher_c || student_c)``. Feature maps (*batch, H, W, C) of equal shape (map the student first)."""
+    KL(teacher_c || student_c)``. Feature maps (*batch, H, W, C) of equal shape (map the student first). Takes
+    ``where``, ``weights``, ``reduction``."""
     fn = "channel_distillation"
     _check_positive(fn, "temperature", temperature)
     s, t = _f32(student_feats), jax.lax.stop_gradient(_f32(teacher_feats))
@@ -212,7 +228,7 @@ def smoothness(
 ) -> Array:
     """PURF's regulariser on the model being trained (gradients flow into both arguments): per example
     ``sum_k |phi_k(x + delta) - phi_k(x)|^2 / |phi_k(x)|^2``, the relative change of each representation under a
-    small input perturbation."""
+    small input perturbation. Takes ``where``, ``weights``, ``reduction``."""
     fn = "smoothness"
     if len(features) != len(perturbed) or not features:
         raise ValueError(f"{fn}: {len(features)} clean and {len(perturbed)} perturbed representations")

@@ -1,10 +1,15 @@
 """The standard KD baselines of RepDistiller and mdistiller (issue #15), written from their papers' formulas: PKT,
 RKD, similarity-preserving KD, neuron selectivity transfer, DIST, correlation congruence, logit-standardised KD.
 
-Every function follows the package contract (float32, no teacher gradient, named shape errors). Losses that
-compare examples within a batch (pkt, rkd, similarity_preserving, correlation_congruence, dist) take (N, ...)
-inputs, return a scalar and take only `where` (masked-out examples leave every pair they are in); the
-per-example ones (nst, logit_standardized_kd) take `where` / `weights` / `reduction` like every other loss.
+Every function follows the package contract: inputs cast to float32 and a float32 result whatever the input dtype
+(bf16 included), no teacher gradient, named shape errors. Losses that compare examples within a batch (pkt, rkd,
+similarity_preserving, correlation_congruence, dist, mlkd) take (N, ...) inputs, return one scalar for the batch and
+take only ``where`` (masked-out examples leave every pair they are in). They take no ``weights``: each term couples
+two (or three) examples, so a per-example weight has no term of its own to scale, and weighting the pairs by
+``w_i w_j`` would be another loss than the paper's (with 0/1 weights it is exactly ``where``). They take no
+``reduction``: there is no per-example value for ``"none"`` to return, and ``"sum"`` would be the mean times a
+count that depends on the method (N^2 pairs, N^3 triplets). The per-example ones (nst, logit_standardized_kd) take
+``where`` / ``weights`` / ``reduction`` like every other loss, and logit_standardized_kd the class ``axis``.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from extkd_jax.losses._core import (
     _check_min_rank,
     _check_nonnegative,
     _check_positive,
+    _class_last,
     _f32,
     _masked,
     _reduce,
@@ -53,7 +59,8 @@ def _pair_mean(values: Array, mask: Array) -> Array:
 def pkt(student_feat: Array, teacher_feat: Array, eps: float = 1e-7, *, where: Array | None = None) -> Array:
     """Probabilistic knowledge transfer (Passalis & Tefas 2018), RepDistiller's cosine form: rows L2-normalised,
     cosine similarities mapped to [0, 1] by (s + 1) / 2 and normalised per row into conditional probabilities;
-    the mean over all N x N entries of ``t * log((t + eps) / (s + eps))``."""
+    the mean over all N x N entries of ``t * log((t + eps) / (s + eps))``. Takes ``where`` only (batch-relational:
+    see the module docstring)."""
     fn = "pkt"
     _check_positive(fn, "eps", eps)
     s, t = _batch_pair(fn, student_feat, teacher_feat)
@@ -80,7 +87,8 @@ def rkd(
     """Relational KD (Park et al. 2019) as RepDistiller weighs and averages it: ``distance_weight`` x smooth-L1 of
     the pairwise distances (each set divided by the mean of its positive entries) averaged over all N x N entries,
     plus ``angle_weight`` x smooth-L1 of the cosines of (e_i - e_j, e_k - e_j) averaged over all N^3 entries. The
-    entries with a zero difference vector (i = j, k = j) are 0 on both sides and count in the averages."""
+    entries with a zero difference vector (i = j, k = j) are 0 on both sides and count in the averages. Takes
+    ``where`` only (batch-relational: see the module docstring)."""
     fn = "rkd"
     _check_nonnegative(fn, "distance_weight", distance_weight)
     _check_nonnegative(fn, "angle_weight", angle_weight)
@@ -97,7 +105,7 @@ def rkd(
 
 def similarity_preserving(student_feat: Array, teacher_feat: Array, *, where: Array | None = None) -> Array:
     """Similarity-preserving KD (Tung & Mori 2019): G = F F^T of the flattened features (N, D), rows of G
-    L2-normalised; ``||G_t - G_s||_F^2 / N^2``."""
+    L2-normalised; ``||G_t - G_s||_F^2 / N^2``. Takes ``where`` only (batch-relational: see the module docstring)."""
     fn = "similarity_preserving"
     s, t = _batch_pair(fn, student_feat, teacher_feat)
     mask = _pair_mask(fn, where, s.shape[0])
@@ -114,7 +122,8 @@ def correlation_congruence(
 ) -> Array:
     """Correlation congruence (Peng et al. 2019): the correlation between examples by a Gaussian RBF kernel,
     ``C_ij = exp(-gamma |f_i - f_j|^2)`` on L2-normalised embeddings (computed exactly, not by the paper's Taylor
-    expansion); ``||C_t - C_s||_F^2 / N^2``. Student and teacher dimensions may differ."""
+    expansion); ``||C_t - C_s||_F^2 / N^2``. Student and teacher dimensions may differ. Takes ``where`` only
+    (batch-relational: see the module docstring)."""
     fn = "correlation_congruence"
     _check_positive(fn, "gamma", gamma)
     s, t = _batch_pair(fn, student_feat, teacher_feat)
@@ -152,7 +161,8 @@ def dist(
 ) -> Array:
     """DIST (Huang et al. 2022): with ``p = softmax(logits / T)`` over a batch (N, C),
     ``T^2 (beta (1 - mean_n pearson(p_s[n], p_t[n])) + gamma (1 - mean_c pearson(p_s[:, c], p_t[:, c])))``:
-    the inter-class relation (each example's classes) and the intra-class relation (each class over the batch)."""
+    the inter-class relation (each example's classes) and the intra-class relation (each class over the batch).
+    Takes ``where`` only (batch-relational: see the module docstring); no ``axis``: the inputs are (N, C)."""
     fn = "dist"
     _check_positive(fn, "temperature", temperature)
     _check_nonnegative(fn, "beta", beta)
@@ -183,7 +193,7 @@ def nst(
     """Neuron selectivity transfer (Huang & Wang 2017): per example, each channel's activation map (*batch, H, W, C)
     flattened over space and L2-normalised, then the squared MMD with the polynomial kernel ``k(x, y) = (x . y)^2``
     between the teacher's and the student's channels: ``mean k(t, t) - 2 mean k(s, t) + mean k(s, s)``. Equal H, W;
-    the channel counts may differ."""
+    the channel counts may differ. Takes ``where``, ``weights``, ``reduction``."""
     fn = "nst"
     s, t = _f32(student_feat), jax.lax.stop_gradient(_f32(teacher_feat))
     _check_min_rank(fn, "student_feat", s, 4)
@@ -224,18 +234,21 @@ def logit_standardized_kd(
     teacher_logits: Array,
     temperature: float | Array = 2.0,
     *,
+    axis: int = -1,
     where: Array | None = None,
     weights: Array | None = None,
     reduction: str = "mean",
 ) -> Array:
     """Logit-standardised KD (Sun et al., CVPR 2024): Hinton's ``T^2 KL`` between the z-scores of the teacher's and
     the student's logits (each vector minus its mean, over its sample standard deviation), so the student matches
-    the teacher's logit relations, not their range."""
+    the teacher's logit relations, not their range. Takes ``axis`` (the class axis, default -1), ``where``,
+    ``weights``, ``reduction``."""
     fn = "logit_standardized_kd"
     s, t = _f32(student_logits), _f32(teacher_logits)
     _check_min_rank(fn, "student_logits", s, 1)
     if s.shape != t.shape:
         raise ValueError(f"{fn}: student_logits shape {tuple(s.shape)} != teacher_logits shape {tuple(t.shape)}")
+    s, t = _class_last(fn, "student_logits", s, axis), _class_last(fn, "teacher_logits", t, axis)
     if s.shape[-1] < 2:
         raise ValueError(f"{fn}: standardising needs at least 2 classes, got logits of shape {tuple(s.shape)}")
     s, t = _masked(fn, where, s, s.ndim - 1), _masked(fn, where, t, t.ndim - 1)  # before any arithmetic
@@ -268,7 +281,8 @@ def mlkd(
 
     The class level grows as (N / C)^2 and the batch level as N / C; the reference ran with N <= C (CIFAR-100,
     ImageNet). `batch_invariant=True` scales both by ``C / N^2`` instead: the same value at N = C, and no growth
-    with the batch (at N = 256, C = 10 the reference's terms diverge an MNIST student)."""
+    with the batch (at N = 256, C = 10 the reference's terms diverge an MNIST student). Takes ``where`` only
+    (batch-relational: see the module docstring); no ``axis``: the inputs are (N, C)."""
     fn = "mlkd"
     s, t = _f32(student_logits), jax.lax.stop_gradient(_f32(teacher_logits))
     if s.ndim != 2 or s.shape != t.shape:

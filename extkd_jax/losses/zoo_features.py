@@ -3,7 +3,8 @@ matrices, variational information distillation and activation boundaries, writte
 checked against RepDistiller / mdistiller.
 
 Features are (N, D) vectors or (N, H, W, C) maps. Every loss is per example and takes ``where`` / ``weights`` /
-``reduction`` like the package's other losses; teacher inputs get no gradient.
+``reduction`` like the package's other losses (no ``axis``: the channel axis is last); teacher inputs get no
+gradient; inputs are cast to float32 and the result is float32 whatever the input dtype (bf16 included).
 """
 
 from __future__ import annotations
@@ -66,7 +67,8 @@ def fsp(
 ) -> Array:
     """FSP (Yim et al. 2017) as RepDistiller computes it: the FSP matrix of each pair of consecutive segments of the
     student and of the teacher; per example, the sum over the pairs of the mean squared difference of the two
-    matrices. Student and teacher need the same channel counts (map the student's segments first if not)."""
+    matrices. Student and teacher need the same channel counts (map the student's segments first if not).
+    Takes ``where``, ``weights``, ``reduction``."""
     fn = "fsp"
     if len(student_segments) != len(teacher_segments) or len(student_segments) < 2:
         raise ValueError(
@@ -130,7 +132,8 @@ def vid(
     """Variational information distillation (Ahn et al. 2019): the negative log-likelihood of the teacher's feature
     under a Gaussian whose mean the student predicts (`student_mean`, from a regressor) and whose per-channel
     variance ``softplus(log_scale) + eps`` is learned: per example, the mean over positions and channels of
-    ``0.5 * ((mean - t)^2 / var + log var)`` (the constant 0.5 log 2 pi left out, as in the reference)."""
+    ``0.5 * ((mean - t)^2 / var + log var)`` (the constant 0.5 log 2 pi left out, as in the reference).
+    Takes ``where``, ``weights``, ``reduction``."""
     fn = "vid"
     _check_positive(fn, "eps", eps)
     mu = _features(fn, "student_mean", student_mean, where)
@@ -157,7 +160,8 @@ def activation_boundary(
     """Activation-boundary transfer (Heo et al. 2019), the alternative L2 loss: per example, the sum over neurons of
     ``(s + m)^2`` where the teacher's neuron is off (t <= 0) but the student's is above -m, plus ``(s - m)^2`` where
     the teacher's is on (t > 0) but the student's is at most m. The student's response `s` comes through a
-    connector; the teacher's sign is the same before and after its ReLU."""
+    connector; the teacher's sign is the same before and after its ReLU.
+    Takes ``where``, ``weights``, ``reduction``."""
     fn = "activation_boundary"
     _check_nonnegative(fn, "margin", margin)
     s = _features(fn, "student_feat", student_feat, where)
@@ -190,7 +194,8 @@ def factor_transfer(
 ) -> Array:
     """Factor transfer (Kim et al. 2018), RepDistiller's loss: the larger map pooled to the smaller, each turned
     into its `factor` (power `p1`), and per example the mean over positions of ``|F_s - F_t|^p2``. The inputs are
-    the translator's output (student) and the paraphraser's code (teacher); any channel counts."""
+    the translator's output (student) and the paraphraser's code (teacher); any channel counts.
+    Takes ``where``, ``weights``, ``reduction``."""
     fn = "factor_transfer"
     _check_positive(fn, "p1", p1)
     _check_positive(fn, "p2", p2)
@@ -221,7 +226,8 @@ def hierarchical_context(
     """ReviewKD's hierarchical context loss (Chen et al. 2021): for each pair of maps (N, H, W, C) of one shape, the
     MSE of the maps plus, for each pyramid level l < H in `levels` order, the MSE of both maps average-pooled to
     l x l weighted 1/2, 1/4, ..., all over the sum of the weights; summed over the pairs. Per example: the mean over
-    positions and channels."""
+    positions and channels.
+    Takes ``where``, ``weights``, ``reduction``."""
     fn = "hierarchical_context"
     if len(student_maps) != len(teacher_maps) or not student_maps:
         raise ValueError(
@@ -275,7 +281,8 @@ def ofd(
     """OFD's partial L2 (Heo et al. 2019, mdistiller's form) between the student's pre-activation (through a
     connector) and the teacher's, the teacher's negative values raised to the per-channel `margin`: per example,
     the sum over positions and channels of ``(s - m)^2`` where ``s > m >= t``, ``(s - t)^2`` where ``s > t`` and
-    ``m < t <= 0``, and ``(s - t)^2`` where ``t > 0``. The larger map is pooled to the smaller."""
+    ``m < t <= 0``, and ``(s - t)^2`` where ``t > 0``. The larger map is pooled to the smaller.
+    Takes ``where``, ``weights``, ``reduction``."""
     fn = "ofd"
     s = _features(fn, "student_feat", student_feat, where)
     t = jax.lax.stop_gradient(_features(fn, "teacher_feat", teacher_feat, where))
@@ -347,7 +354,8 @@ def kdsvd(
     teacher's top-k singular values L2-normalised; between consecutive segments an RBF
     ``exp(-(v_i - v_j)^2 / 8)`` relates every channel of one to every channel of the other, and the loss is the sum
     of the squared differences of the student's and teacher's RBF matrices. Student and teacher need the same
-    channel counts; vector segments are refused."""
+    channel counts; vector segments are refused.
+    Takes ``where``, ``weights``, ``reduction``."""
     fn = "kdsvd"
     if len(student_segments) != len(teacher_segments) or len(student_segments) < 2:
         raise ValueError(
