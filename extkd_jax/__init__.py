@@ -26,9 +26,12 @@ if not os.path.isdir(os.path.join(_HERE, "configs")) and os.path.isfile(_CHECKOU
 def load(workdir, dtype: str | None = None):
     """The trained model of an `extkd train` / `extkd distill` workdir, callable on raw uint8 NHWC images
     (see extkd_jax.train.evaluate.TrainedModel)."""
-    from extkd_jax.train.evaluate import load as _load
+    from extkd_jax._extras import needs_extras
 
-    return _load(workdir, dtype)
+    with needs_extras("extkd_jax.load"):  # a losses-only install: the error names the extra to install
+        from extkd_jax.train.evaluate import load as _load
+
+        return _load(workdir, dtype)
 
 
 def __getattr__(name: str):

@@ -269,6 +269,18 @@ def main(argv: list[str] | None = None) -> int:
     if any(a in ("-h", "--help", "--helpfull") for a in args):
         print(usage(command))
         return 0
+    from extkd_jax._extras import MissingExtraError, needs_extras
+
+    try:
+        with needs_extras(f"extkd {command}"):
+            return _run_command(command, args)
+    except MissingExtraError as err:  # a losses-only install: name the extra, no traceback
+        print(err, file=sys.stderr)
+        return 1
+
+
+def _run_command(command: str, args: list[str]) -> int:
+    """Parses, runs and prints one command (`extkd COMMAND ARGS`); its exit status."""
     from extkd_jax.train.lock import WorkdirLockedError
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -14,17 +14,24 @@ from tests.tiny import REPO_ROOT, build_wheel
 
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 import profile_summary  # noqa: E402
-import throughput  # noqa: E402
 import timing  # noqa: E402
 
+NO_TORCH = 'the PyTorch reference step needs torch (pip install "extkd_jax[torch]")'
 
-def test_arguments_ceilings_and_ratios():
+
+def test_arguments():
+    pytest.importorskip("torch", reason=NO_TORCH)
+    import throughput  # its PyTorch reference imports torch
+
     quick = throughput.parse_args(["--quick"])
     assert quick.batch_sizes == [8, 16] and quick.steps == 2 and quick.forms == ["scan", "dispatch"]
     assert "compile_amp_bf16" not in quick.torch_modes  # torch.compile's first step takes minutes on 2 cores
     assert throughput.parse_args([]).batch_sizes == [256, 1024]
     with pytest.raises(SystemExit):
         throughput.parse_args(["--forms", "warp"])
+
+
+def test_ceilings_and_ratios():
     assert timing.ceiling_for("NVIDIA H100 80GB HBM3")["hbm_tb_s"] == 3.35
     assert timing.ceiling_for("NVIDIA H100 PCIe")["name"] == "H100 PCIe"
     assert timing.ceiling_for("cpu") is None
@@ -58,6 +65,7 @@ def test_bench_times_the_real_step_and_profiles_it(tmp_path):
 def test_device_check_cpu_rehearsal(tmp_path):
     """The whole device check at toy sizes on the CPU, installing from a wheelhouse as on the device (there only
     the project's wheel: this interpreter has the dependencies), so the GPU run is never its first run."""
+    pytest.importorskip("torch", reason=NO_TORCH)  # the throughput phase times torch eager fp32
     wheelhouse = build_wheel(tmp_path / "wheelhouse").parent
     out_dir = tmp_path / "out"
     env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS")}

@@ -7,7 +7,7 @@ import pathlib
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
+torch = pytest.importorskip("torch", reason='the PyTorch reference step needs torch (pip install "extkd_jax[torch]")')
 
 _PATH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "torch_reference.py"
 

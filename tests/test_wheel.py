@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import sysconfig
 import zipfile
 
 import pytest
@@ -33,8 +34,14 @@ def venv(tmp_path_factory):
     ):
         assert module in names, f"{module} missing from the wheel"
     assert not any(n.startswith(("tests/", "configs/", "benchmarks/")) for n in names)
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(root / "venv")], check=True)
+    subprocess.run([sys.executable, "-m", "venv", str(root / "venv")], check=True)
     python = root / "venv" / "bin" / "python"
+    # the dependencies: this interpreter's site-packages, after the venv's own (so the wheel's extkd_jax wins; the
+    # .pth files there, such as an editable install of this checkout, are not read). Not --system-site-packages:
+    # from inside a venv that is the base Python's, without jax.
+    (site,) = (root / "venv" / "lib").glob("python*/site-packages")
+    deps = dict.fromkeys([sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]])
+    (site / "dependencies.pth").write_text("".join(f"{path}\n" for path in deps))
     installed = subprocess.run(
         [str(python), "-m", "pip", "install", "--no-deps", "--no-index", str(wheel)],
         capture_output=True,
