@@ -216,7 +216,10 @@ def _enable_compilation_cache() -> None:
 
     import jax
 
+    from extkd_jax.train.xla_cache import sweep_incomplete
+
     cache = os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.expanduser("~/.cache/extkd_jax/xla")
+    sweep_incomplete(cache)  # entries a killed run cut short: JAX would warn and recompile them forever
     jax.config.update("jax_compilation_cache_dir", cache)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 

@@ -18,6 +18,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
 
+from extkd_jax.train.xla_cache import sweep_incomplete  # noqa: E402
+
+sweep_incomplete(str(_CACHE))  # entries a test's SIGKILL cut short (JAX writes them in place, and keeps them)
 jax.config.update("jax_compilation_cache_dir", str(_CACHE))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

@@ -313,13 +313,18 @@ def test_teacher_name_that_is_not_the_checkpoint(data_dir, teacher, tmp_path):
 
 
 def test_teacher_card_edited_to_another_shape(data_dir, teacher, tmp_path):
-    """The teacher's checkpoints carry a card saying mlp(64, 48) but arrays of mlp(64, 64): refused, named."""
+    """The teacher's checkpoints carry a card saying mlp(64, 48) but arrays of mlp(64, 64): refused, named. (The
+    cards' digests are rewritten to match, as a writer of wrong cards would: an edit alone fails the digest.)"""
+    from extkd_jax.train.checkpoint import json_digest
+
     edited = tmp_path / "edited_teacher"
     shutil.copytree(teacher, edited)
     for card in edited.glob("checkpoints/*/card/metadata"):
         record = json.loads(card.read_text())
         record["model"]["kwargs"]["hidden_sizes"] = [64, 48]
         card.write_text(json.dumps(record))
+        digest = card.parent.parent / "digest" / "metadata"
+        digest.write_text(json.dumps({**json.loads(digest.read_text()), "card": json_digest(record)}))
     before = snapshot(edited)
     config = _distill(data_dir, edited, **{"loss.name": "kd"})
     with pytest.warns(UserWarning, match="could not be restored"):

@@ -139,6 +139,8 @@ class Checkpointer:
             step_dir = self.directory / str(step)
             present = {k: v for k, v in targets.items() if k not in optional or (step_dir / k).exists()}
             try:
+                if not step_dir.exists():
+                    raise FileNotFoundError(step_dir)
                 has_digest = (step_dir / "digest").exists()
                 if not has_digest:
                     self._check_undigested(step)

@@ -26,7 +26,7 @@ from etils import epath
 from jax.sharding import Mesh
 
 from extkd_jax.train import sharding
-from extkd_jax.train.checkpoint import Checkpointer
+from extkd_jax.train.checkpoint import DELETED, Checkpointer
 from extkd_jax.train.epoch import make_predict
 from extkd_jax.train.metrics import classification_summary
 from extkd_jax.train.model_input import DEFAULT_INPUT, check_pixel_range, input_convention
@@ -77,6 +77,20 @@ class Restored:
     meta: dict
 
 
+# A loader reading a workdir that a trainer is writing may find the step it chose deleted (the trainer keeps
+# `keep_checkpoints` steps): it lists the steps again, this many times in all.
+RESTORE_ATTEMPTS = 5
+CARD_KEYS = (
+    "model.name",
+    "model.kwargs",
+    "num_classes",
+    "input_shape",
+    "normalization.mean",
+    "normalization.std",
+    "compute_dtype",
+)
+
+
 def restore_checkpoint(workdir: str | epath.PathLike, dtype: str | None = None) -> Restored:
     """The model of the newest readable checkpoint of a `train`/`distill` workdir, with its step and meta."""
     workdir = require_workdir(workdir)
@@ -88,23 +102,70 @@ def restore_checkpoint(workdir: str | epath.PathLike, dtype: str | None = None) 
         )
     checkpointer = Checkpointer(workdir, create=False)
     try:
-        found = checkpointer.restore_latest({"card": None})
-        if found is None:
-            raise FileNotFoundError(f"no readable checkpoint under {checkpointer.directory}")
-        card = found[1]["card"]
-        network, template = network_of(card, dtype)
-        restored = checkpointer.restore_latest({"card": None, "model": template, "meta": None}, optional=("meta",))
-        if restored is None:
-            raise ValueError(
-                f"the arrays in {checkpointer.directory} do not fit the architecture its card describes "
-                f"({card['model']['name']!r}, {card['model']['kwargs']}): another architecture, or an "
-                "edited card"
-            )
-        steps = checkpointer.all_steps()
+        for attempt in range(RESTORE_ATTEMPTS):
+            restored = _restore_newest(checkpointer, dtype, last=attempt == RESTORE_ATTEMPTS - 1)
+            if restored is not None:
+                return restored
     finally:
         checkpointer.close()
+    raise RuntimeError(
+        f"the checkpoints under {checkpointer.directory} were deleted while being read, {RESTORE_ATTEMPTS} times in "
+        f"a row ({checkpointer.describe_failures()}): a run writing this workdir replaces them faster than they can "
+        "be read; load it again, or once that run has finished"
+    )
+
+
+def _restore_newest(checkpointer: Checkpointer, dtype: str | None, last: bool) -> Restored | None:
+    """The newest readable model in a fresh listing of the steps; None when a step was deleted while being read
+    (unless `last`: then an older readable step is returned)."""
+    directory = checkpointer.directory
+    steps = checkpointer.all_steps(read=True)
+    if not steps:
+        raise FileNotFoundError(f"no readable checkpoint under {directory}")
+    found = checkpointer.restore_latest({"card": None}, steps=steps)
+    if found is None:
+        if DELETED in checkpointer.failures.values():
+            return None
+        raise ValueError(
+            f"no readable checkpoint under {directory}: every step is unreadable or corrupt "
+            f"({checkpointer.describe_failures()})"
+        )
+    card = found[1]["card"]
+    _check_card(card, directory / str(found[0]) / "card" / "metadata")
+    network, template = network_of(card, dtype)
+    targets = {"card": None, "model": template, "meta": None}
+    restored = checkpointer.restore_latest(targets, optional=("meta",), steps=[s for s in steps if s <= found[0]])
+    if DELETED in checkpointer.failures.values() and not (last and restored is not None):
+        return None
+    if restored is None:
+        reasons = checkpointer.failures.values()
+        if all("tree structures do not match" in r or "not compatible with the stored shape" in r for r in reasons):
+            raise ValueError(
+                f"the arrays in {directory} do not fit the architecture its card describes "
+                f"({card['model']['name']!r}, {card['model']['kwargs']}): another architecture, or an "
+                f"edited card ({checkpointer.describe_failures()})"
+            )
+        raise ValueError(
+            f"no checkpoint under {directory} could be restored: every step tried is unreadable or corrupt "
+            f"({checkpointer.describe_failures()}); retrain, or restore the workdir from a copy"
+        )
     step, items = restored
     return Restored(network, items["model"], items["card"], step, steps, items["meta"] or {})
+
+
+def _check_card(card: Any, path: epath.Path) -> None:
+    """A clear error naming the file and the key when a card lacks what loading the model needs."""
+    if not isinstance(card, dict):
+        raise ValueError(f"{path} holds {type(card).__name__}, not a model card (a JSON object)")
+    for key in CARD_KEYS:
+        value: Any = card
+        for part in key.split("."):
+            if not isinstance(value, dict) or part not in value:
+                raise ValueError(
+                    f"the model card {path} has no `{key}`: it was not written by extkd_jax, or was edited; "
+                    "restore the checkpoint from a copy, or retrain"
+                )
+            value = value[part]
 
 
 def restore_model(workdir: str | epath.PathLike, dtype: str | None = None) -> tuple[Network, dict, dict]:

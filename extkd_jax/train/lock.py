@@ -4,8 +4,9 @@ Local workdirs use an advisory `fcntl.flock` on `<workdir>/.lock`: the kernel dr
 exits, however it exits (SIGKILL included), so a killed run never leaves it stuck. The file also records who holds
 it (pid, host, start time) for the refusal message. Object stores (`gs://`) have no file locks: there the lock is
 a record that its holder refreshes every `HEARTBEAT_S` seconds from a background thread, and a record older than
-`STALE_S` counts as abandoned (a killed holder); two processes starting within the same second on a bucket are not
-told apart (documented limit). In a multi-host run only process 0 takes the lock: the others follow it.
+`STALE_S` counts as abandoned (a killed holder), and so does, at once, a record of this same host (hostname and
+boot id) whose pid is no longer alive; two processes starting within the same second on a bucket are not told apart
+(documented limit). In a multi-host run only process 0 takes the lock: the others follow it.
 """
 
 from __future__ import annotations
@@ -38,8 +39,37 @@ def _holder_text(holder: dict[str, Any], workdir: epath.Path) -> str:
     )
 
 
+def _boot_id() -> str | None:
+    """This machine's boot id (Linux): tells a host apart from another of the same name, and from itself rebooted."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
+
+
 def _me(command: str) -> dict[str, Any]:
-    return {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time(), "command": command}
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time(), "command": command}
+    boot = _boot_id()
+    return {**me, "boot_id": boot} if boot else me
+
+
+def _dead_here(holder: dict[str, Any]) -> bool:
+    """Whether the holder ran on this host (same hostname and, when both recorded one, boot id) and its pid is no
+    longer alive: a killed run, whose record need not wait `STALE_S` to be taken over."""
+    pid = holder.get("pid")
+    if holder.get("host") != socket.gethostname() or not isinstance(pid, int) or pid <= 0 or pid == os.getpid():
+        return False
+    boot = _boot_id()
+    if holder.get("boot_id") and boot and holder["boot_id"] != boot:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # EPERM: alive, another user's
+        return False
+    return False
 
 
 class WorkdirLock:
@@ -98,7 +128,8 @@ class WorkdirLock:
     def _acquire_remote(self) -> None:
         holder = _read_holder(self.path)
         mine = (holder.get("host"), holder.get("pid")) == (socket.gethostname(), os.getpid())
-        if holder and time.time() - holder.get("heartbeat", 0) < STALE_S and not mine:
+        fresh = time.time() - holder.get("heartbeat", 0) < STALE_S
+        if holder and fresh and not mine and not _dead_here(holder):
             raise WorkdirLockedError(_holder_text(holder, self.workdir))
         me = _me(self.command)
         self._write_remote(me)
