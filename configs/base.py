@@ -88,7 +88,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict()
     c.data.source = "npz"  # "npz" (offline folder), "tfds", or "sklearn" (bundled 8x8 digits)
     c.data.name = "mnist"  # cifar10 | cifar100 | mnist | fashion_mnist | digits
-    c.data.dir = ""  # npz folder, or tfds data_dir ("" = tfds default)
+    # where the data is: an npz folder (DIR/<name>/ or DIR itself, local or gs://), or tfds's data_dir. Empty: an npz
+    # folder $EXTKD_DATA_DIR/<name>, else tfds ($TFDS_DATA_DIR or ~/tensorflow_datasets). Not part of a workdir's
+    # identity (a copy of the same data elsewhere is the same run); `extkd data prepare` makes an npz folder
+    c.data.dir = ""
+    c.data.download = True  # tfds: download and prepare a dataset missing under its data_dir (needs internet)
     c.data.val_size = 5000  # carved from train, deterministic for data.seed
     c.data.seed = 0
     c.data.max_train_examples = 0  # 0 = the whole training split; else a fixed random subset (small budgets)

@@ -18,8 +18,9 @@ Variants (`--config=cifar10_drop:<variant>`):
   students 8, one seed, kd and extended_kd at segment weight 1;
 - `teacher` (alone or after a size, `cpu,teacher`): the teacher run alone, for `extkd train`.
 
-Data: ../shared/data/cifar10 (a copy decoded from JPEG: expect 1-3 points under published accuracies), or tfds
-with `--config.data.source=tfds --config.data.dir=`.
+Data: an npz folder (`--config.data.dir=DIR`, else `$EXTKD_DATA_DIR/cifar10`; `extkd data prepare cifar10
+--out=DIR [--from=cifar-10-python.tar.gz]` makes one), else tfds `cifar10`. The README's CPU-scale tables were
+measured on a copy decoded from JPEG: expect 1-3 points under published accuracies there.
 """
 
 from extkd_jax.configs import base
@@ -30,7 +31,7 @@ def get_config(arg=None):
     c.kind = "experiment"
     c.data.source = "npz"
     c.data.name = "cifar10"
-    c.data.dir = "../shared/data/cifar10"
+    c.data.dir = ""  # the dataset, not a folder: $EXTKD_DATA_DIR/cifar10, else tfds (configs/base.py)
     c.data.val_size = 5000
     c.data.drop_classes = (3,)
     c.data.augment = "cifar"

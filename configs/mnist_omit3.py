@@ -2,9 +2,10 @@
 
 Teacher MLP 784-1200-1200-10 with dropout and inputs jittered by up to 2 pixels, trained on all 60k-val
 digits; students MLP 784-800-800-10 at T=20 (0.1 CE + 0.9 KL) on the digits without any 3. Extended-KD adds the
-MSE of both hidden layers through learned linear connectors 800 -> 1200. MNIST from ../shared/data/mnist
-(offline) or tfds (`--config.data.source=tfds --config.data.dir=`). 12 min 39 s alone on 2 CPU cores (measured
-2026-11-27 in a fresh workdir; the teacher 2.0 min, 16 student runs of 8 epochs, 21-65 s each):
+MSE of both hidden layers through learned linear connectors 800 -> 1200. MNIST from an npz folder
+(`--config.data.dir`, else `$EXTKD_DATA_DIR/mnist`; `extkd data prepare mnist --out=DIR` makes one), else tfds.
+12 min 39 s alone on 2 CPU cores (measured 2026-11-27 in a fresh workdir; the teacher 2.0 min, 16 student runs of
+8 epochs, 21-65 s each):
 
     extkd reproduce --config=mnist_omit3 --workdir=/tmp/mnist_omit3
 

@@ -10,7 +10,7 @@ def get_config():
     c = base.get_config()
     c.data.source = "npz"
     c.data.name = "mnist"
-    c.data.dir = "../shared/data/mnist"
+    c.data.dir = ""  # the dataset, not a folder: $EXTKD_DATA_DIR/mnist, else tfds (configs/base.py)
     c.data.val_size = 0
     c.model.name = "mlp"
     c.model.kwargs.hidden_sizes = (1200, 1200)

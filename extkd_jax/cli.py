@@ -26,6 +26,7 @@ COMMANDS = {
     "report": "print the summary table of a reproduced experiment (DIR/results.json), as the README shows it",
     "config": "print a preset's resolved config as JSON, every key (defaults included), overrides applied",
 }
+DATA_COMMAND = "extkd data prepare NAME --out=DIR [--from=PATH]: a dataset's npz folder (CIFAR, MNIST files, tfds)"
 NO_CONFIG = ("evaluate", "report")
 DEFAULT_PRESET = {"reproduce": "digits_omit3"}
 KINDS = {"train": "run", "distill": "run", "reproduce": "experiment", "import-torch": "run"}
@@ -68,6 +69,7 @@ def usage(command: str | None = None) -> str:
             "",
             "commands:",
         ] + [f"  {name:<10} {text}" for name, text in COMMANDS.items()]
+        lines += [f"  {'data':<10} {DATA_COMMAND}"]
         lines += ["", "extkd COMMAND --help shows a command's flags; extkd --version the version"]
     else:
         config = "" if command in NO_CONFIG else " --config=PRESET[:variant]"
@@ -266,6 +268,8 @@ def main(argv: list[str] | None = None) -> int:
         print(usage())
         return 0 if argv else 2
     command, args = argv[0], argv[1:]
+    if command == "data":  # `extkd data prepare ...`: its own flags and help (extkd_jax/data/prepare.py)
+        return _data_command(args)
     if command not in COMMANDS:
         print(f"extkd: error: unknown command {command!r}; expected one of {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
@@ -278,6 +282,19 @@ def main(argv: list[str] | None = None) -> int:
         with needs_extras(f"extkd {command}"):
             return _run_command(command, args)
     except MissingExtraError as err:  # a losses-only install: name the extra, no traceback
+        print(err, file=sys.stderr)
+        return 1
+
+
+def _data_command(args: list[str]) -> int:
+    from extkd_jax._extras import MissingExtraError, needs_extras
+
+    try:
+        with needs_extras("extkd data"):
+            from extkd_jax.data.prepare import main as data_main
+
+            return data_main(args)
+    except MissingExtraError as err:
         print(err, file=sys.stderr)
         return 1
 

@@ -15,6 +15,9 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(_CACHE))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# This workspace's real datasets (../shared/data: mnist, cifar10), where presets find them ($EXTKD_DATA_DIR/<name>)
+if (pathlib.Path(__file__).resolve().parents[2] / "shared" / "data").is_dir():
+    os.environ.setdefault("EXTKD_DATA_DIR", str(pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 import jax  # noqa: E402
 

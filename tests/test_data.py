@@ -11,6 +11,7 @@ import pytest
 from extkd_jax.configs import base
 from extkd_jax.data import (
     AUGMENTATIONS,
+    TFDS_NAMES,
     ArrayDataset,
     augment_batch,
     channel_stats,
@@ -21,6 +22,7 @@ from extkd_jax.data import (
     prepare_datasets,
     split_validation,
 )
+from extkd_jax.data.sources import DataNotFoundError
 from extkd_jax.train.step import normalize
 
 
@@ -106,8 +108,11 @@ def test_npz_numeric_part_order_and_unknown_name_classes(tmp_path):
 
 
 def test_npz_missing_folder_and_files(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"nowhere.*train_0\.npz"):
+    with pytest.raises(
+        DataNotFoundError, match=rf"no folder {tmp_path}/nowhere \(nor npz files in {tmp_path}\)"
+    ) as err:
         load_split("npz", "nowhere", "train", tmp_path)
+    assert "train_0.npz" in str(err.value)
     folder = tmp_path / "toy"
     folder.mkdir()
     np.savez(folder / "test.npz", x_test=np.zeros((2, 3, 3), np.uint8), y_test=np.zeros(2, np.uint8))
@@ -122,7 +127,8 @@ def test_npz_missing_folder_and_files(tmp_path):
 def test_unknown_source_name_and_split():
     with pytest.raises(ValueError, match="known sources"):
         load_split("csv", "mnist", "train")
-    with pytest.raises(ValueError, match="known tfds names"):
+    pytest.importorskip("tensorflow_datasets")
+    with pytest.raises(ValueError, match="unknown tfds dataset 'imagenet': tensorflow-datasets has no such"):
         load_split("tfds", "imagenet", "train")
     with pytest.raises(ValueError, match="known sklearn names"):
         load_split("sklearn", "iris", "train")
@@ -149,6 +155,120 @@ def test_tfds_under_mock(name, shape, num_classes):
     assert ds.images.shape == (6,) + shape and ds.images.dtype == np.uint8
     assert ds.labels.shape == (6,) and ds.labels.dtype == np.int32
     assert ds.num_classes == num_classes and ds.name == name
+
+
+def test_any_tfds_image_dataset_opens_not_only_the_presets(tmp_path):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    with tfds.testing.mock_data(num_examples=4, policy=tfds.testing.MockPolicy.USE_CODE):
+        ds = load_split("tfds", "svhn_cropped", "train", download=True)
+    assert "svhn_cropped" not in TFDS_NAMES and ds.images.shape == (4, 32, 32, 3) and ds.num_classes == 10
+
+
+# ------------------------------------------------------------------------- where a run finds its data
+
+
+def _two_copies(tmp_path):
+    """Two npz copies of 'mnist' told apart by their test labels: A (all 1) and B (all 2)."""
+    for copy, label in (("A", 1), ("B", 2)):
+        folder = tmp_path / copy / "mnist"
+        folder.mkdir(parents=True)
+        np.savez(folder / "train_0.npz", x_train=np.zeros((3, 4, 4), np.uint8), y_train=np.full(3, label, np.uint8))
+        np.savez(folder / "test.npz", x_test=np.zeros((2, 4, 4), np.uint8), y_test=np.full(2, label, np.uint8))
+    return tmp_path / "A", tmp_path / "B"
+
+
+def test_data_dir_then_extkd_data_dir_then_tfds(tmp_path, monkeypatch):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    a, b = _two_copies(tmp_path)
+    monkeypatch.setenv("EXTKD_DATA_DIR", str(b))
+    assert set(load_split("npz", "mnist", "test", str(a)).labels) == {1}  # data.dir first
+    assert set(load_split("npz", "mnist", "test").labels) == {2}  # then $EXTKD_DATA_DIR/<name>
+    monkeypatch.setenv("EXTKD_DATA_DIR", str(b / "mnist"))  # the dataset's folder itself
+    assert set(load_split("npz", "mnist", "test").labels) == {2}
+    # a folder of another dataset's files is not taken for mnist: tfds is next (its mock here)
+    monkeypatch.setenv("EXTKD_DATA_DIR", str(b / "mnist"))
+    with tfds.testing.mock_data(num_examples=7, policy=tfds.testing.MockPolicy.USE_CODE):
+        other = open_split("npz", "cifar10", "test", None, download=False)
+        assert other.origin.startswith("tfds 'cifar10'") and len(other) == 7 and other.image_shape == (32, 32, 3)
+        monkeypatch.delenv("EXTKD_DATA_DIR")
+        assert open_split("npz", "mnist", "train").origin.startswith("tfds 'mnist'")
+        # an explicit data.dir is the only place looked at: no fallback to tfds (nor to $EXTKD_DATA_DIR)
+        monkeypatch.setenv("EXTKD_DATA_DIR", str(b))
+        with pytest.raises(DataNotFoundError, match="2. .*not tried: data.dir is set"):
+            open_split("npz", "mnist", "train", str(tmp_path / "empty"))
+
+
+def test_no_data_anywhere_names_every_way_and_the_prepare_command(tmp_path, monkeypatch):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    monkeypatch.delenv("EXTKD_DATA_DIR", raising=False)
+    monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "tfds"))
+    with pytest.raises(DataNotFoundError) as err:
+        load_split("npz", "mnist", "train", download=False)
+    lines = str(err.value).splitlines()
+    assert lines[0] == "dataset 'mnist' not found. A run takes it from the first of:"
+    assert lines[1].startswith("  1. --config.data.dir=DIR") and lines[1].endswith(": not set")
+    assert lines[2] == "  2. $EXTKD_DATA_DIR/mnist, an npz folder: $EXTKD_DATA_DIR is not set"
+    assert lines[3].startswith("  3. tensorflow-datasets 'mnist' under $TFDS_DATA_DIR")
+    assert "not prepared, and --config.data.download=False" in lines[3]
+    assert "  extkd data prepare mnist --out=DIR [--from=PATH]" in lines
+
+    # downloads allowed: tried only when the network answers (tfds's retries take minutes to fail offline)
+    from extkd_jax.data import tfds_split
+
+    calls = []
+
+    def data_source(name, **kwargs):
+        calls.append(kwargs["download"])
+        raise ConnectionError("Failed to resolve 'storage.googleapis.com'")
+
+    monkeypatch.setattr(tfds, "data_source", data_source)
+    monkeypatch.setattr(tfds_split, "network_problem", lambda: "cannot reach storage.googleapis.com: no route")
+    with pytest.raises(DataNotFoundError, match=r"downloading it is impossible offline \(cannot reach storage"):
+        load_split("npz", "mnist", "train", download=True)
+    assert calls == [False]
+    monkeypatch.setattr(tfds_split, "network_problem", lambda: None)
+    with pytest.raises(DataNotFoundError, match=r"downloading it failed \(ConnectionError: Failed to resolve"):
+        load_split("npz", "mnist", "train", download=True)
+    assert calls == [False, False, True]
+
+
+def test_the_network_probe_names_an_unreachable_host(monkeypatch):
+    from extkd_jax.data.tfds_split import network_problem
+
+    for var in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    assert "cannot reach host.invalid" in network_problem("host.invalid", timeout_s=5)  # RFC 6761: never resolves
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy:3128")
+    assert network_problem("host.invalid") is None  # behind a proxy only the download itself can tell
+
+
+@pytest.mark.slow
+def test_the_no_data_message_prints_without_a_traceback(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("tensorflow_datasets")
+    from extkd_jax import cli
+
+    monkeypatch.delenv("EXTKD_DATA_DIR", raising=False)
+    monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "tfds"))
+    rc = cli.main(["train", "--config=mnist_teacher", f"--workdir={tmp_path / 'w'}", "--config.data.download=False"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "Traceback" not in err
+    assert err.startswith("extkd train: error: dataset 'mnist' not found. A run takes it from the first of:\n")
+    assert "$EXTKD_DATA_DIR/mnist" in err and "extkd data prepare mnist --out=DIR" in err
+
+
+def test_a_workdir_resumes_from_another_copy_of_its_data(tmp_path):
+    """data.dir and data.download say where the data is read from, not what is computed: not the workdir's identity."""
+    from extkd_jax.train.workdir import check_or_write_config
+
+    config = base.get_config()
+    config.data.dir = "../shared/data/mnist"  # as the committed docs/results configs record it
+    check_or_write_config(tmp_path, config, kind="train", write=True)
+    (tmp_path / "metrics.jsonl").write_text('{"epoch": 1}\n')  # started
+    config.data.dir, config.data.download = "", False
+    check_or_write_config(tmp_path, config, kind="train", write=False)
+    config.data.name = "cifar10"
+    with pytest.raises(ValueError, match="data.name: 'mnist' -> 'cifar10'"):
+        check_or_write_config(tmp_path, config, kind="train", write=False)
 
 
 def test_tfds_not_prepared_is_file_not_found(tmp_path):

@@ -1,7 +1,8 @@
 """The npz source: a folder of `train_<k>.npz` parts (keys x_train, y_train) and `test.npz` (x_test, y_test).
 
-`data_dir` is the folder that holds `<name>/` or that folder itself (local or remote, through `etils.epath`); with
-no `data_dir` the root is `$EXTKD_DATA_DIR`, else `./data`. Labels are read whole (they are small); images are read
+Where a dataset's folder is (`locate`): `data_dir` (`--config.data.dir`, local or remote through `etils.epath`) is
+the folder that holds `<name>/` or that folder itself; with no `data_dir`, `$EXTKD_DATA_DIR/<name>` (or
+`$EXTKD_DATA_DIR` itself when its last component is `<name>`). Labels are read whole (they are small); images are read
 by index: from a local file whose member is stored uncompressed (`np.savez`), only the requested rows are read
 (memory-mapped), so each process of a multi-host run reads only its own shard; a compressed member
 (`np.savez_compressed`) or a remote file is read whole once.
@@ -23,19 +24,45 @@ _PART_RE = re.compile(r"^train_(\d+)\.npz$")
 _LOCAL_HEADER = struct.Struct("<4s2B4HL2L2H")  # a zip local file header: the member's data follows it
 
 
-def npz_folder(name: str, data_dir=None) -> epath.Path:
-    """The folder holding the npz files of `name` (see the module docstring for the rule)."""
+ENV_VAR = "EXTKD_DATA_DIR"
+LAYOUT = (
+    "expected a folder with train_0.npz[, train_1.npz, ...] (keys x_train, y_train) and test.npz (keys x_test, "
+    "y_test), uint8 images"
+)
+
+
+def locate(name: str, data_dir=None) -> tuple[epath.Path | None, str]:
+    """(the folder holding npz dataset `name`, "") or (None, why it was not found); see the module docstring.
+
+    `data_dir` given: that folder's `<name>/`, or the folder itself when it is named `<name>` or holds npz files.
+    No `data_dir`: `$EXTKD_DATA_DIR/<name>`, or `$EXTKD_DATA_DIR` itself when it is named `<name>` (a folder of
+    another dataset's files is not taken for `<name>`)."""
     if not name or not isinstance(name, str):
         raise ValueError(f"npz dataset name must be a non-empty str, got {name!r}")
-    root = epath.Path(data_dir or os.environ.get("EXTKD_DATA_DIR", "data")).expanduser()
+    if data_dir:
+        root = epath.Path(data_dir).expanduser()
+        if (root / name).is_dir():
+            return root / name, ""
+        if root.is_dir() and (root.name == name or _has_npz_files(root)):
+            return root, ""
+        return None, f"no folder {root / name} (nor npz files in {root})"
+    env = os.environ.get(ENV_VAR, "")
+    if not env:
+        return None, f"${ENV_VAR} is not set"
+    root = epath.Path(env).expanduser()
     if (root / name).is_dir():
-        return root / name
-    if root.is_dir() and (root.name == name or _has_npz_files(root)):
-        return root
-    raise FileNotFoundError(
-        f"npz dataset {name!r}: no folder {root / name} (nor npz files in {root}); expected a folder with "
-        "train_0.npz[, train_1.npz, ...] (keys x_train, y_train) and test.npz (keys x_test, y_test)"
-    )
+        return root / name, ""
+    if root.name == name and root.is_dir():
+        return root, ""
+    return None, f"{ENV_VAR}={env}: no folder {root / name}"
+
+
+def npz_folder(name: str, data_dir=None) -> epath.Path:
+    """The folder holding the npz files of `name` (see `locate`); FileNotFoundError when there is none."""
+    folder, why = locate(name, data_dir)
+    if folder is None:
+        raise FileNotFoundError(f"npz dataset {name!r}: {why}; {LAYOUT}")
+    return folder
 
 
 def _has_npz_files(folder: epath.Path) -> bool:

@@ -40,8 +40,9 @@ class SplitPlan:
 def plan_splits(data_config) -> SplitPlan:
     """The splits of `data_config` (the `data` block of configs/base.py, checked by `train.config_checks`)."""
     c = data_config
-    train_source = open_split(c.source, c.name, "train", c.dir or None)
-    test_source = open_split(c.source, c.name, "test", c.dir or None)
+    download = bool(c.get("download", True))  # configs/base.py's data.download; older configs lack it
+    train_source = open_split(c.source, c.name, "train", c.dir or None, download)
+    test_source = open_split(c.source, c.name, "test", c.dir or None, download)
     if train_source.image_shape != test_source.image_shape:
         raise ValueError(
             f"{c.name!r}: train images {train_source.image_shape} but test images {test_source.image_shape}"

@@ -1,8 +1,13 @@
 """Where images come from: one `Split` per (source, dataset, split), read by index.
 
-- ``"npz"``: a folder of `.npz` files (see `extkd_jax.data.npz`), images memory-mapped when stored uncompressed;
-- ``"tfds"``: ``tfds.data_source(name, split=..., data_dir=..., download=False)`` (ArrayRecord files, no
-  TensorFlow needed), prepared beforehand; records are decoded one at a time (variable-size images allowed);
+- ``"npz"``: a folder of `.npz` files (see `extkd_jax.data.npz`), images memory-mapped when stored uncompressed.
+  Where (`open_split`): `data_dir` (`--config.data.dir`, local or gs://) when given, else `$EXTKD_DATA_DIR/<name>`,
+  else tensorflow-datasets (below, `data_dir` left to tfds: `$TFDS_DATA_DIR` or ~/tensorflow_datasets); when none
+  has it, one `DataNotFoundError` names the three ways and `extkd data prepare` (extkd_jax/data/prepare.py);
+- ``"tfds"``: ``tfds.data_source(name, split=..., data_dir=..., download=...)`` (ArrayRecord files, no TensorFlow
+  needed to read them), prepared beforehand or downloaded and prepared when `download` (`data.download`); any tfds
+  dataset with an ``image`` and a ``label`` feature; records are decoded one at a time (variable-size images
+  allowed);
 - ``"sklearn"``: ``name="digits"``, scikit-learn's bundled 8x8 digits (1797 images, values 0..16), scaled to
   uint8 as ``x * 255 // 16`` with shape (N, 8, 8, 1); the first 1200 images are train, the last 597 test.
 
@@ -13,15 +18,18 @@ read at once, decoded records), for checking that each process reads only its sh
 
 from __future__ import annotations
 
-import functools
+import logging
 
 import numpy as np
 
 from extkd_jax.data import npz
 from extkd_jax.data.dataset import ArrayDataset
 
+log = logging.getLogger(__name__)
+
 SOURCES = ("npz", "tfds", "sklearn")
 SPLITS = ("train", "test")
+# The tfds datasets the presets and tests use; any other tfds name with `image` and `label` features works too.
 TFDS_NAMES = ("cifar10", "cifar100", "mnist", "fashion_mnist", "imagenet2012", "imagenette")
 SKLEARN_NAMES = ("digits",)
 # Number of classes of the datasets we know; other npz datasets use max label + 1 over all their files.
@@ -51,6 +59,30 @@ CLASS_NAMES = {
     ),
 }
 DIGITS_NUM_TRAIN = 1200  # sklearn digits: images [0, 1200) are train, [1200, 1797) are test.
+
+
+class DataNotFoundError(FileNotFoundError):
+    """No way of finding a dataset had it; the message names each way, why it failed, and the prepare command."""
+
+
+def missing_data_message(name: str, dir_why: str, env_why: str, tfds_why: str) -> str:
+    """The one message for a dataset found nowhere: the three ways, in the order they are tried, and the fix."""
+    return (
+        f"dataset {name!r} not found. A run takes it from the first of:\n"
+        f"  1. --config.data.dir=DIR, an npz folder DIR/{name}/ (or DIR itself), local or gs://: {dir_why}\n"
+        f"  2. $EXTKD_DATA_DIR/{name}, an npz folder: {env_why}\n"
+        f"  3. tensorflow-datasets {name!r} under $TFDS_DATA_DIR (default ~/tensorflow_datasets), downloaded there "
+        f"when --config.data.download=True (the default): {tfds_why}\n"
+        f"Make an npz folder from the files you have (CIFAR python tarballs, MNIST idx files) or from tfds:\n"
+        f"  extkd data prepare {name} --out=DIR [--from=PATH]\n"
+        f"then run with EXTKD_DATA_DIR=DIR or --config.data.dir=DIR (npz folders: {npz.LAYOUT})."
+    )
+
+
+def _short(err: BaseException, limit: int = 300) -> str:
+    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    text = text if len(text) <= limit else text[:limit] + " ..."
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
 def class_names(name: str, num_classes: int) -> list[str]:
@@ -88,6 +120,7 @@ class Split:
     name: str
     num_classes: int
     image_shape: tuple[int, ...] | None
+    origin = "in memory"  # where the images come from, for the log (an npz folder, a tfds directory)
 
     def __init__(self):
         self.bytes_read = 0
@@ -146,6 +179,7 @@ class NpzSplit(Split):
     def __init__(self, name: str, split: str, data_dir):
         super().__init__()
         self.name, folder = name, npz.npz_folder(name, data_dir)
+        self.origin = f"npz folder {folder}"
         self.files = npz.split_files(folder, split)
         self.parts, labels = [], []
         for path in self.files:
@@ -208,72 +242,6 @@ def _npz_num_classes(folder) -> int:
     return max(top + 1, 1)
 
 
-class TfdsSplit(Split):
-    """A prepared tfds split (ArrayRecord), decoded record by record."""
-
-    def __init__(self, name: str, split: str, data_dir):
-        super().__init__()
-        if name not in TFDS_NAMES:
-            raise ValueError(f"unknown tfds dataset {name!r}; known tfds names: {TFDS_NAMES}")
-        try:
-            import tensorflow_datasets as tfds  # lazy: the [tfds] extra
-        except ImportError as err:
-            raise ImportError("data.source='tfds' needs tensorflow-datasets: pip install 'extkd_jax[tfds]'") from err
-        tfds_split = TFDS_SPLITS.get(name, {}).get(split, split)
-        try:
-            self.source = tfds.data_source(name, split=tfds_split, data_dir=data_dir or None, download=False)
-        except Exception as err:  # noqa: BLE001 - tfds reports an unprepared dataset in many ways (KeyError too)
-            raise FileNotFoundError(
-                f"tfds dataset {name!r} split {tfds_split!r} is not prepared in ArrayRecord format under data_dir "
-                f"{data_dir or '(TFDS default)'}; prepare it with `tfds build {name} --file_format=array_record "
-                f"--data_dir=...` on a machine with internet, or use source 'npz' ({type(err).__name__}: {err})"
-            ) from err
-        if len(self.source) == 0:
-            raise ValueError(f"tfds dataset {name!r} split {tfds_split!r} is empty")
-        self.name = name
-        self.num_classes = KNOWN_NUM_CLASSES.get(name, 0)
-        info = getattr(self.source, "dataset_info", None)
-        try:
-            self.num_classes = int(info.features["label"].num_classes)
-        except (KeyError, AttributeError, TypeError):
-            pass
-        shape = None
-        try:
-            shape = tuple(info.features["image"].shape)
-        except (KeyError, AttributeError, TypeError):
-            pass
-        self.image_shape = shape if shape and None not in shape else None
-        if self.image_shape is not None and len(self.image_shape) == 2:
-            self.image_shape = (*self.image_shape, 1)
-
-    def __len__(self) -> int:
-        return len(self.source)
-
-    @functools.cached_property
-    def labels(self) -> np.ndarray:
-        # one record at a time: batched reads (`__getitems__`) are not supported by every data source (the mock)
-        return _as_int32_labels(
-            np.asarray([int(self.source[i]["label"]) for i in range(len(self.source))]), f"tfds {self.name!r}"
-        )
-
-    def record(self, index: int) -> tuple[np.ndarray, int]:
-        """(image HWC uint8, label) of one example."""
-        record = self.source[int(index)]
-        image = np.asarray(record["image"], np.uint8)
-        image = image[..., None] if image.ndim == 2 else image
-        self.bytes_read += image.nbytes
-        return image, int(record["label"])
-
-    def read_one(self, index: int) -> np.ndarray:
-        return self.record(index)[0]
-
-    def _read(self, indices: np.ndarray) -> np.ndarray:
-        out = np.empty((len(indices), *self.image_shape), np.uint8)
-        for i, index in enumerate(indices):
-            out[i] = self.record(index)[0].reshape(self.image_shape)
-        return out
-
-
 def _sklearn_split(name: str, split: str) -> ArraySplit:
     if name not in SKLEARN_NAMES:
         raise ValueError(f"unknown sklearn dataset {name!r}; known sklearn names: {SKLEARN_NAMES}")
@@ -288,19 +256,38 @@ def _sklearn_split(name: str, split: str) -> ArraySplit:
     return ArraySplit(np.ascontiguousarray(x[rows]), np.ascontiguousarray(y[rows]), KNOWN_NUM_CLASSES[name], name)
 
 
-def open_split(source: str, name: str, split: str, data_dir=None) -> Split:
-    """The split (``"train"`` or ``"test"``) of dataset `name` from `source`, nothing read but its labels."""
+def open_split(source: str, name: str, split: str, data_dir=None, download: bool = False) -> Split:
+    """The split (``"train"`` or ``"test"``) of dataset `name` from `source`, nothing read but its labels.
+
+    ``"npz"`` looks in `data_dir` when given (nowhere else), else in `$EXTKD_DATA_DIR/<name>`, else in tfds
+    (`download`: fetch and prepare it there when missing); `DataNotFoundError` when none has it."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; known splits: {SPLITS}")
-    if source == "npz":
-        return NpzSplit(name, split, data_dir)
-    if source == "tfds":
-        return TfdsSplit(name, split, data_dir)
     if source == "sklearn":
         return _sklearn_split(name, split)
-    raise ValueError(f"unknown data source {source!r}; known sources: {SOURCES}")
+    from extkd_jax.data.tfds_split import TfdsNotFoundError, TfdsSplit  # lazy: it imports this module
+
+    if source == "tfds":
+        opened: Split = TfdsSplit(name, split, data_dir, download)
+    elif source == "npz":
+        folder, why = npz.locate(name, data_dir)
+        if folder is not None:
+            opened = NpzSplit(name, split, folder)
+        elif data_dir:
+            skipped = "not tried: data.dir is set"
+            raise DataNotFoundError(missing_data_message(name, why, skipped, skipped))
+        else:
+            try:
+                opened = TfdsSplit(name, split, None, download)
+            except (FileNotFoundError, ImportError, ValueError) as err:
+                reason = err.reason if isinstance(err, TfdsNotFoundError) else _short(err, 600)
+                raise DataNotFoundError(missing_data_message(name, "not set", why, reason)) from None
+    else:
+        raise ValueError(f"unknown data source {source!r}; known sources: {SOURCES}")
+    log.info("data %r %s: %s", name, split, opened.origin)
+    return opened
 
 
-def load_split(source: str, name: str, split: str, data_dir=None) -> ArrayDataset:
+def load_split(source: str, name: str, split: str, data_dir=None, download: bool = False) -> ArrayDataset:
     """One whole split in memory."""
-    return open_split(source, name, split, data_dir).dataset()
+    return open_split(source, name, split, data_dir, download).dataset()

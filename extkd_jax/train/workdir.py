@@ -24,8 +24,11 @@ RESUMABLE_KEYS = (
     "eval_batch_size",
     "distributed",
     "on_nonfinite",
+    "metrics",  # where the scalars are written, and how often: not what the run computes
     "teacher.workdir",  # a moved workdir (e.g. copied back from a TPU VM) is the same experiment
     "teacher.allow_unfinished",  # the teacher itself is checked by its digest (train/teacher.py)
+    "data.dir",  # where the dataset is read from (a copy elsewhere, $EXTKD_DATA_DIR), not which dataset it is
+    "data.download",  # whether tfds may fetch it
 )
 # Keys that do not change what a workdir of that kind computed: a single run ignores the experiment's settings,
 # and an experiment may be extended (more methods, a dark-knowledge curve, the oracle table) without redoing its runs.
