@@ -568,6 +568,9 @@ def test_a_damaged_npz_file_is_named_with_the_fix(damage, data_dir, tmp_path):
 @pytest.mark.slow
 def test_tfds_data_that_is_not_prepared_is_named_with_the_fix(tmp_path):
     pytest.importorskip("tensorflow_datasets")
-    config = tiny_config(tmp_path, **{"data.source": "tfds", "data.name": "mnist", "data.dir": str(tmp_path / "tfds")})
+    config = tiny_config(
+        tmp_path,
+        **{"data.source": "tfds", "data.name": "mnist", "data.dir": str(tmp_path / "tfds"), "data.download": False},
+    )
     with pytest.raises(FileNotFoundError, match=r"'mnist' split 'train' is not prepared .*tfds build mnist"):
         prepare_datasets(config.data)
