@@ -16,6 +16,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from extkd_jax._extras import needs_extras
+
 TRAIN_LOSSES = ("ce", "purf")  # losses that use no teacher: `extkd train`; every other loss distils
 
 
@@ -38,6 +40,23 @@ def train(config: Any, workdir: str | os.PathLike, **overrides: Any) -> dict:
     `config`: a ConfigDict (`configs.get(...)`) or a preset's name ("digits_omit3:teacher"); `overrides`: dotted
     keys, `**{"optim.learning_rate": 0.01}`. An experiment preset (kind 'experiment') goes to `reproduce`.
     """
+    with needs_extras("extkd_jax.train"):  # a losses-only install: the error names the extra to install
+        return _train(config, workdir, **overrides)
+
+
+def reproduce(config: Any, workdir: str | os.PathLike, *, preset: str = "", **overrides: Any):
+    """The dark-knowledge experiment of an experiment preset into `workdir` (teacher, every method over seeds,
+    results.json, report.md, plots); returns its `experiment.results.Results`. Finished runs are reused.
+
+    `config`: a preset's name ("digits_omit3", "cifar10_drop:cpu") or a ConfigDict; `preset` names the experiment
+    in the report (default: the preset's name, else the workdir's name).
+    """
+    with needs_extras("extkd_jax.reproduce"):
+        return _reproduce_experiment(config, workdir, preset=preset, **overrides)
+
+
+def _train(config: Any, workdir: str | os.PathLike, **overrides: Any) -> dict:
+    """`train`'s body, inside the extras guard."""
     config = _config_of(config, overrides)
     if config.get("kind", "run") == "experiment":
         raise ValueError(
@@ -50,13 +69,8 @@ def train(config: Any, workdir: str | os.PathLike, **overrides: Any) -> dict:
     return train_and_evaluate(config, workdir, mode=mode)
 
 
-def reproduce(config: Any, workdir: str | os.PathLike, *, preset: str = "", **overrides: Any):
-    """The dark-knowledge experiment of an experiment preset into `workdir` (teacher, every method over seeds,
-    results.json, report.md, plots); returns its `experiment.results.Results`. Finished runs are reused.
-
-    `config`: a preset's name ("digits_omit3", "cifar10_drop:cpu") or a ConfigDict; `preset` names the experiment
-    in the report (default: the preset's name, else the workdir's name).
-    """
+def _reproduce_experiment(config: Any, workdir: str | os.PathLike, *, preset: str = "", **overrides: Any):
+    """`reproduce`'s body, inside the extras guard."""
     name = os.fspath(config) if isinstance(config, (str, os.PathLike)) else ""
     config = _config_of(config, overrides)
     if config.get("kind", "run") != "experiment":
