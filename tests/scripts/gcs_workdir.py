@@ -1,28 +1,21 @@
-"""`extkd train` and its resume on a gs:// workdir, against a real local GCS server (gcp-storage-emulator): Orbax's
-TensorStore driver, gcsfs (epath) and the metrics all reach it. Started by tests/test_gcs.py; prints JSON.
+"""`extkd train` and its resume on a gs:// workdir, against a real local GCS server (gcp-storage-emulator, patched:
+tests/gcs_server.py): Orbax's TensorStore driver, gcsfs (epath) and the metrics all reach it. Five checkpoints
+(2 epochs, then resumed to 5; two kept, so older steps are deleted on gs:// too). Started by tests/test_gcs.py;
+prints JSON.
 
     python gcs_workdir.py REPO_ROOT DATA_DIR LOCAL_WORKDIR
 """
 
 import json
 import os
-import socket
 import sys
+import time
 
-with socket.socket() as s:  # a free port: parallel tests do not collide
-    s.bind(("localhost", 0))
-    port = s.getsockname()[1]
-# before anything touches gs://: gcsfs and google-cloud-storage, TensorStore (so Orbax), a project
-os.environ.update(
-    STORAGE_EMULATOR_HOST=f"http://localhost:{port}",
-    TENSORSTORE_GCS_HTTP_URL=f"http://localhost:{port}",
-    GOOGLE_CLOUD_PROJECT="test",
-)
-from gcp_storage_emulator.server import create_server
-
-server = create_server("localhost", port, in_memory=True, default_bucket="bucket")
-server.start()
 sys.path.insert(0, sys.argv[1])
+from tests import gcs_server
+
+server, url = gcs_server.start()
+os.environ.update(gcs_server.environment(url))  # before anything touches gs://
 from etils import epath
 
 import extkd_jax
@@ -35,16 +28,20 @@ flags = [
     f"--config.data.dir={data_dir}",
     "--config.optim.schedule=constant",
 ]
+started = time.time()
 status = [
-    cli.main(["train", *flags, "--config.num_epochs=1", "--workdir=gs://bucket/run"]),
-    cli.main(["train", *flags, "--config.num_epochs=2", "--workdir=gs://bucket/run"]),  # resumes
-    cli.main(["train", *flags, "--config.num_epochs=2", f"--workdir={local}"]),
+    cli.main(["train", *flags, "--config.num_epochs=2", "--workdir=gs://bucket/run"]),
+    cli.main(["train", *flags, "--config.num_epochs=5", "--workdir=gs://bucket/run"]),  # resumes
 ]
+remote_seconds = time.time() - started
+status.append(cli.main(["train", *flags, "--config.num_epochs=5", f"--workdir={local}"]))
 remote = epath.Path("gs://bucket/run")
 print(
     json.dumps(
         {
             "status": status,
+            "remote_seconds": remote_seconds,
+            "steps": sorted(int(p.name) for p in (remote / "checkpoints").iterdir() if p.name.isdigit()),
             "files": sorted(p.name for p in remote.iterdir()),
             "events": sorted(p.name for p in (remote / "tensorboard").iterdir()),
             "remote": read_metrics(remote),
