@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import ml_collections
 
-# extkd_jax.experiment.runs.METHODS that distil (each tunes one knob on validation)
+# extkd_jax.methods.roles.METHODS that distil (each tunes one knob on validation)
 DISTILLING_METHODS = (
     "kd",
     "fitnet",
@@ -237,9 +237,9 @@ def with_variant(
     """The experiment `config` at the sizes and in the role named by `arg` ("", "cpu", "cpu,two", "cpu,teacher").
 
     Sizes (functions of the preset that edit the config) apply in the order given; a role then turns the
-    experiment into the config of one of its runs (`extkd_jax.experiment.runs`). Unknown names raise ValueError.
+    experiment into the config of one of its runs (`extkd_jax.methods.roles`). Unknown names raise ValueError.
     """
-    from extkd_jax.experiment.runs import METHODS, role_config
+    from extkd_jax.methods.roles import METHODS, role_config
 
     sizes = sizes or {}
     words = [w.strip() for w in (arg or "").split(",") if w.strip()]
@@ -263,7 +263,7 @@ def with_all_methods(config: ml_collections.ConfigDict, spatial: bool) -> None:
     """Every method of `extkd reproduce`, each with a two-value grid of its knob (equal budgets): the preset's
     kd temperature grid for the methods tuning the temperature. `spatial`: the networks have feature maps (attention
     transfer needs them)."""
-    from extkd_jax.experiment.runs import METHODS
+    from extkd_jax.methods.roles import METHODS
 
     config.reproduce.methods = tuple(
         m for m in METHODS if m not in ZOO_METHODS and (spatial or m not in SPATIAL_METHODS)
@@ -281,7 +281,7 @@ def with_zoo(config: ml_collections.ConfigDict, spatial: bool) -> None:
 
 def _two_value_grids(config: ml_collections.ConfigDict, methods: tuple[str, ...]) -> None:
     """A two-value grid of each method's knob: the preset's kd temperature grid for the temperature."""
-    from extkd_jax.experiment.runs import METHODS
+    from extkd_jax.methods.roles import METHODS
 
     temperatures = tuple(config.reproduce.grid.kd) or (config.loss.temperature / 2, config.loss.temperature)
     for method in methods:
