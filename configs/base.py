@@ -205,6 +205,13 @@ def get_config() -> ml_collections.ConfigDict:
     c.keep_checkpoints = 2
     c.on_nonfinite = "stop"  # stop | skip (skip the update of a step whose loss is NaN/Inf)
     c.progress = True  # tqdm progress bar
+    # where the scalars go (train/writers.py), at the global step; metrics.jsonl (epoch records) is always written
+    c.metrics = ml_collections.ConfigDict()
+    c.metrics.writers = ("jsonl", "tensorboard")  # jsonl (scalars.jsonl, hparams.json) | tensorboard | wandb
+    c.metrics.log_every_steps = 50  # loss, its parts and the rate of every N-th step (0: the epoch records only)
+    c.metrics.wandb_project = "extkd_jax"  # wandb: the W&B project, entity ("" = your default) and mode
+    c.metrics.wandb_entity = ""
+    c.metrics.wandb_mode = ""  # "" = wandb's default ($WANDB_MODE) | online | offline | disabled
 
     # `extkd reproduce`: the dark-knowledge experiment
     c.seeds = 1  # reported runs per student method: seeds seed, seed+1, ...

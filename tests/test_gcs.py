@@ -71,7 +71,8 @@ def test_train_and_resume_on_a_gs_workdir(tmp_path):
     assert out.returncode == 0, out.stderr[-4000:]
     result = _json(out.stdout)
     assert result["status"] == [0, 0, 0]
-    assert result["files"] == ["checkpoints", "config.json", "metrics.jsonl", "tensorboard"]
+    files = ["checkpoints", "config.json", "hparams.json", "metrics.jsonl", "scalars.jsonl", "tensorboard"]
+    assert result["files"] == files
     assert result["events"] and result["loaded"] == "mlp"
     assert [r["epoch"] for r in result["remote"]] == [1, 2, 3, 4, 5]  # five saves, the last three after a resume
     assert result["steps"] == [28, 35]  # 7 steps an epoch; two kept, the older ones deleted on gs://

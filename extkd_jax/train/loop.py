@@ -29,6 +29,7 @@ from extkd_jax.train.progress import Progress
 from extkd_jax.train.setup import build, model_variables
 from extkd_jax.train.teacher import check_same_teacher, load_teacher
 from extkd_jax.train.workdir import check_checkpoint_record, check_or_write_config, config_to_dict, stored_record
+from extkd_jax.train.writers import metric_settings
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,7 @@ def train_and_evaluate(
     `datasets` (optional) are the prepared splits of `config.data`, for callers that run many trainings.
     """
     check_config(config, mode)
+    metric_settings(config)  # an unknown writer is refused before anything is written
     maybe_initialize_distributed(config.distributed)
     workdir = epath.Path(workdir)
     is_main = jax.process_index() == 0
@@ -135,8 +137,16 @@ def _train(config, workdir, mode, info, read_only, data, setup, card, mesh, plac
             f"num_epochs={config.num_epochs} is shorter. Use num_epochs >= {start_step // num_steps} to read or "
             "extend it, or another --workdir for a shorter run"
         )
-    metrics_log = MetricsLog(workdir, enabled=is_main and not read_only)
-    metrics_log.resume(start_step // num_steps, history, where)
+    writers, log_every_steps, metric_config = metric_settings(config)
+    metrics_log = MetricsLog(
+        workdir,
+        enabled=is_main and not read_only,
+        writers=writers,
+        log_every_steps=log_every_steps,
+        hparams={"mode": mode, **run["config"]},
+        settings=metric_config,
+    )
+    metrics_log.resume(start_step // num_steps, history, where, step=start_step)
     complete = start_step == total_steps and bool(metrics_log.records)
     if read_only and not complete:
         raise OSError(f"workdir {workdir} is not writable: a run with epochs left writes its checkpoints there")
@@ -165,6 +175,7 @@ def _train(config, workdir, mode, info, read_only, data, setup, card, mesh, plac
     def stop_if_preempted(step: int, sigterm: dict, meta: dict) -> None:
         reason = _preemption(sigterm, checkpointer, step) if step < total_steps else None
         if reason:
+            metrics_log.flush()  # the per-step values up to the checkpoint's step
             save(step, {**meta, "reason": reason})
             checkpointer.close()
             progress.close()
@@ -192,6 +203,7 @@ def _train(config, workdir, mode, info, read_only, data, setup, card, mesh, plac
                 step_metrics = sharding.to_host(step_metrics)
                 _check_finite(step_metrics, step, config.on_nonfinite, divergence_hint(config))
                 _accumulate(sums, step_metrics)
+                metrics_log.write_steps(step, step_metrics)  # every log_every_steps-th step, at its global step
                 step += count
                 images_seen += count * config.batch_size
                 progress.update(

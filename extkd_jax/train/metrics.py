@@ -1,9 +1,9 @@
-"""Classification summaries from logits, and a run's metrics: `metrics.jsonl` plus TensorBoard event files.
+"""Classification summaries from logits, and a run's metrics: `metrics.jsonl` plus the metric writers.
 
-`metrics.jsonl` holds one JSON object per epoch (the record the report and plots read); the same scalars go to
-`<workdir>/tensorboard/` as TensorBoard events, written with the `tensorboard` package's own writer (no
-TensorFlow needed): `tensorboard --logdir <workdir>` shows them. For a remote workdir (gs://) the event file is
-written locally and copied up after each epoch.
+`metrics.jsonl` holds one JSON object per epoch (the record the report and plots read). The same scalars, and the
+per-step values of every `metrics.log_every_steps`-th step (loss, its parts, learning rate), go to the writers of
+`metrics.writers` (train/writers.py: JSON lines, TensorBoard, Weights & Biases) at the global step, with the
+resolved config as hyperparameters: `tensorboard --logdir <workdir>` shows them against the step.
 """
 
 from __future__ import annotations
@@ -11,14 +11,14 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
-import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from etils import epath
 
 from extkd_jax.train.workdir import is_remote, write_text_atomic
+from extkd_jax.train.writers import MetricWriter, flatten_hparams, make_writers, step_scalars
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ def read_metrics(workdir: str | epath.PathLike) -> list[dict]:
 
 
 def _scalars(record: dict) -> dict[str, float]:
-    """The record's finite numbers, named for TensorBoard (`train/loss`, `test/acc`, ...)."""
+    """The record's finite numbers, named for TensorBoard (`train/loss`, `test/acc`, `run/epoch`, ...)."""
     out = {}
     for key, value in record.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
@@ -84,39 +84,9 @@ def _scalars(record: dict) -> dict[str, float]:
         group, _, rest = key.partition("_")
         if group in ("train", "val", "test") and rest:
             out[f"{group}/{rest}"] = float(value)
-        elif key not in ("epoch", "step"):
+        elif key != "step":
             out[f"run/{key}"] = float(value)
     return out
-
-
-class TensorBoardLog:
-    """Scalars as TensorBoard events in `logdir` (local or remote), via tensorboard's event writer."""
-
-    def __init__(self, logdir: epath.Path):
-        from tensorboard.compat.proto import event_pb2, summary_pb2  # lazy: the [train] extra
-        from tensorboard.summary.writer.event_file_writer import EventFileWriter
-
-        self._event_pb2, self._summary_pb2 = event_pb2, summary_pb2
-        self.logdir = logdir
-        self._remote = "://" in str(logdir)
-        local = tempfile.mkdtemp(prefix="extkd_tb_") if self._remote else str(logdir)
-        os.makedirs(local, exist_ok=True)
-        self._writer = EventFileWriter(local)
-
-    def write(self, step: int, scalars: dict[str, float]) -> None:
-        summary = self._summary_pb2.Summary(
-            value=[self._summary_pb2.Summary.Value(tag=tag, simple_value=value) for tag, value in scalars.items()]
-        )
-        self._writer.add_event(self._event_pb2.Event(step=int(step), wall_time=time.time(), summary=summary))
-        self._writer.flush()
-        if self._remote:  # event files are append-only: copy the whole file up
-            local = epath.Path(self._writer.get_logdir())
-            self.logdir.mkdir(parents=True, exist_ok=True)
-            for path in local.iterdir():
-                (self.logdir / path.name).write_bytes(path.read_bytes())
-
-    def close(self) -> None:
-        self._writer.close()
 
 
 class MetricsConflictError(ValueError):
@@ -131,23 +101,46 @@ class MetricsLog:
     an object store (gs://, no append) and when the file is not what this log last wrote (deleted or changed
     mid-run). On resume a torn last line, a deleted file or epochs written after the last checkpoint are repaired
     from the checkpoint's copy; a readable record that contradicts the checkpoint's copy stops the run
-    (MetricsConflictError) and neither is overwritten. Only process 0 writes; TensorBoard is skipped with a warning
-    when the `tensorboard` package is missing."""
+    (MetricsConflictError) and neither is overwritten. Only process 0 writes.
 
-    def __init__(self, workdir: str | epath.PathLike, enabled: bool = True):
+    The writers (`writers`: names from train/writers.py, or MetricWriter objects such as clu's) get each epoch's
+    scalars at its global step, the per-step values of every `log_every_steps`-th step (0: none), and the
+    hyperparameters `hparams` (the resolved config, flattened) when they open. They open at the first epoch record
+    (or `flush`), so a run refused or stopped before then leaves nothing; per-step values wait in memory until then.
+    `settings`: config.metrics (the W&B project, entity and mode)."""
+
+    def __init__(
+        self,
+        workdir: str | epath.PathLike,
+        enabled: bool = True,
+        *,
+        writers: Sequence[str | MetricWriter] = ("jsonl", "tensorboard"),
+        log_every_steps: int = 0,
+        hparams: Mapping[str, Any] | None = None,
+        settings: Any = None,
+    ):
         self.workdir = epath.Path(workdir)
         self.path = self.workdir / "metrics.jsonl"
         self.enabled = enabled
         self.records: list[dict] = []
         self._size = -1  # bytes of the file as this log last wrote it (-1: unknown, rewrite before appending)
-        self._tensorboard: TensorBoardLog | None = None  # made at the first record: a refused run leaves none
-        self._tensorboard_missing = False
+        self._writer_specs = tuple(writers)
+        self._writers: list[MetricWriter] | None = None  # opened at the first record: a refused run leaves none
+        self._log_every = int(log_every_steps)
+        self._hparams = flatten_hparams(hparams) if hparams is not None else None
+        self._settings = settings
+        self._resume_step = 0
+        self._pending: list[tuple[int, dict[str, float]]] = []  # per-step scalars waiting for the writers
 
-    def resume(self, epoch: int, history: list[dict] | None, checkpoint: str = "the checkpoint") -> None:
+    def resume(
+        self, epoch: int, history: list[dict] | None, checkpoint: str = "the checkpoint", *, step: int = 0
+    ) -> None:
         """Starts from the records of epochs <= `epoch`: the checkpoint's copy `history` when it has one (older
         checkpoints do not), else the file's. Rewrites the file when it disagrees, with a warning when records
         were damaged or missing (not for the records of epochs after the checkpoint, which a rerun redoes).
-        `checkpoint` names the checkpoint in the error raised when a readable record of the file contradicts it."""
+        `checkpoint` names the checkpoint in the error raised when a readable record of the file contradicts it.
+        `step`: the checkpoint's global step; what the writers hold past it is dropped when they open."""
+        self._resume_step = int(step)
         text = self.path.read_text() if self.path.exists() else ""
         on_disk, bad = _parse_records(text)
         if history is not None:
@@ -168,20 +161,52 @@ class MetricsLog:
         self._write_file()
 
     def write(self, record: dict) -> None:
+        """Appends an epoch record to metrics.jsonl, and gives its scalars to the writers at its global step."""
         self.records.append(record)
         if not self.enabled:
             return
         self._append(json.dumps(record) + "\n")
-        if self._tensorboard is None and not self._tensorboard_missing:
-            try:
-                self._tensorboard = TensorBoardLog(self.workdir / "tensorboard")
-            except ImportError:
-                log.warning(
-                    "tensorboard is not installed: metrics go to metrics.jsonl only (pip install 'extkd_jax[train]')"
-                )
-                self._tensorboard_missing = True
-        if self._tensorboard is not None:
-            self._tensorboard.write(record.get("epoch", 0), _scalars(record))
+        self._flush_pending()
+        step = record.get("step", record.get("epoch", 0))
+        for writer in self._writers:
+            writer.write_scalars(step, _scalars(record))
+            writer.flush()
+
+    def write_steps(self, first_step: int, step_metrics: Mapping[str, np.ndarray]) -> None:
+        """Keeps the per-step values of one dispatch (host arrays, one entry per step of steps `first_step`,
+        `first_step + 1`, ...) for every step whose global step (updates applied after it) is a multiple of
+        `log_every_steps`; they reach the writers at the next `write` or `flush`."""
+        if not (self.enabled and self._log_every > 0):
+            return
+        count = len(np.asarray(step_metrics["loss"]))
+        for i in range(count):
+            step = first_step + i + 1
+            if step % self._log_every == 0:
+                self._pending.append((step, step_scalars(step_metrics, i)))
+
+    def flush(self) -> None:
+        """Hands the waiting per-step values to the writers and flushes them (before a preemption checkpoint)."""
+        if self.enabled and (self._pending or self._writers is not None):
+            self._flush_pending()
+            for writer in self._writers:
+                writer.flush()
+
+    def _flush_pending(self) -> None:
+        if self._writers is None:
+            self._writers = self._open_writers()
+        for step, scalars in self._pending:
+            for writer in self._writers:
+                writer.write_scalars(step, scalars)
+        self._pending = []
+
+    def _open_writers(self) -> list[MetricWriter]:
+        names = [w for w in self._writer_specs if isinstance(w, str)]
+        writers = [w for w in self._writer_specs if not isinstance(w, str)]
+        opened = make_writers(names, self.workdir, self._resume_step, self._settings).writers + writers
+        if self._hparams is not None:
+            for writer in opened:
+                writer.write_hparams(self._hparams)
+        return opened
 
     def _append(self, line: str) -> None:
         """Appends `line` locally (fsync'ed) when the file is as this log left it; else rewrites the whole file."""
@@ -203,8 +228,10 @@ class MetricsLog:
         self._size = len(text.encode())
 
     def close(self) -> None:
-        if self._tensorboard is not None:
-            self._tensorboard.close()
+        self.flush()
+        for writer in self._writers or []:
+            writer.close()
+        self._writers = None
 
 
 def _check_agree(path: epath.Path, on_disk: list[dict], history: list[dict], epoch: int, checkpoint: str) -> None:
