@@ -173,7 +173,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.loss.fsp_weight = 1.0  # fsp in the init stage (RepDistiller's sum over layer pairs)
     c.loss.ft_weight = 200.0  # ft, after its init stage (the paraphraser's; init_epochs too)
     c.loss.ft_rate = 0.5  # ft: the factor's channels, as a fraction of the teacher's last segment's
-    c.loss.review_weight = 1.0  # reviewkd: the hierarchical context loss (mdistiller's CIFAR weight)
+    c.loss.review_weight = 1.0  # reviewkd: hierarchical context loss (mdistiller's default; its CIFAR-100 config: 5.0)
     c.loss.review_warmup_epochs = 1.0  # reviewkd: its weight ramps up linearly over these epochs
     c.loss.ofd_weight = 1e-3  # ofd: its per-example sums (mdistiller's CIFAR FEAT_WEIGHT)
     # crd: KD + contrast_weight x the NCE loss of both embeddings against the other network's memory bank (on the

@@ -348,7 +348,7 @@ def kdsvd(
     weights: Array | None = None,
     reduction: str = "mean",
 ) -> Array:
-    """KD with singular value decomposition (Lee et al. 2018), mdistiller's form: per segment, each example's map
+    """KD with singular value decomposition (Lee et al. 2018), RepDistiller's form: per segment, each example's map
     (H*W, C) gives its top right singular vectors, `k` for the teacher and `k + 3` for the student; each teacher
     vector is matched by the student vector of largest |cosine| (sign flipped to agree); both are scaled by the
     teacher's top-k singular values L2-normalised; between consecutive segments an RBF
