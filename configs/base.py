@@ -227,6 +227,13 @@ def get_config() -> ml_collections.ConfigDict:
     c.reproduce.oracle_correction = False  # also report the label-using correction (an upper bound, apart)
     c.reproduce.keep_fractions = ()  # dark-knowledge curve: fractions of each dropped class kept, e.g. (0.02,)
     c.reproduce.curve_methods = ("scratch_transfer", "kd", "extended_kd")
+    # the one comparison judged at its own p (declared before any run): method - baseline on the dropped classes,
+    # corrected; every other comparison is exploratory (Holm-adjusted). () = none
+    c.reproduce.primary = ("extended_kd", "kd")
+    c.reproduce.teacher_seeds = 1  # teachers (seeds seed, seed + 1000, ...), each with its own students
+    # selection: this fraction of the validation images, less the dropped classes, is the labelled set; the rest
+    # is the unlabelled pool on which the correction shift is fitted (experiment/selection.py)
+    c.reproduce.selection_labelled_fraction = 0.5
 
     c.distributed = ml_collections.ConfigDict()
     c.distributed.enabled = False  # call jax.distributed.initialize (auto-detects on TPU VMs)

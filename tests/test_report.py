@@ -1,5 +1,6 @@
 """report.md and the plots, rendered from a hand-made `Results`: table cells equal the results, the prose names no
-winner inside the interval, one seed prints n=1 and no error bar, and results.json round-trips."""
+winner inside the interval, verdicts read the adjusted figures (none below 3 seeds), one seed prints n=1 and no error
+bar, results.json round-trips, and the committed results of older versions load with p and adjustments computed."""
 
 from __future__ import annotations
 
@@ -7,7 +8,17 @@ import pytest
 
 from extkd_jax.experiment.plots import write_plots
 from extkd_jax.experiment.report import MAIN_COLUMNS, MAIN_TABLE_BEGIN, MAIN_TABLE_END, verdict, write_report
-from extkd_jax.experiment.results import Comparison, CurvePoint, GridPoint, MethodResult, Results, RunResult, Stat
+from extkd_jax.experiment.results import (
+    Comparison,
+    CurvePoint,
+    GridPoint,
+    MethodResult,
+    Results,
+    RunResult,
+    Stat,
+    compare_all,
+)
+from tests.tiny import REPO_ROOT
 
 
 def _run(method: str, seed: int, unseen: float, test: float, knob=None) -> RunResult:
@@ -46,10 +57,7 @@ def _results(seeds=(0, 1, 2)) -> Results:
         runs = [_run(name, s, values[i], 0.8 + 0.01 * i, chosen) for i, s in enumerate(seeds)]
         grid = [] if knob is None else [GridPoint(v, _run(name, 9, 0.5, 0.7, v)) for v in (2.0, 4.0)]
         methods[name] = MethodResult(name, loss, f"{name} description", knob, chosen, [], grid, runs)
-    comparisons = [
-        Comparison.paired(methods["extended_kd"], methods["kd"], m)
-        for m in ("unseen_acc_corrected", "test_acc_corrected")
-    ]
+    comparisons = compare_all(methods)  # extended_kd - kd: on the dropped class (primary), on the whole test set
     curve = [CurvePoint("kd", f, Stat.of([0.3 + f]), Stat.of([0.6 + f]), 10.0 * f) for f in (0.0, 0.02)]
     return Results(
         preset="synthetic",
@@ -122,9 +130,10 @@ def test_prose_states_the_interval_and_names_no_winner_inside_it(tmp_path):
     results = _results()
     report = write_report(results, tmp_path, {}).read_text()
     ahead, overall = results.comparisons  # unseen: +11 points, consistent; test: identical per seed
-    assert ahead.detected and f"extended_kd is ahead of kd by {ahead.diff_mean * 100:.1f} points" in report
-    assert f"95% CI {ahead.ci95[0] * 100:+.1f}..{ahead.ci95[1] * 100:+.1f}, 3 seeds" in report
-    noisy = Comparison("extended_kd", "kd", "unseen_acc_corrected", 3, 0.002, 0.01, [-0.02, 0.024])
+    assert ahead.primary and not overall.primary and ahead.detected
+    assert f"primary: extended_kd is ahead of kd by {ahead.diff_mean * 100:.1f} points" in report
+    assert f"95% CI {ahead.ci95[0] * 100:+.1f}..{ahead.ci95[1] * 100:+.1f}, 3 seeds, p = " in report
+    noisy = Comparison("extended_kd", "kd", "unseen_acc_corrected", 3, 0.002, 0.01, [-0.02, 0.024], 0.7, 0.7, 0.7)
     assert verdict(noisy).startswith("no difference detected between extended_kd and kd")
     assert "best" not in report.lower()
     assert "## Knob selection" in report and "**chosen**" in report
@@ -161,3 +170,48 @@ def test_plots_are_written_and_linked(tmp_path):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report = write_report(results, tmp_path, plots).read_text()
     assert all(f"({name})" in report for name in plots.values())
+
+
+def test_verdicts_read_the_adjusted_p_and_none_below_three_seeds(tmp_path):
+    """The primary comparison is judged by its own p, the exploratory ones by Holm's; fewer than 3 paired values
+    draw none; the report says how many comparisons were made and that one teacher conditions them."""
+    results = _results()
+    extra = Comparison("dkd", "kd", "unseen_acc_corrected", 3, 0.03, 0.01, [0.005, 0.055], 0.03, 0.09, 0.09)
+    primary = Comparison("extended_kd", "kd", "unseen_acc_corrected", 3, 0.03, 0.01, [0.005, 0.055], 0.03, 0.03, 0.03)
+    primary.primary = True
+    assert primary.verdict == "difference detected"  # p 0.03 < 0.05: its own p
+    assert extra.verdict == "no difference detected"  # the same p, 0.09 after Holm
+    assert verdict(extra).startswith("no difference detected") and "Holm-adjusted p = 0.090" in verdict(extra)
+    two = compare_all(_results(seeds=(0, 1)).methods)
+    assert two[0].ci95 is not None and two[0].verdict == "n < 3: no verdict" and not two[0].detected
+    assert verdict(two[0]).endswith("n < 3: no verdict")
+    report = write_report(results, tmp_path, {}).read_text()
+    assert "2 comparison(s) in this report" in report and "The other 1 are exploratory" in report
+    assert "every interval and verdict is conditional on this teacher" in report
+
+
+@pytest.mark.parametrize("name", ["zoo_cifar10", "methods_mnist"])
+def test_committed_results_of_older_versions_load_with_p_and_adjustments(name):
+    """A results.json without p: the p of each comparison is the paired t test of its stored per-seed values
+    (scipy's ttest_rel, independent of ours), Holm and BH adjust the exploratory family, the pair is primary."""
+    from scipy import stats as scipy_stats
+
+    from extkd_jax.experiment.results import metric_resolution
+    from extkd_jax.experiment.stats import benjamini_hochberg, holm
+
+    results = Results.from_json((REPO_ROOT / "docs" / "results" / name / "results.json").read_text())
+    resolution = metric_resolution(results.methods, results.drop_classes)
+    checked = 0
+    for c in results.comparisons:
+        ours = [getattr(r, c.metric) for r in results.methods[c.method].runs]
+        theirs = [getattr(r, c.metric) for r in results.methods[c.baseline].runs]
+        if c.diff_std is not None and c.diff_std > resolution[c.metric]:  # no floor on the spread: scipy's test
+            assert c.p == pytest.approx(scipy_stats.ttest_rel(ours, theirs).pvalue, rel=1e-9)
+            checked += 1
+    assert checked >= 5
+    primary = [c for c in results.comparisons if c.primary]
+    assert [(c.method, c.baseline, c.metric) for c in primary] == [("extended_kd", "kd", "unseen_acc_corrected")]
+    family = [c for c in results.comparisons if not c.primary and c.p is not None]
+    assert [c.p_holm for c in family] == pytest.approx(holm([c.p for c in family]))
+    assert [c.q_bh for c in family] == pytest.approx(benjamini_hochberg([c.p for c in family]))
+    assert all(c.p_holm >= c.p and c.q_bh >= c.p for c in family)

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from extkd_jax.experiment import bias_correction as bc
+from extkd_jax.experiment import stats
 from extkd_jax.experiment.reproduce import _choose, check_experiment
 from extkd_jax.experiment.results import Comparison, GridPoint, MethodResult, RunResult, Stat
 from extkd_jax.experiment.scoring import Scorer
@@ -68,44 +69,47 @@ def test_oracle_shift_maximises_accuracy():
     assert (bc.shift_logits(logits, [1], shift).argmax(1) == labels).mean() == pytest.approx(best)
 
 
-class _Val:
-    def __init__(self, labels):
-        self.labels = np.asarray(labels)
-
-    def __len__(self):
-        return len(self.labels)
-
-
-class _Datasets:
-    def __init__(self, val_labels, drop_classes):
-        self.val, self.drop_classes = _Val(val_labels), tuple(drop_classes)
-
-
 def _run(val_seen_acc_corrected: float) -> RunResult:
     return RunResult(
         "extended_kd", 9, "w", None, 0.0, 0, 0, 0, 0, 0, 0, [0.0], val_seen_acc_corrected, [], [], [], 0.0, 1
     )
 
 
-def test_dropped_class_labels_never_choose_the_knob():
-    """Two candidate students: A is better on the seen classes, B only on the dropped class. Scored with every
-    validation label (the old criterion), B would win; the criterion we use never reads a dropped-class label,
-    picks A, and does not move whatever labels the dropped-class images carry."""
-    labels = np.array([0, 0, 1, 1, 2, 2, 2, 2])  # class 2 is dropped
-    a = np.eye(3)[[0, 0, 1, 1, 0, 0, 0, 0]] * 5.0  # seen classes all right, dropped class all wrong
-    b = np.eye(3)[[0, 1, 1, 0, 2, 2, 2, 2]] * 5.0  # half the seen classes wrong, dropped class all right
+def test_the_scorers_criterion_fits_the_shift_on_the_pool_and_reads_only_the_labelled_set():
+    """Scorer.criterion (what `score` records as the selection criterion) is the selection module's criterion on
+    the experiment's plan, with the shift fitted on the pool: what a student predicts on the dropped-class images
+    outside the pool, and every label of the pool, cannot move it or the choice; the old criterion (shift fitted on
+    every image, accuracy on its seen-class subset) chose the other student."""
+    from extkd_jax.experiment.selection import SelectionPlan, criterion_of_plan
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, size=400)  # class 2 is dropped
+    teacher = np.eye(3)[labels] * 5.0
+    plan = SelectionPlan.of(labels, 3, [2], 0.5, seed=1)
+    outside = np.setdiff1d(np.arange(400), np.concatenate([plan.labelled, plan.pool]))
+    a = np.eye(3)[labels] * 3.0 + rng.normal(size=(400, 3))
+    a[labels == 2] = np.eye(3)[rng.integers(0, 2, size=(labels == 2).sum())] * 3.0  # dropped images look seen
+    a[:, 2] -= 2.0
+    b = a.copy()  # the same on the pool, worse on 10 labelled images...
+    wrong = plan.labelled[:10]
+    b[wrong] = np.eye(3)[(labels[wrong] + 1) % 2] * 6.0
+    b[outside, 2] = 9.0  # ...but recognises the dropped-class images the old criterion counted
     scorer = Scorer.__new__(Scorer)
-    scorer.datasets = _Datasets(labels, [2])
-    score = {name: scorer._val_seen_accuracy(z, [0.0]) for name, z in (("a", a), ("b", b))}
-    every_label = {name: float((z.argmax(1) == labels).mean()) for name, z in (("a", a), ("b", b))}
-    assert every_label["b"] > every_label["a"]  # the old criterion would flip the choice to B
+    scorer.selection, scorer.shared_shift, scorer.teacher_logits = plan, False, {"teacher": {"val": teacher}}
+    score = {n: scorer.criterion(z) for n, z in (("a", a), ("b", b))}
+    assert score == {n: criterion_of_plan(plan, z, teacher) for n, z in (("a", a), ("b", b))}
+
+    def old(z):
+        shifts = bc.shifts_to_match_teacher(z, teacher, [2])
+        return float((bc.shift_logits(z, [2], shifts).argmax(1) == labels)[labels != 2].mean())
+
+    assert old(b) > old(a)  # the old criterion would choose B for its dropped-class recognition
     assert score["a"] > score["b"]
     chosen, tie = _choose([GridPoint(0.1, _run(score["a"])), GridPoint(1.0, _run(score["b"]))], default=1.0)
     assert chosen == 0.1 and tie == []
-    # what a student predicts on the dropped-class images cannot move the criterion
-    b_worse = b.copy()
-    b_worse[labels == 2] = np.eye(3)[[0, 1, 0, 1]] * 5.0
-    assert scorer._val_seen_accuracy(b_worse, [0.0]) == score["b"]
+    b_other = b.copy()
+    b_other[outside] = rng.normal(size=(len(outside), 3))
+    assert scorer.criterion(b_other) == score["b"]
 
 
 def test_an_exact_tie_is_reported_and_goes_to_the_configured_value():
@@ -126,21 +130,26 @@ def test_sample_std_and_paired_t_interval_against_hand_computation():
 
     ours, kd = method("extended_kd", [0.80, 0.75, 0.90]), method("kd", [0.70, 0.72, 0.71])
     c = Comparison.paired(ours, kd, "unseen_acc_corrected")
+    stats.adjust([c], ("extended_kd", "kd"))  # the primary comparison: judged at its own p
     diffs = np.array([0.10, 0.03, 0.19])
     half = 4.303 * diffs.std(ddof=1) / np.sqrt(3)  # t(0.975, df=2) = 4.303
     assert c.n == 3 and c.diff_mean == pytest.approx(diffs.mean())
     assert c.ci95 == pytest.approx([diffs.mean() - half, diffs.mean() + half])
     assert not c.detected  # 0.107 +- 0.199: the interval contains 0
     clear = Comparison.paired(method("extended_kd", [0.80, 0.82, 0.84]), kd, "unseen_acc_corrected")
-    assert clear.detected and clear.ci95[0] > 0
+    stats.adjust([clear], ("extended_kd", "kd"))
+    assert clear.detected and clear.ci95[0] > 0 and clear.p < 0.05
     one = Comparison.paired(method("a", [0.9]), method("kd", [0.1]), "unseen_acc_corrected")
     assert one.n == 1 and one.diff_std is None and one.ci95 is None and not one.detected
     # two seeds that both gain exactly one of 1000 images: no spread to measure, yet no certainty either
     step = method("extended_kd", [0.338, 0.364]), method("kd", [0.337, 0.363])
-    assert Comparison.paired(*step, "unseen_acc_corrected").detected  # without the metric's resolution: width 0
+    bare = Comparison.paired(*step, "unseen_acc_corrected")  # without the metric's resolution: width 0, p 0
+    assert bare.ci95[1] - bare.ci95[0] == pytest.approx(0.0, abs=1e-12) and bare.p == 0.0
     floored = Comparison.paired(*step, "unseen_acc_corrected", resolution=1 / 1000)
     half = 12.706 * (1 / 1000) / np.sqrt(2)  # t(0.975, df=1) = 12.706, spread floored at one image
-    assert floored.ci95 == pytest.approx([0.001 - half, 0.001 + half]) and not floored.detected
+    assert floored.ci95 == pytest.approx([0.001 - half, 0.001 + half]) and floored.p > 0.05
+    stats.adjust([bare], ("extended_kd", "kd"))
+    assert bare.verdict == "n < 3: no verdict" and not bare.detected  # two seeds: the interval only
 
 
 def test_same_seed_same_start_for_every_method():
@@ -161,6 +170,10 @@ def test_same_seed_same_start_for_every_method():
         ({"reproduce.grid.kd": (2.0, 4.0), "reproduce.grid.extended_kd": (1.0,)}, "unequal tuning budgets"),
         ({"seeds": 3, "reproduce.selection_seed": 1}, "is a reported seed"),
         ({"reproduce.keep_fractions": (1.5,)}, "keep_fractions holds 1.5"),
+        ({"reproduce.primary": ("extended_kd", "hinton")}, r"reproduce.primary=\('extended_kd', 'hinton'\)"),
+        ({"reproduce.primary": ("kd", "kd")}, "two different names"),
+        ({"reproduce.teacher_seeds": 0}, "teacher_seeds=0: expected at least 1"),
+        ({"reproduce.selection_labelled_fraction": 1.0}, "selection_labelled_fraction=1.0: expected a fraction"),
     ],
 )
 def test_unfair_experiments_are_refused(overrides, message):
@@ -214,6 +227,22 @@ def test_reproduce_smoke_preset_through_the_cli(tmp_path):
         diffs = [mine[s] - base[s] for s in (0, 1)]
         assert c["n"] == 2 and c["diff_mean"] == pytest.approx(np.mean(diffs))
         assert c["diff_std"] == pytest.approx(np.std(diffs, ddof=1))
+    selection = results["selection"]  # computed from the plan's index sets
+    assert selection["overlap"] == 0 and selection["dropped_in_labelled"] == 0
+    assert selection["labelled_size"] > 0 and selection["pool_size"] > 0
+    assert results["primary"] == ["extended_kd", "kd"] and results["teachers"] == 1
+    primary = [c for c in results["comparisons"] if c["primary"]]
+    assert [(c["method"], c["baseline"], c["metric"]) for c in primary] == [
+        ("extended_kd", "kd", "unseen_acc_corrected")
+    ]
+    assert all({"p", "p_holm", "q_bh"} <= set(c) for c in results["comparisons"])
+    # KD's temperature, chosen on its grid, is the one fitnet and extended_kd ran at
+    t = results["temperature"]
+    assert t["value"] == results["methods"]["kd"]["chosen"] and t["methods"] == ["fitnet", "extended_kd"]
+    ran_at = json.loads((workdir / results["methods"]["fitnet"]["runs"][0]["workdir"] / "config.json").read_text())
+    assert ran_at["config"]["loss"]["temperature"] == t["value"]
+    assert f"ran at T = {t['value']:g}" in report and "n < 3: no verdict" in report
+    assert "conditional on this teacher" in report
     assert [(p["method"], p["keep_fraction"]) for p in results["curve"]] == [("kd", 0.0), ("kd", 0.1)]
     assert "## Dark-knowledge curve" in report and "keep_fraction_curve.png" in report
     for png in ("per_class_accuracy.png", "training_curves.png", "confusion_extended_kd.png", "unseen_accuracy.png"):
@@ -310,24 +339,31 @@ def test_a_diverging_method_is_reported_and_the_others_go_on(tmp_path, capsys, m
     ext = results["methods"]["extended_kd"]
     assert ext["chosen"] == 0.5 and [g["value"] for g in ext["grid"]] == [0.5] and len(ext["runs"]) == 1
     assert list(ext["diverged_grid"]) == ["1e+12"]
-    assert ext["diverged_grid"]["1e+12"].startswith("selection/extended_kd/segment_weight=1e+12/seed_1: non-finite")
+    kd_t = results["temperature"]["value"]  # KD's choice: named in the runs' paths where not the preset's (8)
+    at_t = "" if kd_t == 8.0 else f"temperature={kd_t:g}/"
+    assert ext["diverged_grid"]["1e+12"].startswith(
+        f"selection/extended_kd/{at_t}segment_weight=1e+12/seed_1: non-finite"
+    )
     assert list(results["diverged"]) == ["fitnet"]
     error = results["diverged"]["fitnet"]
-    assert error.startswith("every grid value: selection/fitnet/segment_weight=1e+12/seed_1: non-finite loss at step")
-    assert "selection/fitnet/segment_weight=5e+11/seed_1: non-finite" in error
-    assert (tmp_path / "selection/fitnet/segment_weight=5e+11/seed_1/diverged.txt").read_text() in error
+    assert error.startswith(f"every grid value: selection/fitnet/{at_t}segment_weight=1e+12/seed_1: non-finite loss")
+    assert f"selection/fitnet/{at_t}segment_weight=5e+11/seed_1: non-finite" in error
+    assert (tmp_path / f"selection/fitnet/{at_t}segment_weight=5e+11/seed_1/diverged.txt").read_text() in error
     assert {(c["method"], c["baseline"]) for c in results["comparisons"]} == {("extended_kd", "kd")}
     report = (tmp_path / "report.md").read_text()
     assert "- **fitnet**: diverged" in report and "no figures): fitnet." in report
     assert "| 1e+12 | diverged | - | - |  |" in report and "segment_weight=1e+12 diverged: selection/" in report
-    assert readme_table_of(tmp_path).splitlines()[-1] == "| fitnet | diverged | - | - |"
+    assert readme_table_of(tmp_path).splitlines()[-3] == "| fitnet | diverged | - | - | - |"
 
     trained = []
     monkeypatch.setattr(reproduce, "train_and_evaluate", lambda c, w, **kw: trained.append(str(w)))
     assert cli.main([*flags, "--config.reproduce.methods=('fitnet',)"]) == cli.EXIT_ALL_DIVERGED == 3
     out = capsys.readouterr()
     assert "fitnet (left out" in out.out and "every method diverged (fitnet)" in out.err
-    assert trained == [str(tmp_path / "teacher")]  # the teacher is checked; the diverged runs are not retrained
+    # the teacher and KD's grid (fitnet runs at its temperature) are checked; the diverged runs are not retrained
+    assert trained == [str(tmp_path / "teacher")] + [
+        str(tmp_path / f"selection/kd/temperature={v}/seed_1") for v in (2, 4)
+    ]
     again = json.loads((tmp_path / "results.json").read_text())
     assert again["methods"] == {} and again["diverged"] == {"fitnet": error}
     assert "- **fitnet**: diverged" in (tmp_path / "report.md").read_text()
@@ -345,7 +381,7 @@ def test_a_diverged_curve_point_is_left_out_by_name():
     main_runs = [SimpleNamespace(unseen_acc=0.1 * s, unseen_acc_corrected=0.2 * s, wall_time_s=1.0) for s in (1, 2)]
     methods = {"kd": SimpleNamespace(runs=main_runs, chosen=4.0)}
 
-    def run(method, seed, knob, fraction):
+    def run(method, seed, knob, fraction, *rest):
         if fraction == 0.5:
             raise RunDiverged(f"curve/{method}/seed_{seed}", "non-finite loss at step 3")
         return SimpleNamespace(unseen_acc=0.5, unseen_acc_corrected=0.6, wall_time_s=2.0), None
@@ -355,3 +391,46 @@ def test_a_diverged_curve_point_is_left_out_by_name():
     assert [(p.method, p.keep_fraction) for p in points] == [("kd", 0.0), ("kd", 0.1)]
     assert points[0].unseen_acc_corrected.mean == pytest.approx(0.3) and points[1].wall_time_s == 4.0
     assert diverged == {"kd (keep_fraction=0.5)": "curve/kd/seed_0: non-finite loss at step 3"}
+
+
+@pytest.mark.slow
+def test_two_teachers_each_with_its_own_students(tmp_path):
+    """reproduce.teacher_seeds=2: two teachers (their own seeds), each with its own students over the reported
+    seeds; the knob is chosen once, on the first teacher; comparisons pair (teacher, seed); the primary comparison is
+    also reported per teacher; a rerun reuses every run."""
+    from extkd_jax import cli
+
+    flags = [
+        "reproduce",
+        "--config=smoke",
+        "--config.reproduce.methods=('kd','extended_kd')",
+        "--config.reproduce.teacher_seeds=2",
+        f"--workdir={tmp_path}",
+    ]
+    assert cli.main(flags) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["teachers"] == 2 and set(results["teacher"]["others"]) == {"teacher_1"}
+    seeds = {json.loads((tmp_path / t / "config.json").read_text())["config"]["seed"] for t in ("teacher", "teacher_1")}
+    assert seeds == {0, 1000}
+    for m in results["methods"].values():
+        assert sorted((r["teacher_index"], r["seed"]) for r in m["runs"]) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+        assert all(g["run"]["teacher_index"] == 0 for g in m["grid"])  # chosen once, with the first teacher
+        for r in m["runs"]:
+            assert ("/teacher_1/" in r["workdir"]) == (r["teacher_index"] == 1)
+            student = json.loads((tmp_path / r["workdir"] / "config.json").read_text())["config"]
+            assert student["teacher"]["workdir"] == str(tmp_path / ("teacher_1" if r["teacher_index"] else "teacher"))
+    primary = [c for c in results["comparisons"] if c["primary"]]
+    assert len(primary) == 1 and primary[0]["n"] == 4  # pooled over (teacher, seed) pairs
+    per_teacher = results["primary_by_teacher"]
+    assert [(c["teacher"], c["n"]) for c in per_teacher] == [(0, 2), (1, 2)]
+    runs = {
+        m: {(r["teacher_index"], r["seed"]): r["unseen_acc_corrected"] for r in results["methods"][m]["runs"]}
+        for m in ("extended_kd", "kd")
+    }
+    for c in per_teacher:
+        diffs = [runs["extended_kd"][(c["teacher"], s)] - runs["kd"][(c["teacher"], s)] for s in (0, 1)]
+        assert c["diff_mean"] == pytest.approx(np.mean(diffs))
+    report = (tmp_path / "report.md").read_text()
+    assert "2 teachers, each with its own students" in report and "- teacher 1: " in report
+    assert cli.main(flags) == 0
+    assert json.loads((tmp_path / "results.json").read_text())["methods"] == results["methods"]

@@ -79,3 +79,36 @@ def drop_classes(ds: ArrayDataset, classes, keep_fraction: float = 0.0, seed: in
         if "would drop every one" in str(err):
             raise ValueError(f"{err} of {ds.name!r}") from None
         raise
+
+
+SELECTION_STREAM = 0x5E1EC7  # seeds the selection's labelled / pool halves apart from the validation split's stream
+
+
+def selection_indices(
+    labels: np.ndarray, num_classes: int, classes, labelled_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(labelled positions, pool positions) of a validation carve-out whose `labels` are given, for choosing knobs
+    blind to the dropped `classes`.
+
+    The positions are halved at random by `seed` alone (no label read): ``round(labelled_fraction * n)`` of them
+    are the labelled candidates, the rest the pool. The labelled set is the candidates with the dropped classes
+    removed, as the transfer set is built (`drop_class_indices`): a held-out part of the transfer set. The pool keeps
+    every class; its labels are never read, here or by the criterion. The two sets are disjoint by construction.
+    """
+    seed = _check_int(seed, "seed")
+    try:
+        fraction = float(labelled_fraction)
+    except (TypeError, ValueError):
+        raise ValueError(f"labelled_fraction must be a number in (0, 1), got {labelled_fraction!r}") from None
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(
+            f"labelled_fraction {labelled_fraction} is outside (0, 1): the pool and the labelled set each need images"
+        )
+    n = len(labels)
+    perm = np.random.default_rng([seed, SELECTION_STREAM]).permutation(n)
+    cut = int(round(fraction * n))
+    candidates, pool = np.sort(perm[:cut]), np.sort(perm[cut:])
+    if not len(candidates) or not tuple(classes):
+        return candidates, pool
+    kept = drop_class_indices(np.asarray(labels)[candidates], num_classes, classes)
+    return candidates[kept], pool

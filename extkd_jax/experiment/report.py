@@ -2,7 +2,9 @@
 
 Accuracies are fractions in [0, 1], shown in percent with one decimal as `mean ± std` (sample std, ddof=1) or
 `mean (n=1)`; shifts are logits with two decimals. The main table sits between `<!-- main-table -->` and
-`<!-- /main-table -->`. Prose names no winner from a difference whose 95% interval contains zero.
+`<!-- /main-table -->`. Verdicts come from the adjusted figures (`stats`): the primary comparison, declared before
+the runs, by its own p at 0.05; every other one by its Holm-adjusted p within the report; none below 3 paired
+values. Prose names no winner without a verdict.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import re
 
 from etils import epath
 
+from extkd_jax.experiment import stats
 from extkd_jax.experiment.results import Comparison, Results, Stat
 from extkd_jax.train.workdir import write_text_atomic
 
@@ -46,22 +49,76 @@ def seconds(value: float) -> str:
     return f"{value:.1f} s" if value < 120 else f"{value:.0f} s ({value / 60:.1f} min)"
 
 
+def p_text(value: float | None) -> str:
+    return "-" if value is None else (f"{value:.3f}" if value >= 0.001 else "<0.001")
+
+
 def verdict(c: Comparison) -> str:
-    """One sentence: ahead / behind with the interval, no difference detected, or n=1."""
+    """One sentence: ahead / behind with the interval and the p its verdict reads, no difference detected, or no
+    verdict (n=1, or fewer than 3 paired values)."""
     what = f"on {METRIC_WORDS.get(c.metric, c.metric)}"
+    label = "primary: " if c.primary else ""
     if c.ci95 is None:
         return (
-            f"{c.method} - {c.baseline} = {points(c.diff_mean)} points {what} on one seed (n=1): no interval, "
+            f"{label}{c.method} - {c.baseline} = {points(c.diff_mean)} points {what} on one seed (n=1): no interval, "
             "no verdict"
         )
     interval = f"95% CI {c.ci95[0] * 100:+.1f}..{c.ci95[1] * 100:+.1f}, {c.n} seeds"
+    if c.n < stats.MIN_SEEDS:
+        return (
+            f"{label}{c.method} - {c.baseline} = {points(c.diff_mean)} points {what} ({interval}): "
+            f"n < {stats.MIN_SEEDS}: no verdict"
+        )
+    which = f"p = {p_text(c.p)}" if c.primary else f"Holm-adjusted p = {p_text(c.p_holm)}"
     if not c.detected:
         return (
-            f"no difference detected between {c.method} and {c.baseline} {what} ({points(c.diff_mean)} points, "
-            f"{interval})"
+            f"{label}no difference detected between {c.method} and {c.baseline} {what} ({points(c.diff_mean)} "
+            f"points, {interval}, {which})"
         )
     side = "ahead of" if c.diff_mean > 0 else "behind"
-    return f"{c.method} is {side} {c.baseline} by {abs(c.diff_mean) * 100:.1f} points {what} ({interval})"
+    by = f"by {abs(c.diff_mean) * 100:.1f} points"
+    return f"{label}{c.method} is {side} {c.baseline} {by} {what} ({interval}, {which})"
+
+
+def protocol(results: Results) -> list[str]:
+    """How many comparisons, which one is primary, how the verdicts are drawn, and what they are conditional on."""
+    n = len(results.comparisons)
+    primary = [c for c in results.comparisons if c.primary]
+    when = (
+        "set after these runs (results of an older protocol, whose knobs were chosen by the older criterion)"
+        if results.older_protocol
+        else "declared in the config before any run"
+    )
+    lines = [
+        f"{n} comparison(s) in this report. "
+        + (
+            f"Primary, {when}: {primary[0].method} - {primary[0].baseline} on "
+            f"{METRIC_WORDS[primary[0].metric]}, judged by its own p at 0.05. The other {n - 1} are exploratory: "
+            "judged by Holm-adjusted p within this report (Benjamini-Hochberg q-values beside them)."
+            if primary
+            else f"No primary comparison ({' - '.join(results.primary) or 'none declared'} not run): all "
+            "exploratory, judged by Holm-adjusted p within this report."
+        )
+        + f" Fewer than {stats.MIN_SEEDS} paired values: the interval is shown and no verdict is drawn."
+    ]
+    if results.teachers < 2:
+        lines.append(
+            "One teacher: every interval and verdict is conditional on this teacher (another teacher of the same "
+            "recipe may give another result)."
+        )
+    else:
+        lines.append(
+            f"{results.teachers} teachers, each with its own students over the reported seeds: comparisons pair "
+            "(teacher, seed); the primary comparison per teacher:"
+        )
+        lines += [f"- teacher {c.teacher}: {verdict(c)}." for c in results.primary_by_teacher]
+    t = results.temperature
+    if t:
+        lines.append(
+            f"Temperature: {', '.join(t['methods']) or 'no method'} ran at T = {t['value']:g} ({t['source']}): "
+            f"{t['reason']}."
+        )
+    return lines
 
 
 def _table(header: list[str], rows: list[list[str]], align: str = "---:") -> list[str]:
@@ -97,6 +154,7 @@ def summary(results: Results) -> list[str]:
     if results.comparisons:
         lines += ["", "Seed by seed, against KD and against Extended-KD:", ""]
         lines += [f"- {verdict(c)}." for c in results.comparisons]
+        lines += ["", *protocol(results)]
     return lines
 
 
@@ -170,21 +228,27 @@ def render_report(results: Results, plots: dict[str, str]) -> str:
         out += [
             "## Paired comparisons with KD and Extended-KD",
             "",
-            "Per-seed differences (method − baseline, same seed: same initialisation and data order); 95% interval "
-            "from Student's t.",
+            "Per-seed differences (method − baseline, same teacher and seed: same initialisation and data order); "
+            "95% interval and two-sided p from Student's t; p Holm-adjusted and Benjamini-Hochberg q within the "
+            f"exploratory family; {len(results.comparisons)} comparisons. The verdict reads p for the primary "
+            f"comparison and Holm's p for the others; none below {stats.MIN_SEEDS} paired values.",
             "",
         ]
         out += _table(
-            ["method", "baseline", "metric", "n", "mean difference (points)", "95% CI", "verdict"],
+            ["method", "baseline", "metric", "n", "mean difference (points)", "95% CI", "p", "p Holm", "q BH"]
+            + ["verdict"],
             [
                 [
-                    c.method,
+                    c.method + (" (primary)" if c.primary else ""),
                     c.baseline,
                     c.metric,
                     c.n,
                     points(c.diff_mean),
                     "-" if c.ci95 is None else f"{c.ci95[0] * 100:+.1f}..{c.ci95[1] * 100:+.1f}",
-                    "n=1" if c.ci95 is None else ("difference detected" if c.detected else "no difference detected"),
+                    p_text(c.p),
+                    p_text(c.p_holm),
+                    p_text(c.q_bh),
+                    "n=1" if c.ci95 is None else c.verdict,
                 ]
                 for c in results.comparisons
             ],
@@ -194,15 +258,22 @@ def render_report(results: Results, plots: dict[str, str]) -> str:
         out += [
             "## Knob selection",
             "",
-            "Each grid value trained once with the selection seed; the criterion is corrected accuracy on "
-            "validation images of the seen classes (no dropped-class label is read). Test figures are shown, "
-            "never used.",
+            "Each grid value trained once with the selection seed. The criterion is the corrected accuracy on a "
+            "labelled set of seen-class validation images, the shift fitted on a disjoint unlabelled pool of every "
+            "class (dropped-class images enter only there, unlabelled)"
+            + (
+                f": {sel['labelled_size']} labelled, {sel['pool_size']} in the pool, overlap {sel['overlap']}, "
+                f"dropped-class images in the labelled set {sel['dropped_in_labelled']}"
+                if (sel := results.selection)
+                else " (results of an older version: the shift was fitted on every validation image)"
+            )
+            + ". Test figures are shown, never used.",
             "",
         ]
         for name, m in tuned.items():
             out += [f"### {name} ({m.knob})", ""]
             out += _table(
-                [m.knob, "val seen acc corrected (%)", "test acc corrected (%)", "unseen corrected (%)", "choice"],
+                [m.knob, "criterion (%)", "test acc corrected (%)", "unseen corrected (%)", "choice"],
                 [
                     [
                         f"{p.value:g}",
@@ -284,29 +355,14 @@ def linked_figures(report_text: str) -> dict[str, str]:
 
 
 def readme_table(results: Results) -> str:
-    """The short table the README shows for an experiment; tests/test_docs.py checks the README against the
-    committed results."""
-    dropped = ", ".join(results.dropped_names)
-    rows = [
-        [
-            name if m.knob is None else f"{name} ({m.knob}={m.chosen:g})",
-            pct(m.stat("test_acc_corrected")),
-            pct(m.stat("unseen_acc")),
-            pct(m.stat("unseen_acc_corrected")),
-        ]
-        for name, m in results.methods.items()
-    ] + [[name, "diverged", "-", "-"] for name in results.diverged]
-    header = ["student", "test acc, corrected (%)", f"{dropped} right, before (%)", f"{dropped} right, corrected (%)"]
-    return "\n".join(_table(header, rows))
+    """The README's table of an experiment (`readme_table.readme_table`)."""
+    from extkd_jax.experiment import readme_table as module
+
+    return module.readme_table(results)
 
 
 def readme_table_of(workdir: str | epath.Path) -> str:
-    """`extkd report --workdir=DIR`: the README table of DIR/results.json."""
-    path = epath.Path(workdir) / "results.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist: `extkd reproduce --workdir={workdir}` writes it")
-    fix = f"rerun `extkd reproduce` with the same config and --workdir={workdir} to write it again"
-    try:
-        return readme_table(Results.from_json(path.read_text()))
-    except (ValueError, KeyError, TypeError) as err:
-        raise ValueError(f"{path} is not a readable results file ({type(err).__name__}: {err}); {fix}") from None
+    """`extkd report --workdir=DIR`: the README table of DIR/results.json (`readme_table.readme_table_of`)."""
+    from extkd_jax.experiment import readme_table as module
+
+    return module.readme_table_of(workdir)

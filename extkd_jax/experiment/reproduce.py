@@ -1,11 +1,16 @@
 """`extkd reproduce`: the dark-knowledge experiment from one config, resumable run by run.
 
 1. the teacher trains on every class (reused when `workdir/teacher` is complete);
+   (`reproduce.teacher_seeds` >= 2: that many teachers, each with its own seed and its own students);
 2. selection: each distilling method trains once per value of its knob's grid (`reproduce.grid.<method>`, the same
-   size for every method) with `reproduce.selection_seed`, which is never a reported seed; the value with the best
-   corrected accuracy on validation images of the seen classes wins (no label of a dropped class is read);
-3. every method then trains with each reported seed (`seeds`): runs of different methods sharing a seed share the
-   initialisation and the data order, so methods are compared seed by seed (`comparisons`, Student t);
+   size for every method) with `reproduce.selection_seed`, which is never a reported seed, from the first teacher;
+   KD's grid runs first, and the methods that do not tune the temperature run at KD's choice (`runs.py`). The
+   criterion is blind to the dropped classes by construction (`selection.py`): corrected accuracy on labelled
+   seen-class validation images, the shift fitted on a disjoint unlabelled pool;
+3. every method then trains with each reported seed (`seeds`) for each teacher: runs of different methods sharing a
+   seed share the initialisation and the data order, so methods are compared per (teacher, seed) (`comparisons`,
+   Student t); one comparison, `reproduce.primary`, is declared in the config before any run, the others are
+   exploratory and adjusted for multiplicity (`stats.py`);
 4. each student is scored on the test set before and after the label-free per-class bias correction;
 5. optionally the dark-knowledge curve: the same students with `data.keep_fraction` of each dropped class kept;
 6. `results.json`, `report.md`, PNG plots and the resolved configs are written into the workdir.
@@ -27,8 +32,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import socket
 import time
 
 import jax
@@ -37,18 +40,33 @@ import numpy as np
 from etils import epath
 
 from extkd_jax.data import Datasets, prepare_datasets
+from extkd_jax.experiment import describe
 from extkd_jax.experiment.outputs import write_outputs
-from extkd_jax.experiment.results import CurvePoint, GridPoint, MethodResult, Results, Stat, compare_all
+from extkd_jax.experiment.results import (
+    CurvePoint,
+    GridPoint,
+    MethodResult,
+    Results,
+    Stat,
+    compare_all,
+    primary_per_teacher,
+)
 from extkd_jax.experiment.runs import (
     METHODS,
     check_equal_budgets,
+    experiment_student_config,
     grid_of,
+    indexed_teacher_config,
     methods_of,
     run_name,
     student_config,
     teacher_config,
+    teacher_run,
+    uses_kd_temperature,
 )
 from extkd_jax.experiment.scoring import Scorer
+from extkd_jax.experiment.selection import SELECTION_KEYS, SelectionPlan, kd_temperature
+from extkd_jax.experiment.selection import choose as _choose
 from extkd_jax.train.config_checks import check_config
 from extkd_jax.train.lock import WorkdirLock
 from extkd_jax.train.loop import NonFiniteLossError, maybe_initialize_distributed, train_and_evaluate
@@ -68,12 +86,6 @@ class RunDiverged(NonFiniteLossError):
 
     def __init__(self, run: str, error: str):
         super().__init__(f"{run}: {error}")
-
-
-DATASET_NOTES = {
-    ("cifar10", "npz"): "CIFAR-10 copy decoded from JPEG (quality about 75, PSNR 30 dB); accuracies run 1-3 points "
-    "below published CIFAR-10 figures",
-}
 
 
 def check_experiment(config: ml_collections.ConfigDict) -> tuple[str, ...]:
@@ -99,6 +111,19 @@ def check_experiment(config: ml_collections.ConfigDict) -> tuple[str, ...]:
     for f in config.reproduce.keep_fractions:
         if not 0.0 <= f < 1.0:
             raise ValueError(f"reproduce.keep_fractions holds {f}; expected fractions in [0, 1)")
+    primary = tuple(config.reproduce.primary)
+    if primary and (len(primary) != 2 or any(m not in METHODS for m in primary) or primary[0] == primary[1]):
+        raise ValueError(
+            f"reproduce.primary={primary}: expected () or (method, baseline), two different names of {tuple(METHODS)}"
+        )
+    if isinstance(config.reproduce.teacher_seeds, bool) or int(config.reproduce.teacher_seeds) < 1:
+        raise ValueError(f"reproduce.teacher_seeds={config.reproduce.teacher_seeds!r}: expected at least 1 teacher")
+    fraction = config.reproduce.selection_labelled_fraction
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(
+            f"reproduce.selection_labelled_fraction={fraction}: expected a fraction in (0, 1) of the validation "
+            "images, the rest being the unlabelled pool"
+        )
     return methods
 
 
@@ -143,12 +168,15 @@ def selection_seed(config) -> int:
     return config.reproduce.selection_seed if config.reproduce.selection_seed >= 0 else config.seed + config.seeds
 
 
-def _choose(grid: list[GridPoint], default: float) -> tuple[float, list[float]]:
-    """(chosen value, values tied with it); a tie goes to the value nearest the configured one."""
-    best = max(p.run.val_seen_acc_corrected for p in grid)
-    tied = [p.value for p in grid if p.run.val_seen_acc_corrected == best]
-    chosen = min(tied, key=lambda v: (abs(v - default), v))
-    return chosen, (tied if len(tied) > 1 else [])
+def selection_plan(config, datasets: Datasets) -> SelectionPlan:
+    """The labelled seen-class set and the unlabelled pool of the experiment's validation carve-out."""
+    return SelectionPlan.of(
+        datasets.val.labels,
+        datasets.num_classes,
+        datasets.drop_classes,
+        config.reproduce.selection_labelled_fraction,
+        config.data.seed,
+    )
 
 
 def reproduce(
@@ -195,18 +223,28 @@ def _reproduce(config, workdir, preset, command_line, methods, data_for, dataset
     """The experiment's runs and outputs, with its workdir held (see `reproduce`)."""
     is_main = jax.process_index() == 0
     writes = is_main and not read_only
-    scorer = Scorer(datasets, config.eval_batch_size, config.reproduce.shared_shift, config.reproduce.oracle_correction)
+    plan = selection_plan(config, datasets) if len(datasets.val) else None
+    scorer = Scorer(
+        datasets, config.eval_batch_size, config.reproduce.shared_shift, config.reproduce.oracle_correction, plan
+    )
+    n_teachers = int(config.reproduce.teacher_seeds)
     teachers, teacher_summaries = {}, {}
-    for teacher in dict.fromkeys(METHODS[m].teacher for m in methods if METHODS[m].distils) or ("teacher",):
-        teachers[teacher] = teacher_config(config, teacher)
-        train_and_evaluate(teachers[teacher], workdir / teacher, mode="train", datasets=data_for(teachers[teacher]))
-        teacher_summaries[teacher] = scorer.set_teacher(workdir / teacher, teacher)
+    for k in range(n_teachers):
+        for base in dict.fromkeys(METHODS[m].teacher for m in methods if METHODS[m].distils) or ("teacher",):
+            name = teacher_run(base, k)
+            teachers[name] = indexed_teacher_config(config, base, k)
+            train_and_evaluate(teachers[name], workdir / name, mode="train", datasets=data_for(teachers[name]))
+            teacher_summaries[name] = scorer.set_teacher(workdir / name, name)
 
-    def run(method: str, seed: int, knob_value=None, keep_fraction: float = 0.0, selection: bool = False):
-        name, teacher = run_name(method, seed, knob_value, keep_fraction, selection), METHODS[method].teacher
-        run_config = student_config(config, method, seed, str(workdir / teacher), knob_value, keep_fraction)
+    def run(method, seed, knob_value=None, keep_fraction=0.0, selection=False, temperature=None, teacher_index=0):
+        spec = METHODS[method]
+        teacher = teacher_run(spec.teacher, teacher_index if spec.distils else 0)
+        name = run_name(method, seed, knob_value, keep_fraction, selection, temperature, teacher_index)
+        run_config = experiment_student_config(
+            config, method, seed, str(workdir / teacher), knob_value, keep_fraction, temperature
+        )
         log.info("reproduce: %s", name)
-        mode = "distill" if METHODS[method].distils else "train"
+        mode = "distill" if spec.distils else "train"
         marker = workdir / name / DIVERGED_MARKER
         if marker.exists():
             if _finished(workdir / name, run_config):  # finished later (on_nonfinite='skip'): the finished state wins
@@ -223,23 +261,41 @@ def _reproduce(config, workdir, preset, command_line, methods, data_for, dataset
             raise RunDiverged(name, str(err)) from err
         if writes and marker.exists():  # the run finished: it supersedes its record of an earlier divergence
             _remove(marker)
-        return scorer.score(workdir / name, method, seed, name, knob_value, keep_fraction, teacher), run_config
+        result = scorer.score(workdir / name, method, seed, name, knob_value, keep_fraction, teacher)
+        result.teacher_index = teacher_index if spec.distils else 0
+        return result, run_config
 
+    selected: dict[str, tuple[list[GridPoint], dict[str, str]]] = {}
+
+    def select(method: str, temperature: float | None) -> tuple[list[GridPoint], dict[str, str]]:
+        """The selection runs of `method`'s grid (once per experiment): a value whose run diverges is not chosen."""
+        if method not in selected:
+            grid, points, diverged_grid = grid_of(config, method), [], {}
+            for v in grid if len(grid) > 1 else ():
+                try:
+                    points.append(GridPoint(v, run(method, selection_seed(config), v, 0.0, True, temperature)[0]))
+                except RunDiverged as err:
+                    log.warning("reproduce: %s at %s=%g diverged, not chosen: %s", method, METHODS[method].knob, v, err)
+                    diverged_grid[f"{v:g}"] = str(err)
+            selected[method] = points, diverged_grid
+        return selected[method]
+
+    temperature = kd_temperature(config, methods, select)
+    shared_t = temperature["value"] if temperature and temperature["value"] != config.loss.temperature else None
     results_by_method, run_configs, diverged = {}, {}, {}
     for method in methods:
         spec, grid = METHODS[method], grid_of(config, method)
-        points, diverged_grid = [], {}
-        for v in grid if len(grid) > 1 else ():  # a value whose selection run diverges is not chosen
-            try:
-                points.append(GridPoint(v, run(method, selection_seed(config), v, selection=True)[0]))
-            except RunDiverged as err:
-                log.warning("reproduce: %s at %s=%g diverged, not chosen: %s", method, spec.knob, v, err)
-                diverged_grid[f"{v:g}"] = str(err)
+        t = shared_t if uses_kd_temperature(method) else None
+        points, diverged_grid = select(method, t)
         try:
             if diverged_grid and not points:
                 raise RunDiverged("every grid value", "; ".join(diverged_grid.values()))
             chosen, tie = _choose(points, float(config.loss[spec.knob])) if points else (grid[0] if grid else None, [])
-            finals = [run(method, s, chosen) for s in reported_seeds(config)]
+            finals = [
+                run(method, s, chosen, 0.0, False, t, k)
+                for k in (range(n_teachers) if spec.distils else (0,))
+                for s in reported_seeds(config)
+            ]
         except RunDiverged as err:
             log.warning("reproduce: %s diverged, left out of the results: %s", method, err)
             diverged[method] = str(err)
@@ -248,43 +304,53 @@ def _reproduce(config, workdir, preset, command_line, methods, data_for, dataset
         results_by_method[method] = MethodResult(
             method, spec.loss, spec.description, spec.knob, chosen, tie, points, [r for r, _ in finals], diverged_grid
         )
-    curve = _curve(config, results_by_method, run, diverged)
+    curve = _curve(config, results_by_method, run, diverged, shared_t)
+    drop = [int(c) for c in datasets.drop_classes]
+    primary = list(config.reproduce.primary)
     results = Results(
         preset=preset,
         command=command_line or "extkd reproduce",
-        dataset=_dataset_info(config, datasets),
-        drop_classes=[int(c) for c in datasets.drop_classes],
-        hardware=_hardware(),
-        teacher=_teacher_info(config, teacher_summaries, workdir),
+        dataset=describe.dataset_info(config, datasets),
+        drop_classes=drop,
+        hardware=describe.hardware(),
+        teacher=describe.teacher_info(config, teacher_summaries, workdir),
         student_model=config.model.name,
         seeds=reported_seeds(config),
         selection_seed=selection_seed(config),
         epochs=config.num_epochs,
-        correction=_describe_correction(config, scorer.correction_split()),
+        correction=describe.describe_correction(config, scorer.correction_split()),
         methods=results_by_method,
-        comparisons=compare_all(results_by_method, [int(c) for c in datasets.drop_classes]),
+        comparisons=compare_all(results_by_method, drop, primary),
         curve=curve,
         wall_time_s=time.time() - t_start,
         diverged=diverged,
+        selection=plan.summary() if plan is not None else dict.fromkeys(SELECTION_KEYS, 0),
+        primary=primary,
+        primary_by_teacher=primary_per_teacher(results_by_method, drop, primary, n_teachers),
+        teachers=n_teachers,
+        temperature=temperature,
     )
     if is_main:
         write_outputs(workdir, results, {"reproduce": config, **teachers, **run_configs}, read_only)
     return results
 
 
-def _curve(config, methods: dict[str, MethodResult], run, diverged: dict[str, str]) -> list[CurvePoint]:
-    """Accuracy on the dropped classes against the fraction of their examples kept (0 = the main runs); a point whose
-    runs diverged is left out and added to `diverged`."""
+def _curve(
+    config, methods: dict[str, MethodResult], run, diverged: dict[str, str], temperature: float | None = None
+) -> list[CurvePoint]:
+    """Accuracy on the dropped classes against the fraction of their examples kept (0 = the main runs), with the
+    first teacher; a point whose runs diverged is left out and added to `diverged`."""
     points = []
     for method in config.reproduce.curve_methods if config.reproduce.keep_fractions else ():
         if method not in methods:
             continue
         for fraction in sorted(set(config.reproduce.keep_fractions) | {0.0}):
             try:
+                t = temperature if uses_kd_temperature(method) else None
                 runs = (
-                    methods[method].runs
+                    [r for r in methods[method].runs if getattr(r, "teacher_index", 0) == 0]
                     if fraction == 0.0
-                    else [run(method, s, methods[method].chosen, fraction)[0] for s in reported_seeds(config)]
+                    else [run(method, s, methods[method].chosen, fraction, False, t)[0] for s in reported_seeds(config)]
                 )
             except RunDiverged as err:
                 log.warning(
@@ -303,57 +369,3 @@ def _curve(config, methods: dict[str, MethodResult], run, diverged: dict[str, st
                 )
             )
     return points
-
-
-def _dataset_info(config, datasets: Datasets) -> dict:
-    return {
-        "name": config.data.name,
-        "source": config.data.source,
-        "note": DATASET_NOTES.get((config.data.name, config.data.source), ""),
-        "num_classes": datasets.num_classes,
-        "class_names": datasets.class_names,
-        "train_size": datasets.train_size,
-        "transfer_size": datasets.transfer_size,
-        "val_size": len(datasets.val),
-        "test_size": len(datasets.test),
-    }
-
-
-def _teacher_info(config, summaries: dict[str, dict], workdir: epath.Path) -> dict:
-    """The main teacher (the first trained), and the others under "others" (e.g. the PURF teacher)."""
-    info = {}
-    for run, summary in summaries.items():
-        records = read_metrics(workdir / run)
-        info[run] = {
-            "model": config.teacher.name,
-            "test_acc": summary["acc"],
-            "per_class_acc": summary["per_class_acc"],
-            "unseen_acc": summary.get("unseen_acc"),
-            "epochs": records[-1]["epoch"] if records else 0,
-            "wall_time_s": records[-1]["wall_time_s"] if records else float("nan"),
-            "workdir": run,
-        }
-    main, *others = info
-    return {**info[main], "others": {run: info[run] for run in others}}
-
-
-def _describe_correction(config, split: str) -> str:
-    where = "the validation images" if split == "val" else "the test images (no validation split)"
-    how = (
-        "one shift shared by all dropped classes, chosen so the student predicts them together"
-        if config.reproduce.shared_shift
-        else "one shift per dropped class, each chosen so the student predicts that class"
-    )
-    return f"{how} as often as the teacher does on {where}, without their labels"
-
-
-def _hardware() -> dict:
-    device = jax.devices()[0]
-    return {
-        "platform": device.platform,
-        "device_kind": device.device_kind,
-        "device_count": jax.device_count(),
-        "process_count": jax.process_count(),
-        "hostname": socket.gethostname(),
-        "cpu_count": os.cpu_count(),
-    }

@@ -2,7 +2,10 @@
 (the table and the role configs live in extkd_jax.methods.roles, below configs/ and the engine).
 
 Every distilling method has one main knob, tuned on validation images of the seen classes over a grid of the
-same size for every method (`reproduce.grid.<method>`); scratch students have none.
+same size for every method (`reproduce.grid.<method>`); scratch students have none. Every distilling objective has
+KD's temperature in its KL (train/objectives.py reads `loss.temperature` in each): the methods that do not tune it
+run at the temperature chosen for KD (`uses_kd_temperature`), so that no method is held to the preset's while KD
+tunes it. With `reproduce.teacher_seeds` >= 2 each teacher k has its own seed and its own students.
 """
 
 from __future__ import annotations
@@ -17,6 +20,43 @@ from extkd_jax.methods.roles import (  # noqa: F401 - re-exported: the experimen
     student_config,
     teacher_config,
 )
+
+TEACHER_SEED_STEP = 1000  # teacher k of reproduce.teacher_seeds trains with seed + k * this (apart from students')
+
+
+def uses_kd_temperature(method: str) -> bool:
+    """Built on KD's KL (every distilling method) without tuning its temperature: runs at the one chosen for KD."""
+    spec = METHODS[method]
+    return spec.distils and spec.knob != "temperature"
+
+
+def teacher_run(run: str, index: int = 0) -> str:
+    """The directory of teacher `index` of a teacher run: `teacher`, `teacher_1`, `teacher_purf_2`..."""
+    return run if index == 0 else f"{run}_{index}"
+
+
+def indexed_teacher_config(config: ml_collections.ConfigDict, run: str, index: int) -> ml_collections.ConfigDict:
+    """`teacher_config` of teacher `index` (0 for the first, as before): its own seed."""
+    c = teacher_config(config, run)
+    c.seed = config.seed + TEACHER_SEED_STEP * index
+    return c
+
+
+def experiment_student_config(
+    config: ml_collections.ConfigDict,
+    method: str,
+    seed: int,
+    teacher_workdir: str,
+    knob_value: float | None = None,
+    keep_fraction: float | None = None,
+    temperature: float | None = None,
+) -> ml_collections.ConfigDict:
+    """`student_config`, with `loss.temperature` set to `temperature` (KD's) for a method that
+    `uses_kd_temperature` (None: as configured)."""
+    c = student_config(config, method, seed, teacher_workdir, knob_value, keep_fraction)
+    if temperature is not None and uses_kd_temperature(method):
+        c.loss.temperature = float(temperature)
+    return c
 
 
 def methods_of(config: ml_collections.ConfigDict) -> tuple[str, ...]:
@@ -50,11 +90,23 @@ def check_equal_budgets(config: ml_collections.ConfigDict, methods: tuple[str, .
 
 
 def run_name(
-    method: str, seed: int, knob_value: float | None = None, keep_fraction: float = 0.0, selection: bool = False
+    method: str,
+    seed: int,
+    knob_value: float | None = None,
+    keep_fraction: float = 0.0,
+    selection: bool = False,
+    temperature: float | None = None,
+    teacher_index: int = 0,
 ) -> str:
-    """The run's directory under the experiment workdir, e.g. `runs/kd/seed_0`, `selection/kd/T4/seed_3`."""
+    """The run's directory under the experiment workdir, e.g. `runs/kd/seed_0`, `selection/kd/temperature=4/seed_3`;
+    `temperature`: KD's, named where it is not the preset's (`runs/fitnet/temperature=2/seed_0`); `teacher_index`:
+    the students of teacher k >= 1 (`runs/kd/teacher_1/seed_0`). Runs as older versions named them keep their names."""
     spec = METHODS[method]
     parts = ["selection" if selection else "runs", method]
+    if temperature is not None and uses_kd_temperature(method):
+        parts.append(f"temperature={temperature:g}")
+    if teacher_index:
+        parts.append(teacher_run("teacher", teacher_index))
     if selection and spec.knob is not None:
         parts.append(f"{spec.knob}={knob_value:g}")
     if keep_fraction:

@@ -1,5 +1,5 @@
 """Scoring a trained student of the experiment: test accuracy before and after the label-free correction, and the
-selection criterion, which never reads a label of a dropped class."""
+selection criterion (`selection.criterion`), blind to the dropped classes by construction."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from etils import epath
 from extkd_jax.data import Datasets
 from extkd_jax.experiment import bias_correction as bc
 from extkd_jax.experiment.results import RunResult
+from extkd_jax.experiment.selection import SelectionPlan, criterion_of_plan
 from extkd_jax.train import sharding
 from extkd_jax.train.evaluate import Predictor, restore_model
 from extkd_jax.train.metrics import classification_summary, confusion_matrix, read_metrics
@@ -17,8 +18,15 @@ from extkd_jax.train.metrics import classification_summary, confusion_matrix, re
 class Scorer:
     """Logits of trained workdirs on the experiment's validation and test images (placed once on the mesh)."""
 
-    def __init__(self, datasets: Datasets, eval_batch_size: int, shared_shift: bool, oracle: bool):
-        self.datasets, self.eval_batch_size = datasets, eval_batch_size
+    def __init__(
+        self,
+        datasets: Datasets,
+        eval_batch_size: int,
+        shared_shift: bool,
+        oracle: bool,
+        selection: SelectionPlan | None = None,
+    ):
+        self.datasets, self.eval_batch_size, self.selection = datasets, eval_batch_size, selection
         self.shared_shift, self.oracle = shared_shift, oracle
         self.mesh = sharding.make_mesh()
         self._placed: dict[int, dict] = {}  # per eval batch size: the placed val and test images
@@ -78,7 +86,7 @@ class Scorer:
             seen_acc_corrected=after["seen_acc"],
             unseen_acc_corrected=after["unseen_acc"],
             bias_shift=shifts,
-            val_seen_acc_corrected=self._val_seen_accuracy(logits["val"], shifts),
+            val_seen_acc_corrected=self.criterion(logits["val"], teacher),
             per_class_acc=before["per_class_acc"],
             per_class_acc_corrected=after["per_class_acc"],
             confusion_corrected=confusion_matrix(corrected, labels, ds.num_classes).tolist(),
@@ -87,14 +95,12 @@ class Scorer:
             oracle=self._oracle(logits, classes) if self.oracle else None,
         )
 
-    def _val_seen_accuracy(self, val_logits: np.ndarray, shifts) -> float:
-        """Corrected accuracy on validation images of the seen classes: labels of dropped classes never enter."""
-        ds = self.datasets
-        seen = ~np.isin(ds.val.labels, list(ds.drop_classes))
-        if not seen.any():
+    def criterion(self, val_logits: np.ndarray, teacher: str = "teacher") -> float:
+        """The selection criterion of a student's validation logits (NaN without a validation split): the shift
+        fitted on the selection's unlabelled pool, the accuracy read on its labelled seen-class set."""
+        if self.selection is None:
             return float("nan")
-        corrected = bc.shift_logits(val_logits[seen], list(ds.drop_classes), shifts)
-        return float((corrected.argmax(-1) == ds.val.labels[seen]).mean())
+        return criterion_of_plan(self.selection, val_logits, self.teacher_logits[teacher]["val"], self.shared_shift)
 
     def _oracle(self, logits: dict, classes: list[int]) -> dict:
         """The shared shift that maximises validation accuracy with the dropped classes' labels: an upper bound."""
