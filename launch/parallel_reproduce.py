@@ -15,6 +15,8 @@ What it does, with W the --workdir:
    W/parts/<method>-<key> (a method shared by experiments with the same settings runs once);
 2. the cheapest job of each teacher trains it (beside the jobs that need no teacher); the other jobs start with a
    copy of the teacher once it is finished;
+   (`--teacher-from=DIR`: a finished teacher run, e.g. `extkd train --config=PRESET:teacher`, is copied into every
+   job that uses `teacher` and none waits);
 3. each experiment's runs are gathered into W/<name> and `extkd reproduce` is run there on all its methods: every
    run is found finished, so it only scores them and writes the report. Jobs that did not finish by --deadline
    are left out of the report and named in W/parallel_summary.json. Rerunning the command resumes every part.
@@ -161,10 +163,18 @@ def main(argv: list[str] | None = None) -> int:
         default=0.0,
         help="seconds for the parallel jobs (0: no limit); the reports are written after it",
     )
+    parser.add_argument(
+        "--teacher-from",
+        type=Path,
+        default=None,
+        help="a finished teacher run copied into every job that uses `teacher` (no job trains it)",
+    )
     parser.add_argument("overrides", nargs="*", help="after --: --config.KEY=VALUE flags for every run")
     args = parser.parse_args(argv)
     if args.workers < 1:
         parser.error(f"--workers={args.workers}: expected at least 1")
+    if args.teacher_from is not None and not (args.teacher_from / "config.json").is_file():
+        parser.error(f"--teacher-from={args.teacher_from}: expected a teacher run's workdir (with config.json)")
     configs = _checked_experiments(parser, args)  # every argument, before anything is written
     from extkd_jax.train.lock import WorkdirLock, WorkdirLockedError
 
@@ -240,6 +250,11 @@ def _launch(args, configs: dict[str, tuple[str, object]]) -> int:
     env = {**os.environ, "XLA_PYTHON_CLIENT_PREALLOCATE": "false", "PYTHONUNBUFFERED": "1"}
     env.setdefault("JAX_COMPILATION_CACHE_DIR", str(args.workdir / "xla_cache"))
 
+    if args.teacher_from is not None:  # a trained teacher: every job of it starts with a copy (the scratch
+        for job in jobs.values():  # students too: they are scored against it, and would otherwise train one)
+            if job.teacher in ("teacher", None):
+                _copy_tree(args.teacher_from, job.workdir / "teacher")
+                job.teacher = None
     # the cheapest job of each teacher trains it; the others start as soon as it has begun its first student run
     teacher_jobs: dict[tuple[str, str], Job] = {}
     for job in sorted(jobs.values(), key=lambda j: COST.get(j.method, 1)):
