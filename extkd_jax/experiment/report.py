@@ -154,6 +154,7 @@ def summary(results: Results) -> list[str]:
     if results.comparisons:
         lines += ["", "Seed by seed, against KD and against Extended-KD:", ""]
         lines += [f"- {verdict(c)}." for c in results.comparisons]
+    if results.comparisons or results.temperature:
         lines += ["", *protocol(results)]
     return lines
 
