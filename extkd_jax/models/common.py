@@ -22,6 +22,17 @@ from flax import nnx
 BN_MOMENTUM = 0.9
 BN_EPSILON = 1e-5
 
+
+class Buffer(nnx.Variable):
+    """State that is neither a trained parameter nor a statistic: CRD's memory banks (written by the step), OFD's
+    margins (constants of the teacher). Checkpointed and restored with the BatchNorm statistics (`STATE`), never
+    updated by the optimizer (it updates `nnx.Param` only)."""
+
+
+# the variables a step carries besides the parameters: one "batch_stats" tree in TrainState and checkpoints. The
+# trees are pure dicts (no variable type), so a checkpoint written while buffers were BatchStat restores unchanged.
+STATE = (nnx.BatchStat, Buffer)
+
 conv_init = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
 torch_linear_kernel_init = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 

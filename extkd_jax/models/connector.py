@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from extkd_jax.models.common import batch_norm, conv, conv_transpose, linear
+from extkd_jax.models.common import Buffer, batch_norm, conv, conv_transpose, linear
 
 
 class Connector(nnx.Module):
@@ -122,12 +122,12 @@ class VidRegressor(nnx.Module):
 
 
 class Margins(nnx.Module):
-    """Per-channel constants a loss reads (OFD's margins, one array per segment pair), kept as `nnx.BatchStat` so
-    that they travel with the student's statistics and checkpoints and receive no gradient."""
+    """Per-channel constants a loss reads (OFD's margins, one array per segment pair), kept as a `Buffer` so that
+    they travel with the student's statistics and checkpoints and receive no gradient."""
 
     def __init__(self, margins: Sequence[jax.Array]):
         self.sizes = tuple(int(m.shape[0]) for m in margins)
-        self.flat = nnx.BatchStat(jnp.concatenate([jnp.asarray(m, jnp.float32) for m in margins]))
+        self.flat = Buffer(jnp.concatenate([jnp.asarray(m, jnp.float32) for m in margins]))
 
     def values(self) -> list[jax.Array]:
         out, start = [], 0

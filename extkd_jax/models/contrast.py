@@ -2,9 +2,9 @@
 banks of both networks' embeddings (one row per transfer example), their normalisation constants, and the
 transfer set's examples grouped by class (for drawing negatives of other classes).
 
-Banks and constants are `nnx.BatchStat`: the step writes them, the optimizer does not touch them, and they are
-checkpointed with the student. The class grouping is a `Grouping` variable: rebuilt from the labels at set-up,
-neither trained nor checkpointed.
+Banks and constants are `Buffer`s (extkd_jax.models.common): the step writes them, the optimizer does not touch
+them, and they are checkpointed with the student's statistics. The class grouping is a `Grouping` variable: rebuilt
+from the labels at set-up, neither trained nor checkpointed.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from extkd_jax.models.common import linear
+from extkd_jax.models.common import Buffer, linear
 
 
 class Grouping(nnx.Variable):
@@ -40,9 +40,9 @@ class ContrastMemory(nnx.Module):
         bound = 1.0 / math.sqrt(dim / 3.0)
         k_student, k_teacher = jax.random.split(rngs.params())
         n = labels.shape[0]
-        self.memory_student = nnx.BatchStat(jax.random.uniform(k_student, (n, dim), jnp.float32, -bound, bound))
-        self.memory_teacher = nnx.BatchStat(jax.random.uniform(k_teacher, (n, dim), jnp.float32, -bound, bound))
-        self.normalisers = nnx.BatchStat(jnp.full((2,), -1.0, jnp.float32))  # Z of both: set on the first step
+        self.memory_student = Buffer(jax.random.uniform(k_student, (n, dim), jnp.float32, -bound, bound))
+        self.memory_teacher = Buffer(jax.random.uniform(k_teacher, (n, dim), jnp.float32, -bound, bound))
+        self.normalisers = Buffer(jnp.full((2,), -1.0, jnp.float32))  # Z of both: set on the first step
         counts = np.bincount(labels, minlength=int(labels.max()) + 1)
         self.order = Grouping(jnp.asarray(np.argsort(labels, kind="stable"), jnp.int32))
         self.class_start = Grouping(jnp.asarray(np.concatenate([[0], np.cumsum(counts)[:-1]]), jnp.int32))

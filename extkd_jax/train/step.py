@@ -25,6 +25,7 @@ from flax import nnx
 
 from extkd_jax.data.mixing import cutmix, mixup
 from extkd_jax.models import forward_with_segments
+from extkd_jax.models.common import STATE
 from extkd_jax.train import objectives
 
 StepFn = Callable[..., tuple["TrainState", dict]]
@@ -32,7 +33,8 @@ StepFn = Callable[..., tuple["TrainState", dict]]
 
 @flax.struct.dataclass
 class TrainState:
-    """Everything a step changes: the step count, the trained parameters, BatchNorm statistics, optimizer state."""
+    """Everything a step changes: the step count, the trained parameters, the other state (`batch_stats`: BatchNorm
+    statistics and buffers, `models.common.STATE`), the optimizer state."""
 
     step: jax.Array
     params: Any
@@ -44,7 +46,7 @@ class TrainState:
 class Graph:
     """A model without its arrays: ``merge(variables)`` rebuilds the NNX module (inside ``jit`` too).
 
-    ``rest`` is the constant state that is neither trained nor a statistic (dropout RNG streams).
+    ``rest`` is the constant state, neither trained nor carried by the step (dropout RNG streams, CRD's grouping).
     """
 
     graphdef: Any
@@ -55,8 +57,9 @@ class Graph:
 
 
 def split(model: nnx.Module) -> tuple[Graph, dict]:
-    """(Graph, {"params", "batch_stats"} as pure dicts): what checkpoints and optimizers take as they are."""
-    graphdef, params, batch_stats, rest = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
+    """(Graph, {"params", "batch_stats"} as pure dicts): what checkpoints and optimizers take as they are.
+    `batch_stats` holds every variable of `models.common.STATE` (statistics and buffers)."""
+    graphdef, params, batch_stats, rest = nnx.split(model, nnx.Param, STATE, ...)
     return Graph(graphdef, rest), {"params": nnx.to_pure_dict(params), "batch_stats": nnx.to_pure_dict(batch_stats)}
 
 
@@ -166,7 +169,7 @@ def make_train_step(
                 indices,
             )
             total, parts, logits = objectives.objective(ctx)
-            return total, (parts, nnx.to_pure_dict(nnx.state(module, nnx.BatchStat)), logits)
+            return total, (parts, nnx.to_pure_dict(nnx.state(module, STATE)), logits)
 
         (total, (parts, new_stats, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
