@@ -84,6 +84,10 @@ def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.kind = "run"  # run: one model (`extkd train` / `distill`) | experiment: `extkd reproduce`
     c.seed = 0
+    # modules (dotted import paths, e.g. ("my_models",)) imported before the config is checked or anything built:
+    # plug-ins that call register_model. Recorded in the workdir's config and card, so that `extkd evaluate`,
+    # `extkd_jax.load` and a rerun in a new process import them again (they must be importable there: PYTHONPATH)
+    c.imports = ()
 
     c.data = ml_collections.ConfigDict()
     c.data.source = "npz"  # "npz" (offline folder), "tfds", or "sklearn" (bundled 8x8 digits)

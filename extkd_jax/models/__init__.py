@@ -10,7 +10,7 @@ from extkd_jax.models.bn_fold import fold_batchnorm
 from extkd_jax.models.connector import Connector, Margins, VidRegressor
 from extkd_jax.models.contrast import ContrastMemory
 from extkd_jax.models.forward import forward_with_segments
-from extkd_jax.models.registry import create_model, model_names, register_model
+from extkd_jax.models.registry import create_model, ensure_model, model_imports, model_names, register_model
 
 __all__ = [
     "Connector",
@@ -18,8 +18,10 @@ __all__ = [
     "Margins",
     "VidRegressor",
     "create_model",
+    "ensure_model",
     "fold_batchnorm",
     "forward_with_segments",
+    "model_imports",
     "model_names",
     "register_model",
 ]

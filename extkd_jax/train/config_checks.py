@@ -106,6 +106,7 @@ def _choice(value, name: str, choices) -> None:
 def check_config(config, mode: str) -> None:
     """Raises ConfigError for the first bad value; `mode` is 'train', 'distill' or 'evaluate'."""
     from extkd_jax.models import model_names
+    from extkd_jax.models.registry import import_modules
 
     _choice(mode, "mode", ("train", "distill", "evaluate"))
     data = config.data
@@ -133,6 +134,10 @@ def check_config(config, mode: str) -> None:
             f"data.drop_classes={tuple(data.drop_classes)!r}: expected distinct classes, {repeated} repeated"
         )
 
+    try:  # plug-ins first: they register the models the config names
+        import_modules(config.get("imports", ()), "imports")
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     _choice(config.model.name, "model.name", model_names())
     _model_kwargs(config.model.get("kwargs"), "model.kwargs")
     _model_kwargs(config.teacher.get("kwargs"), "teacher.kwargs")

@@ -25,6 +25,7 @@ import numpy as np
 from etils import epath
 from jax.sharding import Mesh
 
+from extkd_jax.models import model_imports
 from extkd_jax.train import sharding
 from extkd_jax.train.checkpoint import DELETED, Checkpointer
 from extkd_jax.train.epoch import make_predict
@@ -42,7 +43,12 @@ def model_card(config, num_classes: int, input_shape, mean, std, class_names: li
     from extkd_jax import __version__
 
     return {
-        "model": {"name": config.model.name, "kwargs": json.loads(json.dumps(config.model.kwargs.to_dict()))},
+        "model": {
+            "name": config.model.name,
+            "kwargs": json.loads(json.dumps(config.model.kwargs.to_dict())),
+            # what a new process imports to rebuild a model of one's own (models.registry.model_imports)
+            "imports": list(model_imports(config.model.name, config.get("imports", ()))),
+        },
         "num_classes": int(num_classes),
         "class_names": list(class_names),
         "input_shape": [int(d) for d in input_shape],
@@ -59,7 +65,8 @@ def network_of(card: dict, dtype: str | None = None) -> tuple[Network, dict]:
     """(Network, freshly initialised variables) of a card's architecture; `dtype` overrides its compute dtype."""
     compute = DTYPES[dtype or card["compute_dtype"]]
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in card["model"]["kwargs"].items()}
-    model = build_model(card["model"]["name"], kwargs, card["num_classes"], card.get("seed", 0), compute)
+    name, imports = card["model"]["name"], card["model"].get("imports", ())
+    model = build_model(name, kwargs, card["num_classes"], card.get("seed", 0), compute, imports)
     graph, variables = split(model)
     norm = card["normalization"]
     return Network(graph, np.asarray(norm["mean"], np.float32), np.asarray(norm["std"], np.float32), compute), variables

@@ -4,6 +4,7 @@ optimizer and the step."""
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -20,6 +21,7 @@ from extkd_jax.models import (
     Margins,
     VidRegressor,
     create_model,
+    ensure_model,
     fold_batchnorm,
     forward_with_segments,
 )
@@ -34,8 +36,10 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 CONNECTOR_SEED_OFFSET = 7
 
 
-def build_model(name: str, kwargs, num_classes: int, seed: int, dtype) -> nnx.Module:
-    """`create_model` with parameters from `seed` and dropout from `seed + 1` (two independent streams)."""
+def build_model(name: str, kwargs, num_classes: int, seed: int, dtype, imports: Sequence[str] = ()) -> nnx.Module:
+    """`create_model` with parameters from `seed` and dropout from `seed + 1` (two independent streams); `imports`:
+    the modules that register `name` when it is not built in (a card's `model.imports`), imported if it is unknown."""
+    ensure_model(name, imports)
     return create_model(name, num_classes, rngs=nnx.Rngs(params=seed, dropout=seed + 1), dtype=dtype, **dict(kwargs))
 
 
