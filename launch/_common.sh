@@ -26,15 +26,19 @@ warn() {
   printf '%s: warning: %s\n' "$PROG" "$*" >&2
 }
 
+note() {
+  printf '%s: note: %s\n' "$PROG" "$*" >&2
+}
+
 # q ARGS...: the arguments as one line of shell that the shell splits back into exactly these words. Each is
-# quoted with printf %q, except that a printable word without a single quote that needs quoting is put in
-# '...' instead, which means the same and is easier to read.
+# quoted with printf %q, except that a printable word that needs quoting is put in '...' instead (a single quote
+# in it written '\''), which means the same and is easier to read.
 q() {
-  local out="" arg qarg
+  local out="" arg qarg sq="'\\''"
   for arg in "$@"; do
     qarg=$(printf '%q' "$arg")
-    if [ "$qarg" != "$arg" ] && [[ $arg != *"'"* ]] && [[ $arg != *[![:print:]]* ]]; then
-      qarg="'$arg'"
+    if [ "$qarg" != "$arg" ] && [[ $arg != *[![:print:]]* ]]; then
+      qarg="'${arg//\'/$sq}'"
     fi
     out+="${out:+ }$qarg"
   done

@@ -17,9 +17,13 @@ Runs one extkd command on this host with all its GPUs (one process; JAX uses eve
 CUDA_VISIBLE_DEVICES yourself to use fewer. The command runs from the repository root (presets by name or path).
 
 Options:
-  --command CMD         extkd command to run, without --workdir
+  --command CMD         extkd command to run, without --workdir or --config.data.dir
                         (default: '$DEFAULT_COMMAND')
-  --workdir DIR         run directory (default: \$WORKDIR or /tmp/extkd_run; relative to where you are)
+  --workdir DIR         run directory, local or gs://bucket/path (default: \$WORKDIR or /tmp/extkd_run; relative
+                        to where you are)
+  --data DIR            the dataset, passed as --config.data.dir=DIR: an npz folder, local or gs://, made once with
+                          extkd data prepare DATASET --out=DIR
+                        Without it the run finds the data itself (\$EXTKD_DATA_DIR/DATASET, else tfds, downloading it)
   --venv DIR            use the virtualenv DIR: created with python3 -m venv and installed into when it does not
                         exist yet (--install installs again)
   --install             pip install -e '.[all]' 'jax[EXTRA]' (into --venv if given, else into the current python3)
@@ -36,6 +40,7 @@ EOF
 
 COMMAND=$DEFAULT_COMMAND
 WORKDIR=${WORKDIR:-/tmp/extkd_run}
+DATA=""
 VENV=""
 INSTALL=0
 JAX_EXTRA=cuda12
@@ -47,6 +52,7 @@ while [ $# -gt 0 ]; do
     -h | --help) usage; exit 0 ;;
     --command | --command=*) take_value "$@"; COMMAND=$FLAG_VALUE; shift "$FLAG_SHIFT" ;;
     --workdir | --workdir=*) take_value "$@"; WORKDIR=$FLAG_VALUE; shift "$FLAG_SHIFT" ;;
+    --data | --data=*) take_value "$@"; DATA=$FLAG_VALUE; shift "$FLAG_SHIFT" ;;
     --venv | --venv=*) take_value "$@"; VENV=$FLAG_VALUE; shift "$FLAG_SHIFT" ;;
     --jax-extra | --jax-extra=*) take_value "$@"; JAX_EXTRA=$FLAG_VALUE; shift "$FLAG_SHIFT" ;;
     --mem-fraction | --mem-fraction=*) take_value "$@"; MEM_FRACTION=$FLAG_VALUE; shift "$FLAG_SHIFT" ;;
@@ -61,11 +67,21 @@ FRACTION_RE='^(0?\.[0-9]*[1-9][0-9]*|1|1\.0*)$'
 [[ $MEM_FRACTION =~ $FRACTION_RE ]] || die "--mem-fraction must be a number in (0, 1], got '$MEM_FRACTION'"
 [[ $JAX_EXTRA =~ ^[a-z0-9_]+$ ]] || die "invalid --jax-extra '$JAX_EXTRA' (e.g. cuda12, or none)"
 check_command_has_no_workdir "$COMMAND"
+case " $COMMAND" in
+  *" --config.data.dir"*) die "--command must not contain --config.data.dir; pass the data with --data: $COMMAND" ;;
+esac
 split_command "$COMMAND"
 WORKDIR=$(absolute_path "$WORKDIR")
+DATA_FLAG=()
+if [ -n "$DATA" ]; then
+  DATA_FLAG=(--config.data.dir="$(absolute_path "$DATA")")
+elif [ -z "${EXTKD_DATA_DIR:-}" ]; then
+  note "no --data and no \$EXTKD_DATA_DIR: the run looks for the dataset in tfds (downloading it). To use the files" \
+    "you have, prepare them once: extkd data prepare DATASET --out=DIR [--from=PATH], then pass --data=DIR"
+fi
 [ -z "$VENV" ] || VENV=$(absolute_path "$VENV")
 
-PACKAGES=(-e "$REPO_ROOT[all]")
+PACKAGES=(-e "${REPO_ROOT}[all]")
 if [ "$JAX_EXTRA" != none ]; then PACKAGES+=("jax[$JAX_EXTRA]"); fi
 
 require_cmd nvidia-smi "is this a GPU host with the NVIDIA driver installed?"
@@ -90,4 +106,5 @@ if [ -n "$VENV" ]; then
 fi
 
 require_cmd "${CMD_WORDS[0]}" "install the project first (--install, or --venv DIR)"
-run env XLA_PYTHON_CLIENT_MEM_FRACTION="$MEM_FRACTION" "${CMD_WORDS[@]}" --workdir="$WORKDIR"
+# ${DATA_FLAG[@]+...}: nothing when empty, also under set -u in bash 3.2
+run env XLA_PYTHON_CLIENT_MEM_FRACTION="$MEM_FRACTION" "${CMD_WORDS[@]}" --workdir="$WORKDIR" ${DATA_FLAG[@]+"${DATA_FLAG[@]}"}

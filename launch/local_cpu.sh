@@ -41,7 +41,7 @@ WORKDIR=$(absolute_path "$WORKDIR")
 run cd "$REPO_ROOT"
 if [ "$INSTALL" = 1 ]; then
   require_cmd "$PYTHON" "needed to install the project (or pass --no-install)"
-  run "$PYTHON" -m pip install -e "$REPO_ROOT[all]"
+  run "$PYTHON" -m pip install -e "${REPO_ROOT}[all]"
 fi
 require_cmd extkd "install the project first (drop --no-install)"
 run env JAX_PLATFORMS=cpu extkd reproduce --config=smoke --workdir="$WORKDIR"

@@ -24,6 +24,9 @@ from __future__ import annotations
 import json
 import re
 import socket
+import urllib.error
+import urllib.parse
+import urllib.request
 from http import HTTPStatus
 
 PROJECT = "test"
@@ -142,25 +145,38 @@ def patch_emulator() -> None:
     server._extkd_patched = True
 
 
-def upload_folder(local, url: str) -> None:
-    """Copies a local folder's files (not recursive) to a gs:// URL through gcsfs (the emulator's environment must
-    be set)."""
+def write_object(url: str, bucket: str, name: str, data: bytes) -> None:
+    """Uploads one object over the JSON API (no client library, no environment needed)."""
+    query = urllib.parse.urlencode({"uploadType": "media", "name": name})
+    request = urllib.request.Request(f"{url}/upload/storage/v1/b/{bucket}/o?{query}", data=data, method="POST")
+    request.add_header("Content-Type", "application/octet-stream")
+    with urllib.request.urlopen(request) as answer:
+        answer.read()
+
+
+def read_object(url: str, bucket: str, name: str) -> bytes | None:
+    """An object's bytes, None when there is no such object."""
+    quoted = urllib.parse.quote(name, safe="")
+    try:
+        with urllib.request.urlopen(f"{url}/storage/v1/b/{bucket}/o/{quoted}?alt=media") as answer:
+            return answer.read()
+    except urllib.error.HTTPError as err:
+        if err.code == 404:
+            return None
+        raise
+
+
+def list_objects(url: str, bucket: str, prefix: str = "") -> list[str]:
+    """The names of the objects under `prefix`."""
+    query = urllib.parse.urlencode({"prefix": prefix})
+    with urllib.request.urlopen(f"{url}/storage/v1/b/{bucket}/o?{query}") as answer:
+        return sorted(item["name"] for item in json.loads(answer.read()).get("items") or [])
+
+
+def upload_folder(url: str, local, bucket: str, prefix: str) -> None:
+    """Uploads a local folder's files (not recursive) as `prefix/<file name>`."""
     import pathlib
 
-    from etils import epath
-
-    target = epath.Path(url)
-    target.mkdir(parents=True, exist_ok=True)
     for path in sorted(pathlib.Path(local).iterdir()):
         if path.is_file():
-            (target / path.name).write_bytes(path.read_bytes())
-
-
-if __name__ == "__main__":  # python -m tests.gcs_server PORT: a patched server until killed
-    import sys
-    import time
-
-    srv, address = start(port=int(sys.argv[1]))
-    print(json.dumps({"url": address}), flush=True)
-    while True:
-        time.sleep(3600)
+            write_object(url, bucket, f"{prefix}/{path.name}", path.read_bytes())

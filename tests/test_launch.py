@@ -1,7 +1,9 @@
 """The launch scripts (launch/*.sh): dry-run output, flag errors, and real runs against stub commands.
 
 Nothing here needs gcloud, a GPU or the network: the scripts run under `bash` with a PATH whose first entry holds
-stub `gcloud`, `nvidia-smi` and `extkd` programs that only log how they were called.
+stub `gcloud`, `nvidia-smi` and `extkd` programs that only log how they were called and print what STUB_OUTPUTS
+gives them (by default: a TPU VM that is READY and a job whose status is 0). tests/test_pod_rehearsal.py runs the
+worker command tpu_vm.sh prints.
 """
 
 import json
@@ -21,16 +23,27 @@ SCRIPTS = ["tpu_vm.sh", "gpu.sh", "local_cpu.sh"]
 GCLOUD_TPU = ["gcloud", "compute", "tpus", "tpu-vm"]
 ZONE = "us-central2-b"
 
+# STUB_OUTPUTS: JSON [[REGEX, [OUT1, OUT2, ...]], ...]: the n-th call whose command line matches REGEX prints
+# OUTn (the last one again once they run out).
 _STUB = """#!{python}
 import json, os, re, sys
 name = os.path.basename(sys.argv[0])
+line = " ".join([name] + sys.argv[1:])
+log = os.environ["STUB_LOG"]
+earlier = [" ".join([e["name"]] + e["argv"]) for e in map(json.loads, open(log))] if os.path.exists(log) else []
+for regex, outputs in json.loads(os.environ.get("STUB_OUTPUTS", "[]")):
+    if re.search(regex, line):
+        print(outputs[min(sum(1 for e in earlier if re.search(regex, e)), len(outputs) - 1)])
+        break
 entry = {{"name": name, "argv": sys.argv[1:], "cwd": os.getcwd(),
           "env": {{k: os.environ.get(k) for k in ("XLA_PYTHON_CLIENT_MEM_FRACTION", "JAX_PLATFORMS")}}}}
-with open(os.environ["STUB_LOG"], "a") as f:
+with open(log, "a") as f:
     f.write(json.dumps(entry) + "\\n")
 fail = os.environ.get("STUB_FAIL_RE")
-sys.exit(3 if fail and re.search(fail, " ".join([name] + sys.argv[1:])) else 0)
+sys.exit(3 if fail and re.search(fail, line) else 0)
 """
+DESCRIBE_RE = r"tpu-vm describe"
+STATUS_RE = r"tpu-vm ssh .*--worker=0 --command=cat"
 
 
 @pytest.fixture
@@ -45,8 +58,10 @@ def env(tmp_path):
     e = dict(os.environ)
     for key in ("CLOUDSDK_COMPUTE_ZONE", "WORKDIR", "XLA_PYTHON_CLIENT_MEM_FRACTION", "STUB_FAIL_RE", "PYTHON"):
         e.pop(key, None)
+    e["EXTKD_DATA_DIR"] = str(tmp_path / "data")  # gpu.sh notes its absence
     e["PATH"] = f"{stubs}{os.pathsep}{e.get('PATH', '')}"
     e["STUB_LOG"] = str(tmp_path / "stub_log.jsonl")
+    e["STUB_OUTPUTS"] = json.dumps([[DESCRIBE_RE, ["READY"]], [STATUS_RE, ["0"]]])
     e["TMPDIR"] = str(tmp_path)
     return e
 
@@ -111,11 +126,12 @@ def test_tpu_dry_run_commands_in_order(env):
     create = find(cmds, is_gcloud("create"), "create")
     scp_code = find(cmds, lambda c: is_gcloud("scp")(c) and "--worker=all" in c, "scp of the code")
     ssh = [i for i, c in enumerate(cmds) if is_gcloud("ssh")(c)]
-    assert len(ssh) == 2, cmds
-    install, launch = ssh
+    assert len(ssh) == 3, cmds
+    install, launch, status = ssh
+    describe = find(cmds, is_gcloud("describe"), "describe")
     fetch = find(cmds, lambda c: is_gcloud("scp")(c) and "--worker=0" in c, "scp back")
     delete = find(cmds, is_gcloud("delete"), "delete")
-    assert create < scp_code < install < launch < fetch < delete == len(cmds) - 1
+    assert create < scp_code < install < launch < describe < status < fetch < delete == len(cmds) - 1
 
     assert cmds[create] == GCLOUD_TPU + [
         "create",
@@ -134,9 +150,21 @@ def test_tpu_dry_run_commands_in_order(env):
     assert "tar -xzf ~/extkd_jax.tar.gz" in install_cmd
     assert 'pip install -e ".[all]" "jax[tpu]"' in install_cmd
     run_cmd = option(cmds[launch], "command")
+    # detached in its own session, logging per worker, the log copied into the workdir, then the exit status
+    assert "nohup setsid bash -c " in run_cmd and run_cmd.endswith('echo "worker $W: started; log $L/worker-$W.log"')
+    assert "L=~/extkd_logs/kd-v4;" in run_cmd and '"$@" > "$L/worker-$W.log" 2>&1' in run_cmd
+    assert 'cp "$L/worker-$W.log" "$D/logs/"' in run_cmd and 'echo $s > "$L/status"' in run_cmd
     assert (
-        "extkd reproduce --config=cifar10_drop --workdir=/tmp/extkd_run --config.distributed.enabled=True"
+        "extkd-job $L $W /tmp/extkd_run extkd reproduce --config=cifar10_drop --workdir=/tmp/extkd_run "
+        "--config.distributed.enabled=True > /dev/null 2>&1 < /dev/null &"
     ) in run_cmd
+    assert cmds[describe] == GCLOUD_TPU + ["describe", "kd-v4", f"--zone={ZONE}", "--format=value(state)"]
+    assert cmds[status][5:] == [
+        "kd-v4",
+        f"--zone={ZONE}",
+        "--worker=0",
+        "--command=cat ~/extkd_logs/kd-v4/status 2>/dev/null || true",
+    ]
 
     assert cmds[fetch][:8] == GCLOUD_TPU + ["scp", "--worker=0", "--recurse", "kd-v4:/tmp/extkd_run"]
     assert cmds[fetch][8] == str(REPO_ROOT / "workdirs" / "kd-v4")
@@ -160,6 +188,33 @@ def test_tpu_without_delete_keeps_the_vm(env):
     cmds = dry_run("tpu_vm.sh", "--name=kd", f"--zone={ZONE}", env=env)
     assert not any(is_gcloud("delete")(c) for c in cmds)
     assert is_gcloud("scp")(cmds[-1]) and "--worker=0" in cmds[-1]
+
+
+def test_tpu_data_flag_and_the_prepare_step(env):
+    cmds = dry_run("tpu_vm.sh", "--name=kd", f"--zone={ZONE}", "--data=gs://b/data", env=env)
+    launch = option([c for c in cmds if is_gcloud("ssh")(c)][1], "command")
+    assert "--workdir=/tmp/extkd_run --config.data.dir=gs://b/data --config.distributed.enabled=True" in launch
+    res = run("tpu_vm.sh", "--name=kd", f"--zone={ZONE}", "--data=gs://b/data", "--dry-run", env=env)
+    assert res.stderr == ""
+    # without --data: the run line has no data flag, and the note says how to put the data in a bucket
+    res = run("tpu_vm.sh", "--name=kd", f"--zone={ZONE}", "--dry-run", env=env)
+    assert res.returncode == 0 and "--config.data.dir" not in res.stdout
+    assert "extkd data prepare DATASET --out=gs://BUCKET/data" in res.stderr and "--data=gs://BUCKET/data" in res.stderr
+    assert_failed(
+        run("tpu_vm.sh", "--name=kd", f"--zone={ZONE}", "--data=data/x", "--dry-run", env=env),
+        "--data must be a gs://bucket/path URL or an absolute path on the workers, got 'data/x'",
+    )
+    assert_failed(
+        run(
+            "tpu_vm.sh",
+            "--name=kd",
+            f"--zone={ZONE}",
+            "--command=extkd train --config.data.dir=/d",
+            "--dry-run",
+            env=env,
+        ),
+        "--command must not contain --config.data.dir; pass the data with --data",
+    )
 
 
 @pytest.mark.parametrize("flag", ["--spot", "--preemptible"])
@@ -224,7 +279,7 @@ def test_tpu_delete_only(env):
 def test_tpu_project_on_every_gcloud_command(env):
     cmds = dry_run("tpu_vm.sh", "--name=kd", f"--zone={ZONE}", "--project", "my-proj", "--delete", env=env)
     gcloud = [c for c in cmds if c[0] == "gcloud"]
-    assert len(gcloud) == 6
+    assert len(gcloud) == 8  # create, scp, install, start, describe, status, scp back, delete
     assert all(option(c, "project") == "my-proj" for c in gcloud)
 
 
@@ -240,20 +295,34 @@ def test_tpu_git_clone_and_options(env, tmp_path):
         "--command",
         "extkd distill --config=configs/cifar10.py --config.name='a b'",
         "--workdir=gs://bucket/runs/1",
-        f"--local-results={tmp_path / 'res'}",
         env=env,
     )
     assert not any(c[0] == "tar" or (is_gcloud("scp")(c) and "--worker=all" in c) for c in cmds)
     (create,) = [c for c in cmds if is_gcloud("create")(c)]
     assert "--accelerator-type=v4-32" in create and "--version=tpu-vm-v4-base" in create
-    install, launch = [option(c, "command") for c in cmds if is_gcloud("ssh")(c)]
+    install, launch, _ = [option(c, "command") for c in cmds if is_gcloud("ssh")(c)]
     assert "git clone https://example.com/x/extkd_jax.git ~/extkd_jax" in install
     assert "checkout v1.0" in install
     assert (
         "extkd distill --config=configs/cifar10.py --config.name='a b' --workdir=gs://bucket/runs/1 "
         "--config.distributed.enabled=True"
     ) in launch
-    assert cmds[-1] == ["gcloud", "storage", "cp", "--recursive", "gs://bucket/runs/1", str(tmp_path / "res")]
+    assert 'gcloud storage cp "$L/worker-$W.log" "$D/logs/worker-$W.log"' in launch  # the job copies its log there
+    # a gs:// workdir is not copied back: the last command is the check of the job's status
+    assert is_gcloud("ssh")(cmds[-1]) and "--worker=0" in cmds[-1]
+    assert not any(c[:2] == ["gcloud", "storage"] or c[0] == "mkdir" for c in cmds)
+    assert_failed(
+        run(
+            "tpu_vm.sh",
+            "--name=kd",
+            f"--zone={ZONE}",
+            "--workdir=gs://b/r",
+            f"--local-results={tmp_path}",
+            "--dry-run",
+            env=env,
+        ),
+        "--local-results is only for a local --workdir: a gs:// workdir ('gs://b/r') is not copied back",
+    )
 
 
 def test_tpu_distributed_flag_not_repeated(env):
@@ -264,15 +333,28 @@ def test_tpu_distributed_flag_not_repeated(env):
         "--command=extkd train --config=configs/c.py --config.distributed.enabled=True",
         env=env,
     )
-    launch = option([c for c in cmds if is_gcloud("ssh")(c)][-1], "command")
+    launch = option([c for c in cmds if is_gcloud("ssh")(c) and "--worker=all" in c][-1], "command")
     assert launch.count("--config.distributed.enabled=True") == 1
 
 
-def test_tpu_multi_host_local_workdir_warns(env):
+def test_tpu_multi_host_local_workdir_refused(env):
     res = run("tpu_vm.sh", "--name=kd", f"--zone={ZONE}", "--accelerator-type=v4-32", "--dry-run", env=env)
-    assert res.returncode == 0 and "use a gs:// workdir" in res.stderr
-    res = run("tpu_vm.sh", "--name=kd", f"--zone={ZONE}", "--dry-run", env=env)
+    assert_failed(
+        res,
+        "--workdir '/tmp/extkd_run' is on each host's own disk, but v4-32 has several hosts: use "
+        "--workdir=gs://BUCKET/PATH",
+    )
+    res = run("tpu_vm.sh", "--name=kd", f"--zone={ZONE}", "--data=/d", "--dry-run", env=env)  # one host: fine
     assert res.returncode == 0 and res.stderr == ""
+    assert_failed(
+        run("tpu_vm.sh", "--name=kd", f"--zone={ZONE}", "--relaunch=2", "--dry-run", env=env),
+        "--relaunch=2 needs a gs:// --workdir to resume from",
+    )
+    for flag, message in [
+        ("--relaunch=-1", "--relaunch must be a whole number of relaunches (0 or more), got '-1'"),
+        ("--poll=soon", "--poll must be a whole number of seconds, got 'soon'"),
+    ]:
+        assert_failed(run("tpu_vm.sh", "--name=kd", f"--zone={ZONE}", flag, "--dry-run", env=env), message)
 
 
 def test_tpu_real_run_matches_dry_run(env, tmp_path):
@@ -293,6 +375,55 @@ def test_tpu_failed_run_deletes_only_with_delete(env, tmp_path, delete):
     assert res.returncode == 3
     subcommands = [call["argv"][3] for call in stub_calls(env)]
     assert subcommands == (["create", "ssh", "delete"] if delete else ["create", "ssh"])
+
+
+def tpu_steps(env) -> list[str]:
+    """The gcloud subcommands the stubs saw: create, scp, ssh, describe, delete."""
+    return [call["argv"][3] for call in stub_calls(env) if call["argv"][:3] == ["compute", "tpus", "tpu-vm"]]
+
+
+POD = ["--name=kd", f"--zone={ZONE}", "--spot", "--workdir=gs://b/run", "--data=gs://b/data", "--poll=0"]
+
+
+def test_tpu_relaunches_after_a_preemption_and_resumes_the_same_command(env):
+    env["STUB_OUTPUTS"] = json.dumps([[DESCRIBE_RE, ["READY", "PREEMPTED", "READY"]], [STATUS_RE, ["", "0"]]])
+    res = run("tpu_vm.sh", *POD, "--relaunch=2", "--delete", env=env)
+    assert res.returncode == 0, res.stderr
+    assert tpu_steps(env) == [
+        *["create", "scp", "ssh", "ssh"],  # create, install, start
+        *["describe", "ssh", "describe"],  # running (no status yet), then PREEMPTED
+        *["delete", "create", "scp", "ssh", "ssh"],  # relaunch 1: a new VM, the code, the same command
+        *["describe", "ssh", "delete"],  # done (status 0): nothing copied back from gs://, VM deleted
+    ]
+    starts = [c["argv"] for c in stub_calls(env) if "nohup setsid" in " ".join(c["argv"])]
+    assert len(starts) == 2 and starts[0] == starts[1]
+    assert "is down (state PREEMPTED): relaunch 1 of 2" in res.stderr and "resuming from the checkpoints" in res.stderr
+
+
+def test_tpu_a_job_stopped_by_sigterm_counts_as_preempted(env):
+    """The job exits (1) on the preemption's SIGTERM before the VM leaves READY: the script looks again."""
+    env["STUB_OUTPUTS"] = json.dumps([[DESCRIBE_RE, ["READY", "STOPPING", "READY"]], [STATUS_RE, ["1", "0"]]])
+    res = run("tpu_vm.sh", *POD, "--relaunch=1", "--skip-install", env=env)
+    assert res.returncode == 0, res.stderr
+    assert tpu_steps(env)[:5] == ["create", "ssh", "describe", "ssh", "describe"]
+    assert tpu_steps(env)[5:7] == ["delete", "create"] and "state STOPPING" in res.stderr
+
+
+def test_tpu_preempted_without_relaunch_stops_and_says_how_to_resume(env):
+    env["STUB_OUTPUTS"] = json.dumps([[DESCRIBE_RE, ["PREEMPTED"]]])
+    res = run("tpu_vm.sh", *POD, "--skip-install", env=env)
+    assert res.returncode == 75
+    assert tpu_steps(env) == ["create", "ssh", "describe"]
+    assert "is down (state PREEMPTED) before the job finished; the checkpoints in gs://b/run are kept" in res.stderr
+
+
+def test_tpu_failed_job_exits_with_its_status_and_names_the_logs(env):
+    env["STUB_OUTPUTS"] = json.dumps([[DESCRIBE_RE, ["READY"]], [STATUS_RE, ["2"]]])
+    res = run("tpu_vm.sh", *POD, "--skip-install", "--relaunch=3", env=env)
+    assert res.returncode == 2
+    assert tpu_steps(env) == ["create", "ssh", "describe", "ssh", "describe"]  # failed, not preempted: no relaunch
+    assert "the job failed on worker 0 (exit status 2)" in res.stderr
+    assert "tail -n 30 ~/extkd_logs/kd/worker-*.log" in res.stderr
 
 
 # ---------------------------------------------------------------- gpu.sh
@@ -341,6 +472,20 @@ def test_gpu_dry_run_venv_install_and_options(env, tmp_path):
 
     cmds = dry_run("gpu.sh", "--install", "--jax-extra=none", env=env)
     assert ["python3", "-m", "pip", "install", "-e", f"{REPO_ROOT}[all]"] in cmds
+
+
+def test_gpu_data_flag(env, tmp_path):
+    cmds = dry_run("gpu.sh", "--data=prepared/cifar10", env=env)
+    assert cmds[-1][-2:] == ["--workdir=/tmp/extkd_run", f"--config.data.dir={tmp_path / 'prepared/cifar10'}"]
+    assert dry_run("gpu.sh", "--data=gs://b/data", env=env)[-1][-1] == "--config.data.dir=gs://b/data"
+    del env["EXTKD_DATA_DIR"]
+    res = run("gpu.sh", "--dry-run", env=env)
+    assert res.returncode == 0 and "--config.data.dir" not in res.stdout
+    assert "extkd data prepare DATASET --out=DIR" in res.stderr
+    assert_failed(
+        run("gpu.sh", "--command=extkd train --config.data.dir=x", "--dry-run", env=env),
+        "--command must not contain --config.data.dir; pass the data with --data",
+    )
 
 
 def test_gpu_bad_values(env):
