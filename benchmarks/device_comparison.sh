@@ -39,8 +39,11 @@ start=$(date +%s)
 if [ -n "$wheelhouse" ]; then
   "$py" -m pip install -q --no-index --no-deps --no-compile --target "$work/site" "$wheelhouse"/*.whl || exit 1
 fi
-# the checkout's package first (the code under test), the wheelhouse's dependencies after it
-export PYTHONPATH="$repo${wheelhouse:+:$work/site}${PYTHONPATH:+:$PYTHONPATH}"
+# the checkout's package first (the code under test), laid out as the wheel lays it out (configs/ inside it:
+# setup.cfg's package_dir), the wheelhouse's dependencies after it
+mkdir -p "$work/src" && cp -R "$repo/extkd_jax" "$work/src/" && cp -R "$repo/configs" "$work/src/extkd_jax/configs" \
+  || exit 1
+export PYTHONPATH="$work/src${wheelhouse:+:$work/site}${PYTHONPATH:+:$PYTHONPATH}"
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no nvidia-smi"; nproc; } \
   >"$out/parallel.log" 2>&1
 

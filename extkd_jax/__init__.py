@@ -11,16 +11,10 @@ The Python API (the training extras; imported when first used):
 
 from __future__ import annotations
 
-import os
-
 __version__ = "0.2.0"
 
-# A source checkout keeps the presets in <repo>/configs (the wheel ships them as extkd_jax/configs): make them
-# importable as extkd_jax.configs from a checkout used without installing it (tests, PYTHONPATH=., a device copy).
-_HERE = os.path.dirname(os.path.abspath(__file__))
-_CHECKOUT_CONFIGS = os.path.join(os.path.dirname(_HERE), "configs", "base.py")
-if not os.path.isdir(os.path.join(_HERE, "configs")) and os.path.isfile(_CHECKOUT_CONFIGS):
-    __path__.append(os.path.dirname(_HERE))  # noqa: F821 - a package's own __path__
+# The presets live in <repo>/configs: setup.cfg's package_dir maps them to extkd_jax.configs, in the wheel and in the
+# editable install (`pip install -e .`). A checkout used without installing it has no extkd_jax.configs.
 
 
 def load(workdir, dtype: str | None = None):

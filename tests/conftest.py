@@ -22,6 +22,9 @@ if (pathlib.Path(__file__).resolve().parents[2] / "shared" / "data").is_dir():
 import jax  # noqa: E402
 
 from extkd_jax.train.xla_cache import sweep_incomplete  # noqa: E402
+from tests.checkout import map_checkout_configs  # noqa: E402
+
+map_checkout_configs()  # a checkout run without installing it (a device copy): its presets as extkd_jax.configs
 
 sweep_incomplete(str(_CACHE))  # entries a test's SIGKILL cut short (JAX writes them in place, and keeps them)
 jax.config.update("jax_compilation_cache_dir", str(_CACHE))
