@@ -14,6 +14,7 @@ import pathlib
 import sys
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+MAPPED: list[bool] = []  # [True] once map_checkout_configs had to map the presets (no install provides them)
 
 
 def map_checkout_configs() -> bool:
@@ -30,4 +31,5 @@ def map_checkout_configs() -> bool:
     import extkd_jax
 
     extkd_jax.configs = module  # as an import of the subpackage would bind it
+    MAPPED.append(True)
     return True
