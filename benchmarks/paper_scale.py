@@ -3,7 +3,8 @@
 the transfer set without cats, the preset's recipe, grids and seeds) in one call to a lent accelerator.
 
     python benchmarks/paper_scale.py [--cpu] [--variant drop|two] [--methods M,M,...] [--seeds N] [--no-grid]
-        [--teacher TGZ] [--wheelhouse DIR] [--data DIR] [--out DIR] [--budget S] [--workers N]
+        [--grid METHOD=V,V...]... [--teacher TGZ] [--wheelhouse DIR] [--data DIR] [--out DIR] [--budget S]
+        [--workers N] [--mps]
 
 Phases, each under its own time limit inside the overall --budget (default 540 s; --cpu 50 s):
 1. install: the wheelhouse (benchmarks/make_wheelhouse.sh) into a private site dir (the device image lacks
@@ -43,7 +44,7 @@ NO_TEACHER = ("scratch_full", "scratch_transfer")  # trained without one (but sc
 BUDGETS = {  # seconds per phase (device, cpu); each is also cut to what the overall budget leaves
     "install": (60, 20),
     "teacher": (170, 20),
-    "report": (75, 15),
+    "report": (90, 15),
 }
 MIN_STUDENTS = 30  # seconds the students need at least (--cpu: a third of it); less left: the phase is skipped
 
@@ -55,21 +56,39 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated `extkd reproduce` methods")
     p.add_argument("--seeds", type=int, default=3, help="reported seeds per method (the preset's 3)")
     p.add_argument("--no-grid", action="store_true", help="every knob at its configured value: no selection runs")
+    p.add_argument(
+        "--grid",
+        action="append",
+        default=[],
+        metavar="METHOD=V,V",
+        help="a method's knob grid instead of the preset's; one value: no selection runs (e.g. kd=4, the reference T)",
+    )
     p.add_argument("--teacher", type=Path, help="teacher.tgz of an earlier call (same sizes): skips its training")
     p.add_argument("--wheelhouse", type=Path, help="wheels to install first (benchmarks/make_wheelhouse.sh)")
     p.add_argument("--data", type=Path, default=Path("/root/data"), help="the CIFAR-10 npz folder (not --cpu)")
     p.add_argument("--out", type=Path, default=Path(os.environ["OUT"]) if os.environ.get("OUT") else None)
     p.add_argument("--budget", type=float, help="seconds for the whole call (default 540; --cpu 50)")
     p.add_argument("--teacher-budget", type=float, help="seconds for the teacher phase (default 170; --cpu 20)")
-    p.add_argument("--report-budget", type=float, help="seconds kept for the report (default 75; --cpu 15)")
+    p.add_argument("--report-budget", type=float, help="seconds kept for the report (default 90; --cpu 15)")
     p.add_argument("--workers", type=int, help="student processes at a time (default 12; --cpu 3)")
     p.add_argument("--override", action="append", default=[], help="a --config.KEY=VALUE flag for every run")
+    p.add_argument("--mps", action="store_true", help="students under CUDA MPS (checked first; off if it fails)")
     args = p.parse_args(argv)
     args.methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     if not args.methods:
         p.error("--methods: expected at least one method")
     if args.seeds < 1:
         p.error(f"--seeds={args.seeds}: expected at least 1")
+    grids = {}
+    for spec in args.grid:
+        method, _, values = spec.partition("=")
+        try:
+            grids[method] = tuple(float(v) for v in values.split(",") if v.strip())
+        except ValueError:
+            grids[method] = ()
+        if method not in args.methods or not grids[method]:
+            p.error(f"--grid={spec!r}: expected METHOD=V[,V...] with METHOD among --methods {args.methods}")
+    args.grid = grids
     if args.teacher is not None and not args.teacher.is_file():
         p.error(f"--teacher={args.teacher}: no such file (expected the teacher.tgz of an earlier call)")
     k = 1 if args.cpu else 0
@@ -138,7 +157,9 @@ def preset_and_overrides(args: argparse.Namespace, data: Path) -> tuple[str, lis
     flags = [f"--config.data.dir={data}", "--config.progress=False", f"--config.seeds={args.seeds}"]
     flags.append(f"--config.reproduce.methods={listed}")
     if args.no_grid:
-        flags += [f"--config.reproduce.grid.{m}=()" for m in args.methods if m not in NO_TEACHER]
+        flags += [f"--config.reproduce.grid.{m}=()" for m in args.methods if m not in (*NO_TEACHER, *args.grid)]
+    for method, values in args.grid.items():
+        flags.append(f"--config.reproduce.grid.{method}=(" + "".join(f"{v!r}," for v in values) + ")")
     return preset, flags + list(args.override)
 
 
@@ -210,6 +231,40 @@ def students_phase(args, call: Call, env: dict, preset: str, flags: list[str], w
         status = "ok" if report.get("exit") == 0 else f"exit {report.get('exit')}"
         call.record("report", status, args.report_budget, report.get("seconds", time.time() - t0 - jobs_s))
     return summary
+
+
+MPS_CHECK = (
+    "import jax, jax.numpy as jnp; assert jax.devices()[0].platform == 'gpu', jax.devices(); print(jnp.ones(8).sum())"
+)
+
+
+def start_mps(call: Call, env: dict, work: Path) -> dict | None:
+    """CUDA MPS for the students (their kernels then share the GPU's multiprocessors instead of taking turns):
+    the environment that reaches its daemon, checked by one tiny JAX program; None (daemon stopped) if that fails."""
+    control = shutil.which("nvidia-cuda-mps-control")
+    if control is None:
+        call.record("mps", "off: no nvidia-cuda-mps-control", 0, 0)
+        return None
+    mps_env = {
+        **env,
+        "CUDA_MPS_PIPE_DIRECTORY": str(work / "mps_pipe"),
+        "CUDA_MPS_LOG_DIRECTORY": str(work / "mps_log"),
+    }
+    for key in ("CUDA_MPS_PIPE_DIRECTORY", "CUDA_MPS_LOG_DIRECTORY"):
+        Path(mps_env[key]).mkdir(parents=True, exist_ok=True)
+    started = subprocess.run([control, "-d"], env=mps_env, capture_output=True, timeout=30).returncode == 0
+    if started and call.run("mps", [sys.executable, "-c", MPS_CHECK], min(60.0, call.left() / 4), mps_env):
+        return mps_env
+    stop_mps(mps_env)
+    phase = call.phases.setdefault("mps", {"status": "the daemon did not start", "limit_s": 0, "seconds": 0})
+    phase["status"] = f"off: {phase['status']}"
+    return None
+
+
+def stop_mps(env: dict) -> None:
+    control = shutil.which("nvidia-cuda-mps-control")
+    if control:
+        subprocess.run([control], input="quit\n", text=True, env=env, capture_output=True, timeout=30, check=False)
 
 
 def experiment_name(args) -> str:
@@ -335,7 +390,10 @@ def main(argv: list[str] | None = None) -> int:
             call.say(f"no CIFAR-10 in {data} (test.npz missing): see benchmarks/README.md, moving CIFAR-10")
         preset, flags = preset_and_overrides(args, data)
         teacher = teacher_phase(args, call, env, preset, flags, work)
-        summary = students_phase(args, call, env, preset, flags, work, teacher)
+        mps_env = start_mps(call, env, work) if args.mps and teacher is not None else None
+        summary = students_phase(args, call, mps_env or env, preset, flags, work, teacher)
+        if mps_env is not None:
+            stop_mps(mps_env)
         record = collect(args, call, work, teacher, summary)
     finally:
         shutil.rmtree(work, ignore_errors=True)

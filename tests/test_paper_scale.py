@@ -43,7 +43,7 @@ def _module():
 @pytest.mark.slow
 def test_the_rehearsal_shares_one_teacher_and_carries_it_into_the_two_variant(tmp_path):
     methods = ("scratch_transfer", "kd", "extended_kd")
-    rc, record, report = _run(tmp_path / "drop", f"--methods={','.join(methods)}", "--budget=300")
+    rc, record, report = _run(tmp_path / "drop", f"--methods={','.join(methods)}", "--budget=300", "--grid=kd=2")
     log = (tmp_path / "drop" / "paper_scale.log").read_text()
     assert rc == 0, log[-3000:]
     assert {name: phase["status"] for name, phase in record["phases"].items()} == {
@@ -53,9 +53,11 @@ def test_the_rehearsal_shares_one_teacher_and_carries_it_into_the_two_variant(tm
     }
     assert sorted(record["methods"]["reported"]) == sorted(methods) and record["methods"]["left_out"] == {}
     assert all(r["seeds"] == 1 for r in record["methods"]["reported"].values())
+    results = json.loads((tmp_path / "drop" / "results.json").read_text())
+    assert results["methods"]["kd"]["chosen"] == 2.0  # --grid's one value (the preset's T is 4), no selection runs
+    assert results["methods"]["kd"]["grid"] == [] == results["methods"]["extended_kd"]["grid"]
     files = sorted(p.name for p in (tmp_path / "drop").iterdir())
     assert len(files) <= 8 and {"results.json", "report.md", "teacher.tgz", "cifar10_drop_mini.tgz"} <= set(files)
-    results = json.loads((tmp_path / "drop" / "results.json").read_text())
     assert results["drop_classes"] == [3] and results["hardware"]["platform"] == "cpu"
     assert results["teacher"]["test_acc"] > 0.3  # the synthetic set is learnable: a trained teacher, not chance
     # every student used the teacher of the teacher phase (the one packed in teacher.tgz), none trained its own
@@ -69,9 +71,10 @@ def test_the_rehearsal_shares_one_teacher_and_carries_it_into_the_two_variant(tm
 
     # the `two` call: the same teacher carried (it trains on every class), cat and dog dropped
     teacher = tmp_path / "drop" / "teacher.tgz"
-    rc, record, report = _run(tmp_path / "two", f"--teacher={teacher}", "--variant=two", "--methods=kd")
+    rc, record, report = _run(tmp_path / "two", f"--teacher={teacher}", "--variant=two", "--methods=kd", "--mps")
     assert rc == 0, (tmp_path / "two" / "paper_scale.log").read_text()[-3000:]
     assert record["phases"]["teacher"]["status"].startswith("carried from")
+    assert record["phases"]["mps"]["status"].startswith("off: ")  # no MPS on a CPU machine: the students run without
     assert list(record["methods"]["reported"]) == ["kd"]
     two = json.loads((tmp_path / "two" / "results.json").read_text())
     assert two["drop_classes"] == [3, 5] and two["teacher"]["test_acc"] == results["teacher"]["test_acc"]
