@@ -1,37 +1,303 @@
-"""The README's result tables are the committed results.json files, rendered (no figure without one behind it)."""
+"""Every figure of the README and of docs/results/README.md comes from a committed results.json (no figure without
+one behind it), the results index lists every committed report, and the README's method table and `loss.name` list
+are the project's method lists.
+
+The claims table of the README marks each row with the file and the comparison it quotes
+(`<!-- claim: docs/results/<name>/results.json comparison=<method>-<baseline> metric=<metric> -->`, or
+`value=<method>` with an optional `reference=<percent>`); `claim_cells` recomputes the row's seeds, figure and
+verdict from that file. Run this module as a script to print the generated rows and the index.
+"""
 
 from __future__ import annotations
 
+import math
 import re
+import shlex
+import subprocess
+import sys
 
 import pytest
 
-from extkd_jax.experiment.report import readme_table
-from extkd_jax.experiment.results import Results
+from extkd_jax.experiment import stats
+from extkd_jax.experiment.report import p_text, pct, readme_table_of
+from extkd_jax.experiment.results import Comparison, Results, metric_resolution, t95
 from tests.tiny import REPO_ROOT
 
+README = REPO_ROOT / "README.md"
+RESULTS_DIR = REPO_ROOT / "docs" / "results"
+RESULTS_INDEX = RESULTS_DIR / "README.md"
+MAX_README_LINES = 300
 BLOCK = re.compile(r"<!-- results: (\S+) -->\n(.*?)\n<!-- /results -->", re.S)
+CLAIM = re.compile(r"<!-- claim: (\S+) ((?:\w+=\S+ ?)+)-->")
+SETTINGS_OF_COMMAND = ("progress", "data.dir", "reproduce.methods")  # shown elsewhere or about the machine
 
 
-def _blocks():
-    return BLOCK.findall((REPO_ROOT / "README.md").read_text())
+def _blocks() -> list[tuple[str, str]]:
+    return BLOCK.findall(RESULTS_INDEX.read_text()) if RESULTS_INDEX.exists() else []
 
 
-def test_the_readme_has_result_tables():
+def report_folders() -> list[str]:
+    """Every committed report: the folders of docs/results/ that hold a results.json."""
+    return sorted(p.parent.name for p in RESULTS_DIR.glob("*/results.json"))
+
+
+def _load(path: str) -> Results:
+    return Results.from_json((REPO_ROOT / path).read_text())
+
+
+# ---------------------------------------------------------------------------------------------------------- index
+def _preset(command: str) -> str:
+    """`--config=configs/mnist_omit3.py:zoo` -> `mnist_omit3:zoo`, then the overrides that change the experiment."""
+    args = shlex.split(command)
+    config = next(a.split("=", 1)[1] for a in args if a.startswith("--config="))
+    config = re.sub(r"^(?:.*/)?configs/(\w+)\.py", r"\1", config)
+    overrides = [
+        a.removeprefix("--config.")
+        for a in args
+        if a.startswith("--config.") and a.removeprefix("--config.").split("=")[0] not in SETTINGS_OF_COMMAND
+    ]
+    return " ".join(f"`{x}`" for x in [config, *overrides])
+
+
+def _machine(hardware: dict) -> str:
+    if hardware.get("platform") == "cpu":
+        return f"{hardware.get('cpu_count', '?')}-core CPU"
+    return f"{hardware.get('device_count', 1)} x {hardware['device_kind']}"
+
+
+def index_row(name: str) -> str:
+    """One line of docs/results/README.md's index: the report, its preset and overrides, its students, the machine,
+    seeds × teachers, and the training time of every run behind it, summed (what a rerun from scratch costs)."""
+    r = _load(f"docs/results/{name}/results.json")
+    students = list(r.methods) + list(r.diverged)
+    return (
+        f"| [{name}]({name}/report.md) | {_preset(r.command)} | {len(students)}: {', '.join(students)} | "
+        f"{_machine(r.hardware)} | {len(r.seeds)} × {r.teachers} | {r.training_time_s / 60:.1f} |"
+    )
+
+
+def index_table() -> str:
+    header = "| report | preset and overrides | students | machine | seeds × teachers | training (min) |"
+    return "\n".join([header, "|---|---|---|---|---|---:|", *(index_row(name) for name in report_folders())])
+
+
+CURVE = re.compile(r"<!-- curve: (\S+) -->\n(.*?)\n<!-- /curve -->", re.S)
+
+
+def curve_table(results: Results) -> str:
+    """The dark-knowledge curve of a report: the dropped classes right after correction, per kept fraction."""
+    fractions = sorted({p.keep_fraction for p in results.curve})
+    cells = {(p.method, p.keep_fraction): pct(p.unseen_acc_corrected) for p in results.curve}
+    methods = list(dict.fromkeys(p.method for p in results.curve))
+    lines = ["| student | " + " | ".join(f"kept {f * 100:g}%" for f in fractions) + " |"]
+    lines.append("|---|" + "---:|" * len(fractions))
+    lines += [f"| {m} | " + " | ".join(cells.get((m, f), "-") for f in fractions) + " |" for m in methods]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------- claims
+def _find(results: Results, method: str, baseline: str, metric: str) -> Comparison | None:
+    for c in results.comparisons:
+        if (c.method, c.baseline, c.metric, c.teacher) == (method, baseline, metric, None):
+            return c
+    return None
+
+
+def _interval(c: Comparison) -> str:
+    if c.ci95 is None:
+        return f"{c.diff_mean * 100:+.1f} points (n=1)"
+    return f"{c.diff_mean * 100:+.1f} points (95% CI {c.ci95[0] * 100:+.1f}..{c.ci95[1] * 100:+.1f})"
+
+
+def _comparison_cells(results: Results, method: str, baseline: str, metric: str) -> tuple[str, str]:
+    """A comparison of the report: its verdict as the report words it (primary: own p; others: Holm). One the report
+    did not make (e.g. against a scratch student): paired here as `Comparison.paired` does, judged by Bonferroni
+    over the report's comparisons and this one (never looser than Holm)."""
+    c = _find(results, method, baseline, metric)
+    if c is not None:
+        if c.n < stats.MIN_SEEDS or stats.decision_p(c) is None:
+            return _interval(c), c.verdict
+        which = f"primary, p {p_text(c.p)}" if c.primary else f"Holm p {p_text(c.p_holm)}"
+        return _interval(c), f"{c.verdict} ({which})"
+    resolution = metric_resolution(results.methods, results.drop_classes).get(metric, 0.0)
+    c = Comparison.paired(results.methods[method], results.methods[baseline], metric, resolution)
+    if c.n < stats.MIN_SEEDS or c.p is None:
+        return _interval(c), f"n < {stats.MIN_SEEDS}: no verdict"
+    m = len(results.comparisons) + 1
+    bonferroni = min(1.0, c.p * m)
+    word = "difference detected" if bonferroni < stats.ALPHA else "no difference detected"
+    return _interval(c), f"{word} (Bonferroni p {p_text(bonferroni)} over {m} comparisons)"
+
+
+def _value_cells(results: Results, method: str, metric: str, reference: float | None) -> tuple[str, str]:
+    """A method's mean with its Student-t 95% interval over the (teacher, seed) runs; against a published value."""
+    s = results.methods[method].stat(metric)
+    if s.std is None:
+        return f"{s.mean * 100:.1f}% (n=1)", "n=1: no interval"
+    half = t95(s.n - 1) * s.std / math.sqrt(s.n)
+    lo, hi = (s.mean - half) * 100, (s.mean + half) * 100
+    figure = f"{s.mean * 100:.1f}% (95% CI {lo:.1f}..{hi:.1f})"
+    if reference is None:
+        return figure, "descriptive, no test"
+    where = "inside" if lo <= reference <= hi else "outside"
+    return figure, f"the published {reference:g}% is {where} the interval"
+
+
+def claim_cells(marker: str) -> tuple[str, str, str]:
+    """(seeds × teachers, figure, verdict) of a claim marker's `path key=value ...`, from its results.json."""
+    found = CLAIM.search(marker)
+    assert found, f"not a claim marker: {marker!r}"
+    path, rest = found.group(1), found.group(2)
+    keys = dict(kv.split("=", 1) for kv in rest.split())
+    results = _load(path)
+    metric = keys["metric"]
+    if "comparison" in keys:
+        method, baseline = keys["comparison"].split("-")
+        figure, verdict = _comparison_cells(results, method, baseline, metric)
+    else:
+        reference = float(keys["reference"]) if "reference" in keys else None
+        figure, verdict = _value_cells(results, keys["value"], metric, reference)
+    return f"{len(results.seeds)} × {results.teachers}", figure, verdict
+
+
+def _claim_rows() -> list[tuple[str, list[str]]]:
+    rows = []
+    for line in README.read_text().splitlines():
+        if "<!-- claim:" in line:
+            cells = [c.strip() for c in line.strip().strip("|").split(" | ")]
+            rows.append((line, cells))
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------------- methods
+METHOD_ROW = re.compile(r"^\| `(\w+)` \| (.*) \| (?:\[recipe\]\(docs/reference_recipes\.md\)|-) \|$")
+
+
+def method_row(name: str, method) -> str:
+    """The README's row of a method: its name, what it distils and from whom, its reference recipe."""
+    recipe = "[recipe](docs/reference_recipes.md)" if method.distils else "-"
+    return f"| `{name}` | {method.description} | {recipe} |"
+
+
+def _readme_methods() -> list[str]:
+    return [m.group(1) for line in README.read_text().splitlines() if (m := METHOD_ROW.match(line))]
+
+
+# ---------------------------------------------------------------------------------------------------------- tests
+def test_the_readme_is_at_most_300_lines():
+    n = len(README.read_text().splitlines())
+    assert n <= MAX_README_LINES, f"README.md has {n} lines; at most {MAX_README_LINES} (move material to docs/)"
+
+
+def test_the_results_index_has_result_tables():
     assert len(_blocks()) >= 3
 
 
 @pytest.mark.parametrize("path,table", _blocks(), ids=[p for p, _ in _blocks()])
-def test_each_readme_table_is_its_results_json(path, table):
-    results = Results.from_json((REPO_ROOT / path).read_text())
-    assert table.strip() == readme_table(results)
+def test_each_results_table_is_extkd_report_of_its_folder(path, table):
+    """Each table of docs/results/README.md is what `extkd report --workdir=<its folder>` prints."""
+    folder = REPO_ROOT / path
+    assert folder.name == "results.json", path
+    assert table.strip() == readme_table_of(folder.parent)
+
+
+def test_the_results_index_lists_every_committed_report():
+    text = RESULTS_INDEX.read_text()
+    folders = report_folders()
+    assert len(folders) >= 10
+    for name in folders:
+        assert index_row(name) in text.splitlines(), f"docs/results/README.md: no index row for {name}"
+        assert f"({name}/report.md)" in text
+    linked = set(re.findall(r"\]\((\w+)/report\.md\)", text))
+    assert linked <= set(folders), f"links to reports that are not committed: {sorted(linked - set(folders))}"
+
+
+@pytest.mark.parametrize("path,table", CURVE.findall(RESULTS_INDEX.read_text()) if RESULTS_INDEX.exists() else [])
+def test_each_curve_table_is_its_results_json(path, table):
+    assert table.strip() == curve_table(_load(path))
+
+
+PROSE_CI = re.compile(r"CI ([+-]\d+\.\d)\.\.([+-]\d+\.\d)")
+
+
+def _all_intervals() -> set[str]:
+    """Every paired 95% interval the committed reports hold or give (each pair of their methods, headline metrics)."""
+    out = set()
+    for name in report_folders():
+        results = _load(f"docs/results/{name}/results.json")
+        found = list(results.comparisons)
+        resolution = metric_resolution(results.methods, results.drop_classes)
+        for a in results.methods.values():
+            for b in results.methods.values():
+                if a is not b:
+                    found += [Comparison.paired(a, b, m, resolution.get(m, 0.0)) for m in resolution]
+        out |= {f"{c.ci95[0] * 100:+.1f}..{c.ci95[1] * 100:+.1f}" for c in found if c.ci95 is not None}
+    return out
+
+
+def test_every_interval_in_the_results_prose_is_in_a_results_json():
+    """The prose around the tables quotes no interval that no committed report gives (a stale one fails)."""
+    prose = CURVE.sub("", BLOCK.sub("", RESULTS_INDEX.read_text()))
+    quoted = {f"{lo}..{hi}" for lo, hi in PROSE_CI.findall(prose)}
+    assert len(quoted) >= 10
+    assert quoted <= _all_intervals(), sorted(quoted - _all_intervals())
+    assert "-1.2..+3.4" not in _all_intervals()  # the stale FitNet interval the README once quoted
+
+
+def test_the_readme_links_the_results_index():
+    assert "(docs/results/README.md)" in README.read_text()
+
+
+def test_each_claim_is_its_results_json():
+    rows = _claim_rows()
+    assert len(rows) >= 5, "the README's claims table marks each row with <!-- claim: ... -->"
+    for line, cells in rows:
+        assert len(cells) == 5, line
+        seeds, figure, verdict = claim_cells(line)
+        path = CLAIM.search(line).group(1)
+        assert _load(path).preset.split(":")[0] in cells[1], (cells[1], path)
+        assert cells[2] == seeds, (line, seeds)
+        assert cells[3] == figure, (line, figure)
+        assert cells[4].startswith(verdict), (line, verdict)
+
+
+def test_claim_cells_recompute_from_the_runs():
+    """An independent check of the recomputation: the digits report's Extended-KD - KD on the 3s, from its runs."""
+    results = _load("docs/results/digits_omit3/results.json")
+    kd = {r.seed: r.unseen_acc_corrected for r in results.methods["kd"].runs}
+    ext = {r.seed: r.unseen_acc_corrected for r in results.methods["extended_kd"].runs}
+    mean = sum(ext[s] - kd[s] for s in kd) / len(kd)
+    _, figure, verdict = claim_cells(
+        "<!-- claim: docs/results/digits_omit3/results.json comparison=extended_kd-kd metric=unseen_acc_corrected -->"
+    )
+    assert figure.startswith(f"{mean * 100:+.1f} points (95% CI ")
+    assert verdict.startswith("no difference detected (primary, p ")
+
+
+def test_the_readme_method_table_is_the_method_list():
+    """One row per method of `extkd reproduce` (extkd_jax.methods.roles.METHODS), in its order, each with its
+    description and a link to its reference recipe."""
+    from extkd_jax.methods.roles import METHODS
+
+    assert _readme_methods() == list(METHODS)
+    text = README.read_text()
+    for name, method in METHODS.items():
+        assert method_row(name, method) in text.splitlines(), name
+
+
+def test_the_loss_name_list_is_the_engine_list():
+    """docs/config.md's `loss.name` row names every loss the config check accepts, and nothing else."""
+    from extkd_jax.train.objectives import LOSS_NAMES
+
+    row = next(
+        line for line in (REPO_ROOT / "docs" / "config.md").read_text().splitlines() if "| `loss.name` |" in line
+    )
+    listed = re.findall(r"`(\w+)`", row.split("|")[3])
+    assert listed == list(LOSS_NAMES), (listed, LOSS_NAMES)
 
 
 def test_the_readme_quotes_the_number_of_fault_tests():
     """README's reliability figure is the number of tests `pytest -m fault` collects."""
-    import subprocess
-    import sys
-
     out = subprocess.run(
         [sys.executable, "-m", "pytest", "-m", "fault", "--collect-only", "-q", "-p", "no:randomly", "tests"],
         cwd=REPO_ROOT,
@@ -42,4 +308,14 @@ def test_the_readme_quotes_the_number_of_fault_tests():
     collected = re.search(r"(\d+)/\d+ tests collected", out.stdout)
     assert collected, out.stdout[-2000:]
     n = collected.group(1)
-    assert f"injects **{n} faults; all {n} are survived" in (REPO_ROOT / "README.md").read_text()
+    assert f"injects **{n} faults; all {n} are survived" in README.read_text()
+
+
+if __name__ == "__main__":  # the generated lines, to paste: the index rows, then the claim rows' cells
+    print(index_table())
+    for line, _ in _claim_rows():
+        print(claim_cells(line))
+    from extkd_jax.methods.roles import METHODS
+
+    for name, method in METHODS.items():
+        print(method_row(name, method))
