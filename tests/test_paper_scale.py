@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tarfile
 
+import numpy as np
 import pytest
 
 from tests.tiny import REPO_ROOT
@@ -125,3 +126,23 @@ def test_bad_arguments_are_refused_by_name(tmp_path, capsys):
         with pytest.raises(SystemExit):
             ps.parse_args([flag])
         assert named in capsys.readouterr().err
+
+
+def test_the_carried_pieces_read_as_the_original_training_set(tmp_path):
+    """benchmarks/carry_data.py's parts (LZMA npz members) concatenate, through the npz source, to the original."""
+    from extkd_jax.data.sources import NpzSplit
+    from tests.tiny import write_tiny_npz
+
+    spec = importlib.util.spec_from_file_location("carry_data", REPO_ROOT / "benchmarks" / "carry_data.py")
+    carry = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(carry)
+    src = write_tiny_npz(tmp_path / "src" / "cifar10", n_train=50, n_test=10, size=32, channels=3)
+    written = carry.split_train(src, tmp_path / "out" / "cifar10", sizes=(20, 20, 10))
+    assert [p.name for p in written] == ["train_0.npz", "train_1.npz", "train_2.npz"]
+    (tmp_path / "out" / "cifar10" / "test.npz").write_bytes((src / "test.npz").read_bytes())
+    original, pieces = NpzSplit("cifar10", "train", tmp_path / "src"), NpzSplit("cifar10", "train", tmp_path / "out")
+    every = np.arange(50)
+    assert np.array_equal(pieces.read(every), original.read(every))
+    assert np.array_equal(pieces.labels, original.labels)
+    with pytest.raises(ValueError, match="add up to 49"):
+        carry.split_train(src, tmp_path / "bad", sizes=(20, 20, 9))
