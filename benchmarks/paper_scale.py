@@ -6,7 +6,7 @@ the transfer set without cats, the preset's recipe, grids and seeds) in one call
         [--grid METHOD=V,V...]... [--teacher TGZ] [--wheelhouse DIR] [--data DIR] [--out DIR] [--budget S]
         [--workers N] [--mps]
 
-Phases, each under its own time limit inside the overall --budget (default 540 s; --cpu 50 s):
+Phases, each under its own time limit inside the overall --budget (default 540 s; --cpu 300 s):
 1. install: the wheelhouse (benchmarks/make_wheelhouse.sh) into a private site dir (the device image lacks
    ml_collections); the checkout's package comes first on the path, laid out as the wheel lays it out;
 2. teacher: `extkd train --config=cifar10_drop[:two],teacher` (or --teacher: a teacher.tgz of an earlier call);
@@ -43,8 +43,8 @@ METHODS = ("scratch_full", "scratch_transfer", "kd", "fitnet", "extended_kd")
 NO_TEACHER = ("scratch_full", "scratch_transfer")  # trained without one (but scored against it)
 BUDGETS = {  # seconds per phase (device, cpu); each is also cut to what the overall budget leaves
     "install": (60, 20),
-    "teacher": (170, 20),
-    "report": (90, 15),
+    "teacher": (170, 60),
+    "report": (90, 40),
 }
 MIN_STUDENTS = 30  # seconds the students need at least (--cpu: a third of it); less left: the phase is skipped
 
@@ -67,9 +67,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--wheelhouse", type=Path, help="wheels to install first (benchmarks/make_wheelhouse.sh)")
     p.add_argument("--data", type=Path, default=Path("/root/data"), help="the CIFAR-10 npz folder (not --cpu)")
     p.add_argument("--out", type=Path, default=Path(os.environ["OUT"]) if os.environ.get("OUT") else None)
-    p.add_argument("--budget", type=float, help="seconds for the whole call (default 540; --cpu 50)")
-    p.add_argument("--teacher-budget", type=float, help="seconds for the teacher phase (default 170; --cpu 20)")
-    p.add_argument("--report-budget", type=float, help="seconds kept for the report (default 90; --cpu 15)")
+    p.add_argument("--budget", type=float, help="seconds for the whole call (default 540; --cpu 300)")
+    p.add_argument("--teacher-budget", type=float, help="seconds for the teacher phase (default 170; --cpu 60)")
+    p.add_argument("--report-budget", type=float, help="seconds kept for the report (default 90; --cpu 40)")
     p.add_argument("--workers", type=int, help="student processes at a time (default 12; --cpu 3)")
     p.add_argument("--override", action="append", default=[], help="a --config.KEY=VALUE flag for every run")
     p.add_argument("--mps", action="store_true", help="students under CUDA MPS (checked first; off if it fails)")
@@ -92,7 +92,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.teacher is not None and not args.teacher.is_file():
         p.error(f"--teacher={args.teacher}: no such file (expected the teacher.tgz of an earlier call)")
     k = 1 if args.cpu else 0
-    args.budget = args.budget or (50.0 if args.cpu else 540.0)
+    args.budget = args.budget or (300.0 if args.cpu else 540.0)
     args.teacher_budget = args.teacher_budget or BUDGETS["teacher"][k]
     args.report_budget = args.report_budget or BUDGETS["report"][k]
     args.workers = args.workers or (3 if args.cpu else 12)
