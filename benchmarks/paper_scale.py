@@ -39,6 +39,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+from gpu_mps import start_mps, stop_mps  # noqa: E402
+
 METHODS = ("scratch_full", "scratch_transfer", "kd", "fitnet", "extended_kd")
 NO_TEACHER = ("scratch_full", "scratch_transfer")  # trained without one (but scored against it)
 BUDGETS = {  # seconds per phase (device, cpu); each is also cut to what the overall budget leaves
@@ -233,40 +236,6 @@ def students_phase(args, call: Call, env: dict, preset: str, flags: list[str], w
     return summary
 
 
-MPS_CHECK = (
-    "import jax, jax.numpy as jnp; assert jax.devices()[0].platform == 'gpu', jax.devices(); print(jnp.ones(8).sum())"
-)
-
-
-def start_mps(call: Call, env: dict, work: Path) -> dict | None:
-    """CUDA MPS for the students (their kernels then share the GPU's multiprocessors instead of taking turns):
-    the environment that reaches its daemon, checked by one tiny JAX program; None (daemon stopped) if that fails."""
-    control = shutil.which("nvidia-cuda-mps-control")
-    if control is None:
-        call.record("mps", "off: no nvidia-cuda-mps-control", 0, 0)
-        return None
-    mps_env = {
-        **env,
-        "CUDA_MPS_PIPE_DIRECTORY": str(work / "mps_pipe"),
-        "CUDA_MPS_LOG_DIRECTORY": str(work / "mps_log"),
-    }
-    for key in ("CUDA_MPS_PIPE_DIRECTORY", "CUDA_MPS_LOG_DIRECTORY"):
-        Path(mps_env[key]).mkdir(parents=True, exist_ok=True)
-    started = subprocess.run([control, "-d"], env=mps_env, capture_output=True, timeout=30).returncode == 0
-    if started and call.run("mps", [sys.executable, "-c", MPS_CHECK], min(60.0, call.left() / 4), mps_env):
-        return mps_env
-    stop_mps(mps_env)
-    phase = call.phases.setdefault("mps", {"status": "the daemon did not start", "limit_s": 0, "seconds": 0})
-    phase["status"] = f"off: {phase['status']}"
-    return None
-
-
-def stop_mps(env: dict) -> None:
-    control = shutil.which("nvidia-cuda-mps-control")
-    if control:
-        subprocess.run([control], input="quit\n", text=True, env=env, capture_output=True, timeout=30, check=False)
-
-
 def experiment_name(args) -> str:
     return "cifar10_drop" + ("_two" if args.variant == "two" else "") + ("_mini" if args.cpu else "")
 
@@ -382,7 +351,6 @@ def main(argv: list[str] | None = None) -> int:
         env = environment(args, call, work)
         data = args.data
         if args.cpu:
-            sys.path.insert(0, str(REPO / "benchmarks"))
             from synthetic_cifar import write
 
             data = write(work / "data", 1000, 200)
