@@ -122,6 +122,9 @@ def parse_flags(command: str, args: list[str]):
     flag_values = flags.FlagValues()  # one per call: the CLI is also called in-process (tests, notebooks)
     flags.DEFINE_string("workdir", None, "directory of the run", flag_values=flag_values)
     flags.DEFINE_string("weights", None, "import-torch: a torchvision ResNet state_dict file", flag_values=flag_values)
+    # ml_collections loads every config file as module "config_config" and re-executes a new file inside the module
+    # already in sys.modules: a file without get_config() would inherit the previous file's. Start from nothing.
+    sys.modules.pop("config_config", None)
     config_flags.DEFINE_config_file("config", None, "config file", flag_values=flag_values, sys_argv=argv)
     try:
         rest = flag_values(argv)

@@ -514,6 +514,8 @@ def test_cli_config_path_in_a_missing_folder(tmp_path, capsys):
 
 
 def test_cli_config_file_without_get_config(tmp_path, capsys):
+    # a valid config file first: ml_collections loads both as one module name, which must not leak get_config()
+    assert _cli(["config", f"--config={REPO_ROOT / 'configs/smoke.py'}"], capsys)[0] == 0
     path = tmp_path / "not_a_config.py"
     path.write_text("x = 1\n")
     status, err = _cli(["train", f"--config={path}", f"--workdir={tmp_path / 'w'}"], capsys)
@@ -534,7 +536,7 @@ def test_cli_config_file_with_a_syntax_error(tmp_path, capsys):
     [
         (
             REPO_ROOT / "configs/cifar10_drop.py",
-            "unknown config variant 'gpu'; expected sizes ['conv', 'cpu', 'short', 'two', 'zoo']",
+            "unknown config variant 'gpu'; expected sizes ['conv', 'cpu', 'mini', 'short', 'two', 'zoo']",
         ),
         (TINY_CONFIG, "get_config() takes 0 positional arguments but 1 was given"),
     ],
