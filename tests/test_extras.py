@@ -71,7 +71,7 @@ def _closure(extras: tuple[str, ...]) -> set[str]:
 
 
 def _make_env(root: pathlib.Path, extras: tuple[str, ...]) -> pathlib.Path:
-    """A venv seeing this checkout and only the distributions of `extkd_jax[extras]`; its python."""
+    """A venv seeing this checkout (laid out as the wheel does) and only the distributions of `extkd_jax[extras]`."""
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(root / "venv")], check=True, timeout=120)
     deps = root / "deps"
     deps.mkdir()
@@ -82,8 +82,15 @@ def _make_env(root: pathlib.Path, extras: tuple[str, ...]) -> pathlib.Path:
             target = pathlib.Path(dist.locate_file(top))
             if target.exists() and not (deps / top).exists():
                 (deps / top).symlink_to(target)
+    # the package as the wheel lays it out: extkd_jax/ with the top-level configs/ as extkd_jax/configs
+    package = root / "pkg" / "extkd_jax"
+    package.mkdir(parents=True)
+    for entry in (REPO_ROOT / "extkd_jax").iterdir():
+        if entry.name != "__pycache__":
+            (package / entry.name).symlink_to(entry)
+    (package / "configs").symlink_to(REPO_ROOT / "configs")
     (site,) = (root / "venv" / "lib").glob("python*/site-packages")
-    (site / "extkd_env.pth").write_text(f"{deps}\n{REPO_ROOT}\n")
+    (site / "extkd_env.pth").write_text(f"{deps}\n{root / 'pkg'}\n")
     return root / "venv" / "bin" / "python"
 
 

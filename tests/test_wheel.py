@@ -106,6 +106,6 @@ print(json.dumps({{"shape": list(logits.shape), "acc": float((logits.argmax(1) =
     # the README's table of the experiment, from its results.json
     table = _run(venv, venv["extkd"], "report", f"--workdir={workdir}")
     assert table.returncode == 0, table.stderr[-3000:]
-    rows = {line.split(" | ")[0].strip("| ") for line in table.stdout.splitlines()[2:]}
+    rows = {line.split(" | ")[0].strip("| ") for line in table.stdout.splitlines()[2:] if line.startswith("| ")}
     stored = json.loads((workdir / "results.json").read_text())
     assert {row.split(" (")[0] for row in rows} == set(stored["methods"])
