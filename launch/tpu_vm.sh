@@ -324,6 +324,14 @@ wait_for_job() {
   done
 }
 
+# a local workdir comes back from worker 0 (also after a failed job); a gs:// one stays in the bucket
+copy_back() {
+  if [[ $WORKDIR != gs://* ]]; then
+    run mkdir -p "$LOCAL_RESULTS" &&
+      run "${GCLOUD_TPU[@]}" scp --worker=0 --recurse "$NAME:$WORKDIR" "$LOCAL_RESULTS" "${SCOPE[@]}"
+  fi
+}
+
 if [ "$SKIP_CREATE" = 0 ]; then create_vm; fi
 if [ "$DELETE" = 1 ] && [ "$DRY_RUN" != 1 ]; then
   trap cleanup_on_error EXIT
@@ -341,6 +349,9 @@ while :; do
         "(and $WORKDIR/logs/): $(q "${GCLOUD_TPU[@]}" ssh "$NAME" "${SCOPE[@]}" --worker=all \
           --command="tail -n 30 $LOGS/worker-*.log")"
       [[ $JOB_STATUS =~ ^[0-9]+$ ]] && [ "$JOB_STATUS" -gt 0 ] && [ "$JOB_STATUS" -lt 256 ] || JOB_STATUS=1
+      # what the job left (a report of diverged methods: exit 3; logs; checkpoints to resume from) comes back too,
+      # before --delete removes the VM
+      copy_back || warn "could not copy $WORKDIR back from worker 0"
       exit "$JOB_STATUS"
       ;;
     preempted)
@@ -361,10 +372,7 @@ while :; do
 done
 
 # ---- 5. copy a local workdir back from worker 0 (a gs:// one stays in the bucket) ----
-if [[ $WORKDIR != gs://* ]]; then
-  run mkdir -p "$LOCAL_RESULTS"
-  run "${GCLOUD_TPU[@]}" scp --worker=0 --recurse "$NAME:$WORKDIR" "$LOCAL_RESULTS" "${SCOPE[@]}"
-fi
+copy_back
 
 # ---- 6. delete ----
 if [ "$DELETE" = 1 ]; then

@@ -426,6 +426,15 @@ def test_tpu_failed_job_exits_with_its_status_and_names_the_logs(env):
     assert "tail -n 30 ~/extkd_logs/kd/worker-*.log" in res.stderr
 
 
+def test_tpu_failed_job_still_copies_a_local_workdir_back_before_deleting(env, tmp_path):
+    """Exit 3 (every method diverged) still wrote a report: it comes back before --delete removes the VM."""
+    env["STUB_OUTPUTS"] = json.dumps([[DESCRIBE_RE, ["READY"]], [STATUS_RE, ["3"]]])
+    args = ["--name=kd", f"--zone={ZONE}", "--skip-install", "--poll=0", "--delete", f"--local-results={tmp_path}"]
+    res = run("tpu_vm.sh", *args, env=env)
+    assert res.returncode == 3, res.stderr
+    assert tpu_steps(env) == ["create", "ssh", "describe", "ssh", "describe", "scp", "delete"]
+
+
 # ---------------------------------------------------------------- gpu.sh
 
 
