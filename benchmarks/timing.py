@@ -67,7 +67,9 @@ def ceiling_for(device_kind: str) -> dict | None:
 def bench_config(compute_dtype: str, fold: bool, batch_size: int, loss: str = "extended_kd"):
     c = base.get_config()
     c.model.name, c.teacher.name, c.teacher.fold_batchnorm = "resnet20", "resnet56", fold
-    c.loss.name, c.loss.temperature, c.loss.ce_weight, c.loss.kd_weight, c.loss.segment_weight = loss, 4.0, 1, 1, 1
+    c.loss.name, c.loss.temperature, c.loss.ce_weight, c.loss.kd_weight = loss, 4.0, 1, 1
+    if loss in c.loss and "weight" in c.loss[loss]:
+        c.loss[loss].weight = 1.0
     c.data.name, c.batch_size, c.compute_dtype = "cifar10", batch_size, compute_dtype
     return c
 

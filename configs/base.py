@@ -15,67 +15,17 @@ from collections.abc import Callable
 
 import ml_collections
 
-# extkd_jax.methods.roles.METHODS that distil (each tunes one knob on validation)
-DISTILLING_METHODS = (
-    "kd",
-    "fitnet",
-    "at",
-    "extended_kd",
-    "dkd",
-    "mkd",
-    "mtkd_ssr",
-    "amkd",
-    "pfkd",
-    "mismatch",
-    "purf_kd",
-    "ssd_kd",
-    "kd_mixup",
-    "kd_cutmix",
-    "kd_auto",
-)
+from extkd_jax.methods import get_method, method_names, role_names
+
+# extkd_jax.methods.roles.METHODS that distil (each tunes one knob on validation), the KD zoo apart
+DISTILLING_METHODS = tuple(m for m in role_names() if get_method(m).distils and not get_method(m).zoo)
 # the standard KD baselines of RepDistiller / mdistiller (issue #15), compared by `with_zoo`
-ZOO_METHODS = (
-    "pkt",
-    "rkd",
-    "sp",
-    "cc",
-    "nst",
-    "dist",
-    "ls_kd",
-    "mlkd",
-    "vid",
-    "ab",
-    "fsp",
-    "ft",
-    "reviewkd",
-    "ofd",
-    "crd",
-    "kdsvd",
-)
+ZOO_METHODS = tuple(m for m in role_names() if get_method(m).zoo)
 # need feature maps (H, W, C), left out for MLP students (ofd: the ResNets' pre-activation taps)
-SPATIAL_METHODS = ("at", "nst", "ft", "reviewkd", "ofd", "kdsvd")
-# a two-value grid per knob for the comparison of every method (with_all_methods); the temperature's is the preset's
-TWO_VALUE_GRIDS = {
-    "segment_weight": (0.1, 1.0),
-    "dkd_beta": (2.0, 8.0),
-    "mix_alpha": (0.2, 1.0),
-    "triplet_weight": (0.1, 1.0),
-    "feature_temperature": (2.0, 8.0),
-    "sample_weight": (0.3, 1.0),
-    "relation_weight": (0.1, 1.0),
-    # the zoo's weights: RepDistiller's default (its beta for CIFAR-100) and a tenth of it
-    "pkt_weight": (3000.0, 30000.0),
-    "rkd_weight": (0.1, 1.0),
-    "sp_weight": (300.0, 3000.0),
-    "cc_weight": (1.0, 10.0),
-    "nst_weight": (5.0, 50.0),
-    "vid_weight": (0.1, 1.0),
-    "ft_weight": (20.0, 200.0),
-    "review_weight": (0.1, 1.0),
-    "ofd_weight": (1e-4, 1e-3),
-    "contrast_weight": (0.08, 0.8),
-    "kdsvd_weight": (0.1, 1.0),
-}
+SPATIAL_METHODS = tuple(m for m in role_names() if "feature_maps" in get_method(m).needs)
+# the two-value grid of each method's knob in the comparison of every method (with_all_methods, with_zoo), by
+# method (each Method's `grid`); the temperature's is the preset's kd grid, the init stage's INIT_STAGE_FRACTIONS
+TWO_VALUE_GRIDS = {m: get_method(m).grid for m in role_names() if isinstance(get_method(m).grid, tuple)}
 # ab, fsp, ft: their init stage as a tenth and a quarter of the student's epochs (RepDistiller's is 30 of 270)
 INIT_STAGE_FRACTIONS = (0.1, 0.25)
 
@@ -125,70 +75,19 @@ def get_config() -> ml_collections.ConfigDict:
     c.teacher.learning_rate = 0.0  # `reproduce`: teacher learning rate (0 = optim.learning_rate)
 
     c.loss = ml_collections.ConfigDict()
-    c.loss.name = "ce"  # ce | purf (alone) | kd | fitnet | extended_kd | at | dkd | mkd | mtkd_ssr | amkd | pfkd
-    #                     | mismatch | ssd_kd | pkt | rkd | sp | cc | nst | dist | ls_kd | mlkd | vid | ab | fsp | ft
-    #                     | reviewkd | ofd | crd | kdsvd
-    #                     (with a teacher): see
-    #                     extkd_jax/train/objectives.py
+    c.loss.name = "ce"  # a registered method with an objective (extkd_jax.methods.loss_names(); docs/config.md)
     c.loss.temperature = 4.0
     c.loss.ce_weight = 1.0
     c.loss.kd_weight = 1.0
-    c.loss.segment_weight = 1.0  # fitnet / extended_kd MSE weight (at: the AT beta)
-    c.loss.segments = ()  # student segment indices used (empty: all; fitnet: the middle one)
+    c.loss.segments = ()  # student segment indices used (empty: all; fitnet: the middle one; ft: the last one)
     c.loss.teacher_segments = ()  # matching teacher indices (empty: same as loss.segments)
     c.loss.label_smoothing = 0.0
-    c.loss.at_p = 2.0
-    c.loss.dkd_alpha = 1.0
-    c.loss.dkd_beta = 8.0
-    c.loss.dkd_warmup_epochs = 0
-    # the methods of train/objectives.py (docs/methods.md): their knobs, with the defaults their papers use or the
-    # simplest reading where they say nothing
-    c.loss.mix_alpha = 1.0  # Beta(a, a) of mixup / CutMix (data.augment '+mixup', '+cutmix') and of mkd
-    c.loss.srd_weight = 1.0  # mtkd_ssr: stage heads taught by the teacher
-    c.loss.crd_weight = 1.0  # mtkd_ssr: stage heads taught by the next stage
-    c.loss.adv_steps = 5  # amkd: attack steps towards the boundary; mismatch: steps towards the sampled class
-    c.loss.adv_step_size = 8.0  # ... of this size, in pixels (L2 for amkd, per pixel for mismatch)
-    c.loss.triplet_weight = 1.0  # amkd
-    c.loss.triplet_margin = 0.2  # amkd, on L2-normalised embeddings
-    c.loss.embedding_size = 64  # amkd: the projector's output
-    c.loss.feature_temperature = 4.0  # pfkd
-    c.loss.feature_weight = 1.0  # pfkd
-    c.loss.sample_weight = 1.0  # mismatch: KL on the sampled images
-    c.loss.purf_weight = 0.1  # purf (a teacher's objective): smoothness under input noise
-    c.loss.purf_sigma = 8.0  # ... of this standard deviation, in pixels
-    c.loss.relation_weight = 1.0  # ssd_kd: relational KD
-    c.loss.ss_weight = 1.0  # ssd_kd: the rotation task
-    # the zoo (issue #15): each added to KD with the weight RepDistiller uses for it (its `-b` on CIFAR-100)
-    c.loss.pkt_weight = 30000.0  # pkt, on the penultimate features
-    c.loss.rkd_weight = 1.0  # rkd (25 x distance + 50 x angle inside), on the penultimate features
-    c.loss.sp_weight = 3000.0  # sp, on the last segment
-    c.loss.cc_weight = 10.0  # cc, on the penultimate features (our kernel form: RepDistiller's 0.02 is for another)
-    c.loss.cc_gamma = 0.4  # cc: the RBF kernel's gamma on unit embeddings
-    c.loss.nst_weight = 50.0  # nst, on every paired segment
-    c.loss.dist_beta = 1.0  # dist: inter-class relation (replaces the KL, weighted by kd_weight)
-    c.loss.dist_gamma = 1.0  # dist: intra-class relation
-    # mlkd: CE + kd_weight x multi-level logit KD at loss.temperature and 2, 3, 5, 6 (no weight of its own)
-    c.loss.mlkd_batch_invariant = False  # mlkd: relation terms x C / N^2 (True) or the reference's 1/C, 1/N
-    c.loss.vid_weight = 1.0  # vid, on every paired segment
-    c.loss.vid_init_variance = 5.0  # vid: the learned variance's starting value
-    c.loss.init_epochs = 1.0  # ab, fsp, ft: epochs of the feature-only init stage (RepDistiller: 30 of 270)
-    c.loss.ab_weight = 1.0  # ab in the init stage (RepDistiller's sum of its layer losses)
-    c.loss.ab_margin = 1.0  # ab: the margin m
-    c.loss.fsp_weight = 1.0  # fsp in the init stage (RepDistiller's sum over layer pairs)
-    c.loss.ft_weight = 200.0  # ft, after its init stage (the paraphraser's; init_epochs too)
-    c.loss.ft_rate = 0.5  # ft: the factor's channels, as a fraction of the teacher's last segment's
-    c.loss.review_weight = 1.0  # reviewkd: hierarchical context loss (mdistiller's default; its CIFAR-100 config: 5.0)
-    c.loss.review_warmup_epochs = 1.0  # reviewkd: its weight ramps up linearly over these epochs
-    c.loss.ofd_weight = 1e-3  # ofd: its per-example sums (mdistiller's CIFAR FEAT_WEIGHT)
-    # crd: KD + contrast_weight x the NCE loss of both embeddings against the other network's memory bank (on the
-    # penultimate features); RepDistiller's defaults: -b 0.8, 16384 negatives, 128-d, nce_t 0.07, momentum 0.5
-    c.loss.contrast_weight = 0.8
-    c.loss.contrast_negatives = 16384
-    c.loss.contrast_dim = 128
-    c.loss.contrast_temperature = 0.07
-    c.loss.contrast_momentum = 0.5
-    c.loss.kdsvd_weight = 1.0  # kdsvd, on every paired segment (mdistiller's FEAT_WEIGHT)
-    c.loss.kdsvd_k = 1  # kdsvd: the teacher's singular vectors per segment (the student's: k + 3)
+    c.loss.mix_alpha = 1.0  # Beta(a, a) of mixup / CutMix (data.augment '+mixup', '+cutmix')
+    # each method's own knobs, `loss.<method>.<knob>` (e.g. loss.dkd.beta), with the defaults of its Method
+    # (extkd_jax/methods/<its file>.py; docs/reference_recipes.md compares them with its reference code)
+    for name in method_names():
+        if get_method(name).knobs:
+            c.loss[name] = ml_collections.ConfigDict(dict(get_method(name).knobs))
 
     c.optim = ml_collections.ConfigDict()
     c.optim.learning_rate = 0.1
@@ -221,8 +120,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.seeds = 1  # reported runs per student method: seeds seed, seed+1, ...
     c.reproduce = ml_collections.ConfigDict()
     c.reproduce.methods = ("scratch_full", "scratch_transfer", "kd", "fitnet", "extended_kd")  # see with_all_methods
-    # the knob grid tried on validation per distilling method (kd: loss.temperature; fitnet, at, extended_kd:
-    # loss.segment_weight; dkd: loss.dkd_beta); every distilling method needs a grid of the same size
+    # the knob grid tried on validation per distilling method (its Method's `tune`: kd: loss.temperature; fitnet:
+    # loss.fitnet.weight; dkd: loss.dkd.beta); every distilling method needs a grid of the same size
     c.reproduce.grid = ml_collections.ConfigDict()
     for method in DISTILLING_METHODS + ZOO_METHODS:
         c.reproduce.grid[method] = ()  # () = no tuning: the configured loss value
@@ -298,15 +197,14 @@ def with_zoo(config: ml_collections.ConfigDict, spatial: bool) -> None:
 
 
 def _two_value_grids(config: ml_collections.ConfigDict, methods: tuple[str, ...]) -> None:
-    """A two-value grid of each method's knob: the preset's kd temperature grid for the temperature."""
-    from extkd_jax.methods.roles import METHODS
-
+    """A two-value grid of each method's knob (its Method's `grid`): the preset's kd temperature grid for the
+    temperature, fractions of num_epochs for an init stage."""
     temperatures = tuple(config.reproduce.grid.kd) or (config.loss.temperature / 2, config.loss.temperature)
     for method in methods:
-        knob = METHODS[method].knob
-        if knob == "temperature":
+        grid = get_method(method).grid
+        if grid == "temperature":
             config.reproduce.grid[method] = temperatures
-        elif knob == "init_epochs":
+        elif grid == "init_stage":
             config.reproduce.grid[method] = tuple(f * config.num_epochs for f in INIT_STAGE_FRACTIONS)
         else:
-            config.reproduce.grid[method] = TWO_VALUE_GRIDS[knob]
+            config.reproduce.grid[method] = tuple(grid)

@@ -42,7 +42,7 @@ def conv(c):
     c.teacher.num_epochs = 2
     c.num_epochs = 1
     c.seeds = 1
-    c.loss.init_epochs = 0.5  # ft: half the epoch for the paraphraser
+    c.loss.ft.init_epochs = 0.5  # half the epoch for the paraphraser
     c.reproduce.methods = ("kd", "at", "nst", "ft", "reviewkd", "ofd", "kdsvd")
     for method in c.reproduce.methods:
         c.reproduce.grid[method] = ()

@@ -10,7 +10,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from extkd_jax.models import common, connector, contrast
+from extkd_jax.methods import crd, ofd
+from extkd_jax.models import common
 from extkd_jax.models.common import Buffer
 from extkd_jax.train.checkpoint import Checkpointer
 from extkd_jax.train.step import Student, split
@@ -21,16 +22,16 @@ def _student(seed: int = 0) -> Student:
     rngs = nnx.Rngs(seed)
     model = nnx.Sequential(nnx.Linear(3, 4, rngs=rngs), nnx.BatchNorm(4, rngs=rngs))
     labels = np.array([0, 1, 0, 2, 1, 2])
-    memory = contrast.ContrastMemory(4, 5, labels, 8, rngs=rngs, dtype=jnp.float32)
-    margins = connector.Margins([jnp.arange(3.0) + seed, jnp.arange(2.0) - 5.0])
+    memory = crd.ContrastMemory(4, 5, labels, 8, rngs=rngs, dtype=jnp.float32)
+    margins = ofd.Margins([jnp.arange(3.0) + seed, jnp.arange(2.0) - 5.0])
     return Student(model, heads=[margins], projector=memory)
 
 
 def _old_student(monkeypatch) -> Student:
     """The same student as built before `Buffer` existed: its buffers were `nnx.BatchStat`."""
     with monkeypatch.context() as m:
-        m.setattr(contrast, "Buffer", nnx.BatchStat)
-        m.setattr(connector, "Buffer", nnx.BatchStat)
+        m.setattr(crd, "Buffer", nnx.BatchStat)
+        m.setattr(ofd, "Buffer", nnx.BatchStat)
         return _student()
 
 

@@ -126,7 +126,7 @@ def test_negatives_come_uniformly_from_the_other_classes(rng):
 def test_crd_trains_its_heads_and_updates_its_banks_and_normalisers():
     """One step on a 16-example transfer set (all rows in the batch): the banks' rows become unit vectors, the
     normalisers are fixed on the first step and kept after it, and the banks travel in the checkpointed stats."""
-    overrides = {"loss.contrast_negatives": 32, "loss.contrast_dim": 16}
+    overrides = {"loss.crd.negatives": 32, "loss.crd.dim": 16}
     metrics, program, state = _run("crd", steps=1, **overrides)
     before = program.variables["batch_stats"]["projector"]
     after = jax.tree.map(np.asarray, state.batch_stats["projector"])

@@ -266,7 +266,7 @@ BAD_VALUES = [
     ("loss.temperature", 0.0, "loss.temperature=0.0"),
     ("loss.temperature", -1.0, "expected a value > 0"),
     ("loss.kd_weight", -0.5, "loss.kd_weight=-0.5"),
-    ("loss.segment_weight", -1.0, "loss.segment_weight"),
+    ("loss.extended_kd.weight", -1.0, "loss.extended_kd.weight"),
     ("loss.name", "hinton", "loss.name='hinton'"),
     ("model.name", "resnet9000", "resnet9000"),
     ("optim.learning_rate", 0.0, "optim.learning_rate"),
@@ -358,7 +358,7 @@ def test_feature_and_logit_losses_train_through_the_engine(loss):
             "model.name": "resnet8",
             "loss.name": loss,
             "batch_size": 16,
-            "loss.segment_weight": 10.0,
+            **({f"loss.{loss}.weight": 10.0} if loss != "dkd" else {}),  # AT's beta, FitNet's hint weight
             "optim.learning_rate": 0.05,
         },
     )

@@ -192,10 +192,10 @@ def test_non_positive_model_size_is_refused(model, kwargs, key, bad):
 
 def test_absurd_loss_weight_is_refused():
     """L7: a segment weight of 1e30 overflowed the loss, and the run was told to lower the learning rate."""
-    config = tiny_config(".", **{"loss.name": "extended_kd", "teacher.workdir": "t", "loss.segment_weight": 1e30})
-    with pytest.raises(ConfigError, match=r"loss.segment_weight=1e\+30: expected a loss weight <= 1e\+12"):
+    config = tiny_config(".", **{"loss.name": "extended_kd", "teacher.workdir": "t", "loss.extended_kd.weight": 1e30})
+    with pytest.raises(ConfigError, match=r"loss.extended_kd.weight=1e\+30: expected a loss weight <= 1e\+12"):
         check_config(config, "distill")
-    config.loss.segment_weight = 1e12  # the largest accepted
+    config.loss.extended_kd.weight = 1e12  # the largest accepted
     check_config(config, "distill")
 
 
@@ -206,9 +206,9 @@ def test_divergence_names_a_huge_loss_weight(tmp_path):
     from extkd_jax.train.config_checks import divergence_hint
     from extkd_jax.train.loop import NonFiniteLossError, train_and_evaluate
 
-    overrides = {"loss.name": "purf", "loss.purf_weight": 1e11, "num_epochs": 1}
+    overrides = {"loss.name": "purf", "loss.purf.weight": 1e11, "num_epochs": 1}
     config = tiny_config(write_tiny_npz(tmp_path / "data"), **overrides)
-    with pytest.raises(NonFiniteLossError, match=r"loss weights above 1e\+06 are the likely cause \(loss.purf_weight="):
+    with pytest.raises(NonFiniteLossError, match=r"loss weights above 1e\+06 are the likely cause \(loss.purf.weight="):
         train_and_evaluate(config, tmp_path / "run", mode="train")
     assert divergence_hint(tiny_config(".")) == "lower optim.learning_rate (now 0.05)"
 

@@ -219,7 +219,7 @@ PARTS = {
 
 @pytest.mark.parametrize("loss", list(PARTS))
 def test_every_method_trains_through_the_engine(loss):
-    ramp_free = {"loss.review_warmup_epochs": 0.0} if loss == "reviewkd" else {}  # a rising weight raises the loss
+    ramp_free = {"loss.reviewkd.warmup_epochs": 0.0} if loss == "reviewkd" else {}  # a rising weight raises the loss
     metrics, program = _train(loss, **ramp_free)
     assert np.all(np.isfinite(metrics["loss"])) and metrics["loss"][-1] < metrics["loss"][0]
     for part in PARTS[loss]:
@@ -237,11 +237,12 @@ def test_methods_on_an_mlp(loss):
 
 @pytest.mark.parametrize("loss", ["ab", "fsp"])
 def test_init_stage_methods_train_the_feature_loss_alone_then_plain_kd(loss):
-    """ab and fsp: while epoch < loss.init_epochs the total is <name>_weight x the feature loss; after it, CE + KL
-    exactly (RepDistiller's init stage)."""
-    metrics, _ = _train(loss, steps=3, **{"loss.init_epochs": 100.0, f"loss.{loss}_weight": 2.0})
+    """ab and fsp: while epoch < loss.<name>.init_epochs the total is loss.<name>.weight x the feature loss; after
+    it, CE + KL exactly (RepDistiller's init stage)."""
+    metrics, _ = _train(loss, steps=3, **{f"loss.{loss}.init_epochs": 100.0, f"loss.{loss}.weight": 2.0})
     np.testing.assert_allclose(metrics["loss"], 2.0 * metrics[loss], rtol=1e-6)
-    metrics, _ = _train(loss, steps=3, **{"loss.init_epochs": 0.0, "loss.ce_weight": 0.3, "loss.kd_weight": 0.7})
+    plain_kd = {f"loss.{loss}.init_epochs": 0.0, "loss.ce_weight": 0.3, "loss.kd_weight": 0.7}
+    metrics, _ = _train(loss, steps=3, **plain_kd)
     np.testing.assert_allclose(metrics["loss"], 0.3 * metrics["ce"] + 0.7 * metrics["kd"], rtol=1e-5)
     assert metrics[loss].max() > 0
 
@@ -249,13 +250,13 @@ def test_init_stage_methods_train_the_feature_loss_alone_then_plain_kd(loss):
 def test_ft_trains_the_paraphraser_alone_in_its_init_stage_then_freezes_it():
     """ft: while epoch < init_epochs the total is the paraphraser's reconstruction error and the student model does
     not move; after it, CE + KL + ft_weight x FT exactly, and the paraphraser does not move."""
-    no_decay = {"optim.weight_decay": 0.0, "loss.ce_weight": 0.3, "loss.kd_weight": 0.7, "loss.ft_weight": 5.0}
-    metrics, program, state = _run("ft", steps=3, **{"loss.init_epochs": 100.0, **no_decay})
+    no_decay = {"optim.weight_decay": 0.0, "loss.ce_weight": 0.3, "loss.kd_weight": 0.7, "loss.ft.weight": 5.0}
+    metrics, program, state = _run("ft", steps=3, **{"loss.ft.init_epochs": 100.0, **no_decay})
     np.testing.assert_allclose(metrics["loss"], metrics["reconstruction"], rtol=1e-6)
     start = program.variables["params"]
     assert _changed(start["projector"], state.params["projector"])  # the paraphraser learns
     assert not _changed(start["model"], state.params["model"])  # the student waits
-    metrics, program, state = _run("ft", steps=3, **{"loss.init_epochs": 0.0, **no_decay})
+    metrics, program, state = _run("ft", steps=3, **{"loss.ft.init_epochs": 0.0, **no_decay})
     want = 0.3 * metrics["ce"] + 0.7 * metrics["kd"] + 5.0 * metrics["ft"]
     np.testing.assert_allclose(metrics["loss"], want, rtol=1e-5)
     start = program.variables["params"]
@@ -304,7 +305,7 @@ def test_reviewkd_fuses_into_the_teachers_shapes_and_ramps_in():
     """The ABF chain maps resnet8's three stages and pooled features to resnet14's shapes; the review term's weight
     grows linearly over review_warmup_epochs."""
     metrics, program = _train(
-        "reviewkd", steps=4, **{"loss.review_warmup_epochs": 1.0, "loss.ce_weight": 0.3, "loss.kd_weight": 0.7}
+        "reviewkd", steps=4, **{"loss.reviewkd.warmup_epochs": 1.0, "loss.ce_weight": 0.3, "loss.kd_weight": 0.7}
     )
     ramp = np.arange(4) / 4.0  # epoch = step / 4: the 4 steps are one epoch here
     want = 0.3 * metrics["ce"] + 0.7 * metrics["kd"] + ramp * metrics["review"]
@@ -368,8 +369,8 @@ def test_boundary_and_sampled_images_do_what_they_claim():
 
 
 def test_mlkd_batch_invariant_reaches_the_loss():
-    """loss.mlkd_batch_invariant changes MLKD's first-step value (same weights, same batch) and nothing else of it."""
-    reference, _ = _train("mlkd", steps=1, **{"loss.mlkd_batch_invariant": False})
-    invariant, _ = _train("mlkd", steps=1, **{"loss.mlkd_batch_invariant": True})
+    """loss.mlkd.batch_invariant changes MLKD's first-step value (same weights, same batch) and nothing else of it."""
+    reference, _ = _train("mlkd", steps=1, **{"loss.mlkd.batch_invariant": False})
+    invariant, _ = _train("mlkd", steps=1, **{"loss.mlkd.batch_invariant": True})
     assert np.isfinite(invariant["mlkd"][0]) and invariant["mlkd"][0] != pytest.approx(reference["mlkd"][0], rel=1e-3)
     np.testing.assert_allclose(invariant["ce"], reference["ce"], rtol=1e-6)

@@ -54,6 +54,7 @@ from extkd_jax.experiment.results import (
 from extkd_jax.experiment.runs import (
     METHODS,
     check_equal_budgets,
+    check_explicit_knobs,
     experiment_student_config,
     grid_of,
     indexed_teacher_config,
@@ -67,6 +68,7 @@ from extkd_jax.experiment.runs import (
 from extkd_jax.experiment.scoring import Scorer
 from extkd_jax.experiment.selection import SELECTION_KEYS, SelectionPlan, kd_temperature
 from extkd_jax.experiment.selection import choose as _choose
+from extkd_jax.models.registry import import_modules
 from extkd_jax.train.config_checks import check_config
 from extkd_jax.train.lock import WorkdirLock
 from extkd_jax.train.loop import NonFiniteLossError, maybe_initialize_distributed, train_and_evaluate
@@ -88,8 +90,10 @@ class RunDiverged(NonFiniteLossError):
         super().__init__(f"{run}: {error}")
 
 
-def check_experiment(config: ml_collections.ConfigDict) -> tuple[str, ...]:
-    """The experiment's own checks, before anything runs; returns its methods."""
+def check_experiment(config: ml_collections.ConfigDict, command_line: str = "") -> tuple[str, ...]:
+    """The experiment's own checks, before anything runs; returns its methods. `command_line`: the flags it was
+    started with (a tuned knob set there is refused while a grid would override it)."""
+    import_modules(config.get("imports", ()), "imports")  # plug-ins register their methods (and models) first
     methods = methods_of(config)
     if not methods:
         raise ValueError(f"reproduce.methods is empty; expected some of {tuple(METHODS)}")
@@ -98,6 +102,7 @@ def check_experiment(config: ml_collections.ConfigDict) -> tuple[str, ...]:
     if not config.data.drop_classes:
         raise ValueError("data.drop_classes is empty: the experiment needs at least one class to drop")
     check_equal_budgets(config, methods)
+    check_explicit_knobs(config, methods, command_line)
     if any(len(grid_of(config, m)) > 1 for m in methods) and config.data.val_size == 0:
         raise ValueError(
             "choosing on validation needs a validation split: set data.val_size > 0 or give each "
@@ -186,7 +191,7 @@ def reproduce(
     t_start = time.time()
     maybe_initialize_distributed(config.distributed)  # before anything touches a JAX backend
     workdir = epath.Path(workdir)
-    methods = check_experiment(config)
+    methods = check_experiment(config, command_line)
     is_main = jax.process_index() == 0
     check_or_write_config(workdir, config, kind="reproduce", write=False)  # another experiment: refused, untouched
     prepared: dict[str, Datasets] = {}  # per data config: the teacher's, the transfer students', the curve's
@@ -290,7 +295,7 @@ def _reproduce(config, workdir, preset, command_line, methods, data_for, dataset
         try:
             if diverged_grid and not points:
                 raise RunDiverged("every grid value", "; ".join(diverged_grid.values()))
-            chosen, tie = _choose(points, float(config.loss[spec.knob])) if points else (grid[0] if grid else None, [])
+            chosen, tie = _choose(points, spec.knob_value(config.loss)) if points else (grid[0] if grid else None, [])
             finals = [
                 run(method, s, chosen, 0.0, False, t, k)
                 for k in (range(n_teachers) if spec.distils else (0,))

@@ -10,6 +10,8 @@ tunes it. With `reproduce.teacher_seeds` >= 2 each teacher k has its own seed an
 
 from __future__ import annotations
 
+import shlex
+
 import ml_collections
 
 from extkd_jax.methods.roles import (  # noqa: F401 - re-exported: the experiment's names
@@ -25,9 +27,9 @@ TEACHER_SEED_STEP = 1000  # teacher k of reproduce.teacher_seeds trains with see
 
 
 def uses_kd_temperature(method: str) -> bool:
-    """Built on KD's KL (every distilling method) without tuning its temperature: runs at the one chosen for KD."""
-    spec = METHODS[method]
-    return spec.distils and spec.knob != "temperature"
+    """Built on KD's KL (every distilling method) without tuning its temperature: runs at the one chosen for KD
+    (the method's `uses_kd_temperature`)."""
+    return METHODS[method].uses_kd_temperature
 
 
 def teacher_run(run: str, index: int = 0) -> str:
@@ -71,12 +73,16 @@ def methods_of(config: ml_collections.ConfigDict) -> tuple[str, ...]:
 
 
 def grid_of(config: ml_collections.ConfigDict, method: str) -> tuple[float, ...]:
-    """The values of `method`'s knob tried on validation; (current value,) when no grid is given."""
+    """The values of `method`'s knob tried on validation: `reproduce.grid.<method>`, or for a plug-in method the
+    config does not name, the grid it declares; (current value,) when no grid is given."""
     spec = METHODS[method]
     if spec.knob is None:
         return ()
-    grid = tuple(float(v) for v in config.reproduce.grid.get(method, ()) or ())
-    return grid or (float(config.loss[spec.knob]),)
+    if method in config.reproduce.grid:
+        grid = tuple(float(v) for v in config.reproduce.grid[method] or ())
+    else:
+        grid = tuple(float(v) for v in spec.grid) if isinstance(spec.grid, tuple) else ()
+    return grid or (spec.knob_value(config.loss),)
 
 
 def check_equal_budgets(config: ml_collections.ConfigDict, methods: tuple[str, ...]) -> None:
@@ -87,6 +93,20 @@ def check_equal_budgets(config: ml_collections.ConfigDict, methods: tuple[str, .
             f"unequal tuning budgets: grid sizes {sizes}; give every distilling method "
             "reproduce.grid.<method> of the same length"
         )
+
+
+def check_explicit_knobs(config: ml_collections.ConfigDict, methods: tuple[str, ...], command_line: str) -> None:
+    """Refuses a tuned knob set on the command line (`--config.loss.dkd.beta=2`) while the method's grid has more
+    than one value: the grid would override it silently. Either drop the flag or give the grid instead."""
+    flags = {a.split("=", 1)[0][len("--config.") :] for a in shlex.split(command_line) if a.startswith("--config.")}
+    for method in methods:
+        knob, grid = METHODS[method].knob, grid_of(config, method)
+        if knob is not None and f"loss.{knob}" in flags and len(grid) > 1:
+            raise ValueError(
+                f"--config.loss.{knob} sets the knob that `reproduce` tunes for {method!r} over "
+                f"reproduce.grid.{method}={grid}, which would override it; drop the flag, or set the grid "
+                f"instead (--config.reproduce.grid.{method}='(v,)', with one value for every method: equal budgets)"
+            )
 
 
 def run_name(

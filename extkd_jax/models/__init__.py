@@ -7,16 +7,12 @@ that view under `nnx.capture` (and sets train / eval mode); a model of one's own
 """
 
 from extkd_jax.models.bn_fold import fold_batchnorm
-from extkd_jax.models.connector import Connector, Margins, VidRegressor
-from extkd_jax.models.contrast import ContrastMemory
+from extkd_jax.models.connector import Connector
 from extkd_jax.models.forward import forward_with_segments
 from extkd_jax.models.registry import create_model, ensure_model, model_imports, model_names, register_model
 
 __all__ = [
     "Connector",
-    "ContrastMemory",
-    "Margins",
-    "VidRegressor",
     "create_model",
     "ensure_model",
     "fold_batchnorm",

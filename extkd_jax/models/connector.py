@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from extkd_jax.models.common import Buffer, batch_norm, conv, conv_transpose, linear
+from extkd_jax.models.common import batch_norm, conv, conv_transpose, linear
 
 
 class Connector(nnx.Module):
@@ -84,54 +84,3 @@ class Connector(nnx.Module):
             return x
         y = self.layer(x.astype(self.dtype))
         return y if self.bn is None else self.bn(y)
-
-
-class VidRegressor(nnx.Module):
-    """VID's regressor (Ahn et al. 2019, RepDistiller's form): three bias-free 1x1 convs (linear layers for vector
-    features), student channels -> teacher channels -> teacher channels -> teacher channels, ReLU between them,
-    predicting the mean of the teacher's feature; and `log_scale`, one learned value per teacher channel for the
-    variance (``softplus(log_scale) + eps``), initialised so that the variance starts at `init_log_scale`'s."""
-
-    def __init__(
-        self,
-        student_channels: int,
-        teacher_channels: int,
-        *,
-        spatial: bool,
-        init_log_scale: float,
-        rngs: nnx.Rngs,
-        dtype: Any = jnp.float32,
-    ):
-        def layer(i: int, o: int):
-            if spatial:
-                return conv(i, o, 1, rngs=rngs, dtype=dtype)
-            return nnx.Linear(i, o, use_bias=False, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
-
-        self.dtype = dtype
-        self.layers = nnx.List(
-            [layer(student_channels, teacher_channels), layer(teacher_channels, teacher_channels)]
-            + [layer(teacher_channels, teacher_channels)]
-        )
-        self.log_scale = nnx.Param(jnp.full((teacher_channels,), init_log_scale, jnp.float32))
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x = x.astype(self.dtype)
-        for k, layer in enumerate(self.layers):
-            x = layer(x) if k == 0 else layer(jax.nn.relu(x))
-        return x.astype(jnp.float32)
-
-
-class Margins(nnx.Module):
-    """Per-channel constants a loss reads (OFD's margins, one array per segment pair), kept as a `Buffer` so that
-    they travel with the student's statistics and checkpoints and receive no gradient."""
-
-    def __init__(self, margins: Sequence[jax.Array]):
-        self.sizes = tuple(int(m.shape[0]) for m in margins)
-        self.flat = Buffer(jnp.concatenate([jnp.asarray(m, jnp.float32) for m in margins]))
-
-    def values(self) -> list[jax.Array]:
-        out, start = [], 0
-        for size in self.sizes:
-            out.append(self.flat[...][start : start + size])
-            start += size
-        return out

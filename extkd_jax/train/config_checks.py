@@ -6,7 +6,7 @@ import math
 import numbers
 
 from extkd_jax.data.augment import parse_augment
-from extkd_jax.train.objectives import LOSS_NAMES, TEACHER_LOSSES
+from extkd_jax.methods import get_method, loss_names, method_names
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
 SCHEDULES = ("cosine", "step", "constant")
@@ -48,16 +48,48 @@ def _loss_weight(value, name: str) -> None:
 
 
 def loss_weights(loss) -> dict[str, float]:
-    """Every loss weight of a `loss` config block, by key (segment_weight's entries indexed)."""
-    out = {}
-    for key in sorted(loss.keys()):
-        if key.endswith("_weight") or key in ("dkd_alpha", "dkd_beta", "dist_beta", "dist_gamma"):
-            value = loss[key]
-            if isinstance(value, (tuple, list)):
-                out.update({f"loss.{key}[{i}]": v for i, v in enumerate(value)})
-            else:
-                out[f"loss.{key}"] = value
+    """Every loss weight of a `loss` config block, by key: the shared ones and each method's knobs of kind
+    "weight" (`loss.<method>.<knob>`; a tuple's entries indexed)."""
+    out = {f"loss.{key}": loss[key] for key in ("ce_weight", "kd_weight") if key in loss}
+    for name in method_names():
+        for key, kind in get_method(name).kinds.items():
+            if kind == "weight" and name in loss and key in loss[name]:
+                value = loss[name][key]
+                if isinstance(value, (tuple, list)):
+                    out.update({f"loss.{name}.{key}[{i}]": v for i, v in enumerate(value)})
+                else:
+                    out[f"loss.{name}.{key}"] = value
     return out
+
+
+def _knobs(loss) -> None:
+    """Each registered method's knobs (`loss.<method>.<knob>`) by the kind its method declares; a plug-in's
+    namespace, absent from the config, takes its method's defaults."""
+    for name in method_names():
+        method = get_method(name)
+        if not method.knobs:
+            continue
+        if name not in loss:
+            with loss.unlocked():
+                loss[name] = {**method.knobs}
+        for key, kind in method.kinds.items():
+            value, where = loss[name][key], f"loss.{name}.{key}"
+            if kind == "weight":
+                _loss_weight(value, where)
+            elif kind == "flag":
+                if not isinstance(value, bool):
+                    raise ConfigError(f"{where}={value!r}: expected True or False")
+            else:
+                _number(value, where, **KIND_RANGES[kind])
+
+
+KIND_RANGES = {
+    "positive": {"minimum": 0, "strict": True},
+    "nonnegative": {"minimum": 0},
+    "count": {"minimum": 1, "integer": True},
+    "steps": {"minimum": 0, "integer": True},
+    "fraction": {"minimum": 0, "maximum": 1},
+}
 
 
 def divergence_hint(config) -> str:
@@ -142,54 +174,13 @@ def check_config(config, mode: str) -> None:
     _model_kwargs(config.model.get("kwargs"), "model.kwargs")
     _model_kwargs(config.teacher.get("kwargs"), "teacher.kwargs")
     loss = config.loss
-    _choice(loss.name, "loss.name", LOSS_NAMES)
+    _choice(loss.name, "loss.name", loss_names())
     _number(loss.temperature, "loss.temperature", minimum=0, strict=True)
-    _number(loss.dkd_warmup_epochs, "loss.dkd_warmup_epochs", minimum=0)
     for key, value in loss_weights(loss).items():
         _loss_weight(value, key)
     _number(loss.label_smoothing, "loss.label_smoothing", minimum=0, maximum=1)
-    _number(loss.at_p, "loss.at_p", minimum=0, strict=True)
-    for key in ("mix_alpha", "feature_temperature", "cc_gamma", "vid_init_variance", "ft_rate"):
-        _number(loss[key], f"loss.{key}", minimum=0, strict=True)
-    for key in (
-        "srd_weight",
-        "crd_weight",
-        "adv_step_size",
-        "triplet_weight",
-        "triplet_margin",
-        "feature_weight",
-        "sample_weight",
-        "purf_weight",
-        "purf_sigma",
-        "relation_weight",
-        "ss_weight",
-        "pkt_weight",
-        "rkd_weight",
-        "sp_weight",
-        "cc_weight",
-        "nst_weight",
-        "dist_beta",
-        "dist_gamma",
-        "vid_weight",
-        "init_epochs",
-        "ab_weight",
-        "ab_margin",
-        "fsp_weight",
-        "ft_weight",
-        "review_weight",
-        "review_warmup_epochs",
-        "ofd_weight",
-        "contrast_weight",
-        "kdsvd_weight",
-    ):
-        _number(loss[key], f"loss.{key}", minimum=0)
-    _number(loss.adv_steps, "loss.adv_steps", minimum=0, integer=True)
-    _number(loss.embedding_size, "loss.embedding_size", minimum=1, integer=True)
-    _number(loss.contrast_negatives, "loss.contrast_negatives", minimum=1, integer=True)
-    _number(loss.contrast_dim, "loss.contrast_dim", minimum=1, integer=True)
-    _number(loss.kdsvd_k, "loss.kdsvd_k", minimum=1, integer=True)
-    _number(loss.contrast_temperature, "loss.contrast_temperature", minimum=0, strict=True)
-    _number(loss.contrast_momentum, "loss.contrast_momentum", minimum=0, maximum=1)
+    _number(loss.mix_alpha, "loss.mix_alpha", minimum=0, strict=True)
+    _knobs(loss)
     for key in ("segments", "teacher_segments"):
         for i in loss[key]:
             _number(i, f"loss.{key} entry", integer=True)
@@ -213,26 +204,31 @@ def check_config(config, mode: str) -> None:
     _choice(config.compute_dtype, "compute_dtype", COMPUTE_DTYPES)
     _choice(config.on_nonfinite, "on_nonfinite", ("stop", "skip"))
 
+    method = get_method(loss.name)
     if mode == "distill":
-        if loss.name not in TEACHER_LOSSES:
+        if "teacher" not in method.needs:
+            teacher_losses = tuple(n for n in loss_names() if "teacher" in get_method(n).needs)
             raise ConfigError(
-                f"loss.name={loss.name!r} uses no teacher; `distill` expects one of {TEACHER_LOSSES} "
+                f"loss.name={loss.name!r} uses no teacher; `distill` expects one of {teacher_losses} "
                 "(use `extkd train` for a student trained alone)"
             )
         if not config.teacher.workdir:
             raise ConfigError("teacher.workdir is empty: `distill` needs the workdir of a trained teacher")
         if config.teacher.name:
             _choice(config.teacher.name, "teacher.name", model_names())
-    elif mode == "train" and loss.name not in ("ce", "purf"):
+    elif mode == "train" and "teacher" in method.needs:
+        alone = tuple(n for n in loss_names() if "teacher" not in get_method(n).needs)
         raise ConfigError(
-            f"loss.name={loss.name!r} needs a teacher: use `extkd distill`, or loss.name='ce' (or 'purf') for "
-            "`extkd train`"
+            f"loss.name={loss.name!r} needs a teacher: use `extkd distill`, or one of {alone} for `extkd train`"
         )
-    if loss.name == "crd" and (data.pipeline == "stream" or data.placement == "sharded"):
+    if "positions" in method.needs and (data.pipeline == "stream" or data.placement == "sharded"):
         raise ConfigError(
-            f"loss.name='crd' keeps a memory row per transfer example and needs each batch's positions in the set: "
+            f"loss.name={loss.name!r} keeps a memory row per transfer example and needs each batch's positions in "
+            "the set: "
             f"data.pipeline={data.pipeline!r} / data.placement={data.placement!r} do not provide them; use "
             "data.pipeline='device' with data.placement='replicated' (or 'auto' on one host)"
         )
-    if loss.name == "mkd" and mix != "none":
-        raise ConfigError(f"loss.name='mkd' mixes its own inputs; data.augment={data.augment!r} mixes them again")
+    if "own_mixing" in method.needs and mix != "none":
+        raise ConfigError(
+            f"loss.name={loss.name!r} mixes its own inputs; data.augment={data.augment!r} mixes them again"
+        )

@@ -13,22 +13,9 @@ import numpy as np
 import optax
 from flax import nnx
 
-from extkd_jax import losses
 from extkd_jax.data.augment import parse_augment
-from extkd_jax.models import (
-    Connector,
-    ContrastMemory,
-    Margins,
-    VidRegressor,
-    create_model,
-    ensure_model,
-    fold_batchnorm,
-    forward_with_segments,
-)
-from extkd_jax.models.common import linear
-from extkd_jax.models.factor_transfer import Paraphraser, Translator
-from extkd_jax.models.review import ReviewFusion
-from extkd_jax.train.objectives import CONNECTOR_LOSSES, PREACT_LOSSES, SEGMENT_LOSSES
+from extkd_jax.methods import Build, get_method
+from extkd_jax.models import Connector, create_model, ensure_model, fold_batchnorm, forward_with_segments
 from extkd_jax.train.step import Network, Student, TrainState, make_train_step, split
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -55,21 +42,21 @@ def segment_shapes(model: nnx.Module, input_shape: tuple[int, ...], taps: str = 
 
 
 def segment_pairs(loss_config, num_student: int, num_teacher: int) -> tuple[tuple[int, int], ...]:
-    """(student_index, teacher_index) pairs a loss distils; () for logit-only losses."""
-    name = loss_config.name
-    if name not in SEGMENT_LOSSES:
+    """(student_index, teacher_index) pairs a loss distils, by its method's pairing; () for logit-only losses."""
+    name, pairing = loss_config.name, get_method(loss_config.name).pairing
+    if pairing == "none":
         return ()
     student_idx, teacher_idx = tuple(loss_config.segments), tuple(loss_config.teacher_segments)
     if not student_idx:
-        if num_student != num_teacher and not teacher_idx and name != "ft":
+        if num_student != num_teacher and not teacher_idx and pairing != "last":
             raise ValueError(
                 f"loss.name={name!r}: the student has {num_student} segments and the teacher {num_teacher}, and "
                 "no mapping was given; set loss.segments and loss.teacher_segments (equal-length index tuples)"
             )
-        if name == "ft":  # the last segments (RepDistiller's feat[-2]: the last stage, before pooling)
+        if pairing == "last":  # the last segments (RepDistiller's feat[-2]: the last stage, before pooling)
             student_idx, teacher_idx = (-1,), teacher_idx or (-1,)
         else:
-            student_idx = (num_student // 2,) if name == "fitnet" else tuple(range(num_student))  # at, mtkd_ssr: all
+            student_idx = (num_student // 2,) if pairing == "middle" else tuple(range(num_student))
     teacher_idx = teacher_idx or student_idx
     if len(student_idx) != len(teacher_idx):
         raise ValueError(f"loss.segments={student_idx} and loss.teacher_segments={teacher_idx} differ in length")
@@ -155,10 +142,10 @@ def build(
     dtype = DTYPES[config.compute_dtype]
     batch_shape = (2, *input_shape)
     model = build_model(config.model.name, config.model.kwargs, num_classes, config.seed, dtype)
-    pairs, extras = (), {}
+    pairs, extras, method = (), {}, get_method(config.loss.name)
     teacher_network, teacher_variables = teacher if teacher is not None else (None, None)
     if teacher is not None:
-        taps = "preact" if config.loss.name in PREACT_LOSSES else "segments"
+        taps = "preact" if "preact" in method.needs else "segments"
         teacher_model = teacher_network.graph.merge(teacher_variables)
         teacher_shapes = segment_shapes(teacher_model, batch_shape, taps)
         student_shapes = segment_shapes(model, batch_shape, taps)
@@ -169,8 +156,8 @@ def build(
         if config.teacher.fold_batchnorm:
             teacher_network, teacher_variables = fold_network(teacher_network, teacher_variables)
         teacher_network = dataclasses.replace(teacher_network, taps=taps)
-    elif config.loss.name == "ssd_kd":
-        raise ValueError("loss.name='ssd_kd' needs a teacher")
+    elif method.modules is not None and "teacher" in method.needs:  # its modules are sized from the teacher's
+        raise ValueError(f"loss.name={config.loss.name!r} needs a teacher")
     model_graph, _ = split(model)
     graph, variables = split(Student(model, **extras))
     student = Network(graph, mean, std, dtype)
@@ -202,80 +189,23 @@ def build(
     )
 
 
-class Head(nnx.Module):
-    """A classifier on a stage: global average pooling, then one linear layer (MTKD-SSR's stage heads)."""
-
-    def __init__(self, features: int, classes: int, *, rngs: nnx.Rngs, dtype):
-        self.linear = linear(features, classes, rngs=rngs, dtype=dtype)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.linear(x).astype(jnp.float32)
-
-
 def student_extras(
     config, num_classes: int, student_shapes, teacher_shapes, pairs, dtype, teacher_model=None, train_labels=None
 ) -> dict:
-    """The trainable modules a loss adds to the student (`Student`'s connectors, heads, projector), initialised
-    from a stream of their own so that adding them never changes the student's initial weights."""
+    """The trainable modules a method adds to the student (`Student`'s connectors, heads, projector): learned
+    connectors of its paired segments where it has them, then its own (`Method.modules`), initialised from a stream
+    of their own so that adding them never changes the student's initial weights."""
     rngs = nnx.Rngs(params=config.seed + CONNECTOR_SEED_OFFSET)
-    name, out = config.loss.name, {}
-    if name in CONNECTOR_LOSSES:
+    method, out = get_method(config.loss.name), {}
+    if method.connectors:
         out["connectors"] = [
             Connector(student_shapes[s][1:], teacher_shapes[t][1:], rngs=rngs, dtype=dtype) for s, t in pairs
         ]
-    student_dim, teacher_dim = student_shapes[-1][-1], teacher_shapes[-1][-1]  # penultimate features: channels
-    if name == "mtkd_ssr":
-        out["heads"] = [Head(shape[-1], num_classes, rngs=rngs, dtype=dtype) for shape in student_shapes]
-    elif name == "amkd":
-        out["projector"] = linear(student_dim, config.loss.embedding_size, rngs=rngs, dtype=dtype)
-    elif name == "pfkd":
-        out["projector"] = linear(student_dim, teacher_dim, rngs=rngs, dtype=dtype)
-    elif name == "ssd_kd":
-        out["projector"] = linear(student_dim, 4, rngs=rngs, dtype=dtype)  # the rotation head: 4 quarter turns
-    elif name == "ft":
-        ((s, t),) = pairs
-        if len(student_shapes[s]) != 4 or len(teacher_shapes[t]) != 4:
-            raise ValueError("loss.name='ft' needs feature maps (H, W, C): a segment of student or teacher is a vector")
-        rate = config.loss.ft_rate
-        out["connectors"] = [Translator(student_shapes[s][-1], teacher_shapes[t][-1], rate, rngs=rngs, dtype=dtype)]
-        out["projector"] = Paraphraser(teacher_shapes[t][-1], rate, rngs=rngs, dtype=dtype)
-    elif name == "ofd":
-        if not hasattr(teacher_model, "bn_before_relu"):
-            raise ValueError(
-                f"loss.name='ofd' needs the BN before each of the teacher's pre-activation taps; "
-                f"{type(teacher_model).__name__} does not name them (bn_before_relu); the CIFAR ResNets do"
-            )
-        bns = teacher_model.bn_before_relu()
-        out["projector"] = Margins([losses.ofd_margin(bns[t].scale[...], bns[t].bias[...]) for _, t in pairs])
-    elif name == "reviewkd":
-        if any(len(student_shapes[s]) != 4 or len(teacher_shapes[t]) != 4 for s, t in pairs):
-            raise ValueError("loss.name='reviewkd' needs feature maps (H, W, C): a paired segment is a vector")
-        student_channels = [student_shapes[s][-1] for s, _ in pairs] + [student_dim]
-        teacher_channels = [teacher_shapes[t][-1] for _, t in pairs] + [teacher_dim]
-        out["projector"] = ReviewFusion(student_channels, teacher_channels, rngs=rngs, dtype=dtype)
-    elif name == "crd":
-        if train_labels is None:
-            raise ValueError(
-                "loss.name='crd' needs the transfer set's labels (one memory row per example): only the device "
-                "pipeline (data.pipeline='device') provides them"
-            )
-        c = config.loss
-        out["projector"] = ContrastMemory(
-            student_dim, teacher_dim, train_labels, c.contrast_dim, rngs=rngs, dtype=dtype
+    if method.modules is not None:
+        build = Build(
+            config, num_classes, student_shapes, teacher_shapes, pairs, dtype, rngs, teacher_model, train_labels
         )
-    elif name == "vid":
-        init = losses.vid_log_scale(config.loss.vid_init_variance)
-        out["connectors"] = [
-            VidRegressor(
-                student_shapes[s][-1],
-                teacher_shapes[t][-1],
-                spatial=len(student_shapes[s]) == 4 and len(teacher_shapes[t]) == 4,
-                init_log_scale=init,
-                rngs=rngs,
-                dtype=dtype,
-            )
-            for s, t in pairs
-        ]
+        out.update(method.modules(build))
     return out
 
 

@@ -7,7 +7,7 @@ runs per step once it is jitted. ``images`` are pixel values (uint8, or float af
 normalises them with its own statistics (the student with those of its training set, the teacher with those it was
 trained with), so teacher and student see the same images, each as it was taught to. A batch-level mix
 (`data.augment` "+mixup" / "+cutmix") happens here, before both networks, and turns the labels into soft targets.
-The objectives themselves (what each `loss.name` computes) are in `train/objectives.py`.
+The objectives themselves (what each `loss.name` computes) are the methods' (extkd_jax/methods, by registry).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import optax
 from flax import nnx
 
 from extkd_jax.data.mixing import cutmix, mixup
+from extkd_jax.methods import get_method
 from extkd_jax.models import forward_with_segments
 from extkd_jax.models.common import STATE
 from extkd_jax.train import objectives
@@ -131,15 +132,14 @@ def make_train_step(
     """The pure step; without a teacher the objective must be `ce` or `purf`. `pairs`: (student, teacher)
     segments; `mix`: "none", "mixup" or "cutmix" (with `loss.mix_alpha`)."""
     mixers = {"mixup": mixup, "cutmix": cutmix}
-    taps = "preact" if loss_config.name in objectives.PREACT_LOSSES else "segments"
+    needs = get_method(loss_config.name).needs
+    taps = "preact" if "preact" in needs else "segments"
 
     def step(state: TrainState, teacher_variables, images, labels, key, indices=None):
         mix_key, objective_key, dropout_key = (
-            jax.random.split(key, 3)
-            if mix != "none" or loss_config.name in ("mkd", "amkd", "mismatch", "purf", "ssd_kd")
-            else (None, key, key)
+            jax.random.split(key, 3) if mix != "none" or "randomness" in needs else (None, key, key)
         )
-        if loss_config.name == "crd":  # its negatives are drawn with the objective's key: dropout gets its own
+        if "sampling" in needs:  # it draws (CRD's negatives) with the objective's key: dropout gets its own
             dropout_key = jax.random.fold_in(key, 1)
         images = jnp.asarray(images, jnp.float32)
         targets = jax.nn.one_hot(labels, num_classes)

@@ -1,4 +1,6 @@
-"""ReviewKD's attention-based fusion (Chen et al. 2021, mdistiller's `ABF`): the student's stage outputs, deepest
+"""ReviewKD (Chen et al. 2021, mdistiller's form) on top of KD.
+
+ReviewKD's attention-based fusion (Chen et al. 2021, mdistiller's `ABF`): the student's stage outputs, deepest
 first, each mapped to a middle width, fused with the upsampled result of the stage below it by a learned two-way
 attention, and mapped to the teacher's width and size; the fused maps are compared with the teacher's stages by
 the hierarchical context loss (`losses.hierarchical_context`).
@@ -13,6 +15,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from extkd_jax import losses
+from extkd_jax.methods.base import Build, Method
+from extkd_jax.methods.context import Context, pooled
 from extkd_jax.models.common import batch_norm, conv
 
 MAX_MIDDLE_CHANNELS = 512
@@ -69,3 +74,48 @@ class ReviewFusion(nnx.Module):
             y, residual = self.fusions[k](features[k], residual, out_sizes[k])
             out.insert(0, y)
         return out
+
+
+def _review(ctx: Context):
+    """The student's paired segments and its pooled features (a 1x1 map), fused deepest first by the ABF chain
+    (`Student.projector`), against the teacher's paired segments and pooled features by the hierarchical context
+    loss, x `loss.reviewkd.weight`, ramped in over `loss.reviewkd.warmup_epochs`."""
+    k = ctx.loss.reviewkd
+    logits, segments = ctx.student()
+    teacher_logits, teacher_segments = ctx.teacher()
+    kd_total, kd_parts = ctx.base(logits, teacher_logits)
+
+    def features(maps, idx):
+        return [maps[i] for i in idx] + [pooled(maps[-1])[:, None, None, :]]
+
+    student = features(segments, [s for s, _ in ctx.pairs])
+    teacher = features(teacher_segments, [t for _, t in ctx.pairs])
+    fusion = nnx.view(ctx.module.projector, use_running_average=False, raise_if_not_found=False)
+    review = losses.hierarchical_context(fusion(student, [t.shape[1] for t in teacher]), teacher)
+    ramp = jnp.minimum(1.0, ctx.epoch / k.warmup_epochs) if k.warmup_epochs > 0 else 1.0
+    return kd_total + ramp * k.weight * review, {**kd_parts, "review": review}, logits
+
+
+def _fusion(b: Build) -> dict:
+    if any(len(b.student_shapes[s]) != 4 or len(b.teacher_shapes[t]) != 4 for s, t in b.pairs):
+        raise ValueError("loss.name='reviewkd' needs feature maps (H, W, C): a paired segment is a vector")
+    student_channels = [b.student_shapes[s][-1] for s, _ in b.pairs] + [b.student_shapes[-1][-1]]
+    teacher_channels = [b.teacher_shapes[t][-1] for _, t in b.pairs] + [b.teacher_shapes[-1][-1]]
+    return {"projector": ReviewFusion(student_channels, teacher_channels, rngs=b.rngs, dtype=b.dtype)}
+
+
+REVIEWKD = Method(
+    "reviewkd",
+    "ReviewKD (Chen et al. 2021): KD + attention-fused student stages vs the teacher's",
+    family="zoo",
+    objective=_review,
+    # weight: mdistiller's default (its CIFAR-100 config: 5.0); it ramps up linearly over warmup_epochs
+    knobs={"weight": 1.0, "warmup_epochs": 1.0},
+    kinds={"weight": "weight", "warmup_epochs": "nonnegative"},
+    tune="weight",
+    grid=(0.1, 1.0),
+    needs=frozenset({"teacher", "feature_maps"}),
+    pairing="all",
+    modules=_fusion,
+    zoo=True,
+)

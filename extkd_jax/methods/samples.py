@@ -1,4 +1,4 @@
-"""The objectives on inputs they make: AMKD (boundary samples, a targeted attack on the teacher), KD under
+"""The methods on inputs they make: AMKD (boundary samples, a targeted attack on the teacher), KD under
 distribution mismatch (images sampled near the data, pushed towards a class by the teacher) and SSD-KD (rotated
 images, a rotation task)."""
 
@@ -9,7 +9,9 @@ import jax.numpy as jnp
 
 from extkd_jax import losses
 from extkd_jax.data.mixing import mixup, rotate90
-from extkd_jax.train.objective_context import Context, pooled
+from extkd_jax.methods.base import Build, Method
+from extkd_jax.methods.context import Context, pooled
+from extkd_jax.models.common import linear
 
 
 def boundary_samples(ctx: Context, steps: int, step_size: float):
@@ -39,17 +41,18 @@ def _amkd(ctx: Context):
     teacher (`boundary_samples`), KL on them, and a triplet margin keeping the student's embedding of a boundary
     sample (anchor) closer to its clean source (positive) than to a batch example of the attack's target class
     (negative; examples without one are masked)."""
+    k = ctx.loss.amkd
     logits, segments = ctx.student()
     total, parts = ctx.base(logits, ctx.teacher()[0])
-    adversarial, target = boundary_samples(ctx, ctx.loss.adv_steps, ctx.loss.adv_step_size)
+    adversarial, target = boundary_samples(ctx, k.adv_steps, k.adv_step_size)
     adv_logits, adv_segments = ctx.student(adversarial)
     adv_kd = losses.kd_kl(adv_logits, ctx.teacher(adversarial)[0], ctx.loss.temperature)
     embed = ctx.module.projector
     anchor, positive = embed(pooled(adv_segments[-1])), embed(pooled(segments[-1]))
     same = ctx.labels[None, :] == target[:, None]  # (anchor, candidate negative)
     negative = positive[jnp.argmax(same, axis=1)]
-    triplet = losses.triplet_margin(anchor, positive, negative, ctx.loss.triplet_margin, where=jnp.any(same, 1))
-    total = total + ctx.loss.kd_weight * adv_kd + ctx.loss.triplet_weight * triplet
+    triplet = losses.triplet_margin(anchor, positive, negative, k.triplet_margin, where=jnp.any(same, 1))
+    total = total + ctx.loss.kd_weight * adv_kd + k.triplet_weight * triplet
     return total, {**parts, "adv_kd": adv_kd, "triplet": triplet}, logits
 
 
@@ -76,18 +79,22 @@ def sampled_images(ctx: Context, steps: int, step_size: float):
 
 
 def _mismatch(ctx: Context):
+    """KD under distribution mismatch (LNCS 2021): KD + `sample_weight` x the teacher-confidence-weighted KL on
+    images sampled near the data (`sampled_images`)."""
+    k = ctx.loss.mismatch
     logits, _ = ctx.student()
     total, parts = ctx.base(logits, ctx.teacher()[0])
-    images, _, confidence = sampled_images(ctx, ctx.loss.adv_steps, ctx.loss.adv_step_size)
+    images, _, confidence = sampled_images(ctx, k.adv_steps, k.adv_step_size)
     sampled_logits, _ = ctx.student(images)
     sampled = losses.kd_kl(sampled_logits, ctx.teacher(images)[0], ctx.loss.temperature, weights=confidence)
-    return total + ctx.loss.sample_weight * sampled, {**parts, "sampled_kd": sampled}, logits
+    return total + k.sample_weight * sampled, {**parts, "sampled_kd": sampled}, logits
 
 
 def _ssd_kd(ctx: Context):
     """SSD-KD (Medical Image Analysis 2023, from its authors' code): logit KD, relational KD of the penultimate
     features (25 x RKD distance + 50 x RKD angle), and a self-supervised task: each image also seen turned by a
     random multiple of 90 degrees, the student predicting the turn (a linear head) and matching the teacher on it."""
+    k = ctx.loss.ssd_kd
     logits, segments = ctx.student()
     teacher_logits, teacher_segments = ctx.teacher()
     total, parts = ctx.base(logits, teacher_logits)
@@ -98,8 +105,53 @@ def _ssd_kd(ctx: Context):
     turned_logits, turned_segments = ctx.student(turned)
     rotation = losses.cross_entropy(ctx.module.projector(pooled(turned_segments[-1])), turns)
     turned_kd = losses.kd_kl(turned_logits, ctx.teacher(turned)[0], ctx.loss.temperature)
-    total = total + ctx.loss.relation_weight * relation + ctx.loss.ss_weight * (rotation + turned_kd)
+    total = total + k.relation_weight * relation + k.ss_weight * (rotation + turned_kd)
     return total, {**parts, "relation": relation, "rotation": rotation, "rotated_kd": turned_kd}, logits
 
 
-OBJECTIVES = {"amkd": _amkd, "mismatch": _mismatch, "ssd_kd": _ssd_kd}
+def _projector(size):
+    """A linear map of the student's penultimate features to `size(build)` outputs."""
+
+    def modules(b: Build) -> dict:
+        return {"projector": linear(b.student_shapes[-1][-1], size(b), rngs=b.rngs, dtype=b.dtype)}
+
+    return modules
+
+
+SAMPLING = frozenset({"teacher", "randomness"})
+ATTACK = {"adv_steps": "steps", "adv_step_size": "nonnegative"}  # attack steps, of this size in pixels
+AMKD = Method(
+    "amkd",
+    "AMKD (2020): KD on boundary samples + triplet margin on embeddings",
+    family="samples",
+    objective=_amkd,
+    knobs={"adv_steps": 5, "adv_step_size": 8.0, "triplet_weight": 1.0, "triplet_margin": 0.2, "embedding_size": 64},
+    kinds={**ATTACK, "triplet_weight": "weight", "triplet_margin": "nonnegative", "embedding_size": "count"},
+    tune="triplet_weight",
+    grid=(0.1, 1.0),
+    needs=SAMPLING,
+    modules=_projector(lambda b: b.knobs.embedding_size),  # margin on L2-normalised embeddings of this size
+)
+MISMATCH = Method(
+    "mismatch",
+    "KD under distribution mismatch (LNCS 2021): KD on images sampled near the data and classified well by the teacher",
+    family="samples",
+    objective=_mismatch,
+    knobs={"adv_steps": 5, "adv_step_size": 8.0, "sample_weight": 1.0},
+    kinds={**ATTACK, "sample_weight": "weight"},
+    tune="sample_weight",
+    grid=(0.3, 1.0),
+    needs=SAMPLING,
+)
+SSD_KD = Method(
+    "ssd_kd",
+    "SSD-KD (Medical Image Analysis 2023): KD + relational KD + a rotation task",
+    family="samples",
+    objective=_ssd_kd,
+    knobs={"relation_weight": 1.0, "ss_weight": 1.0},  # relational KD; the rotation task
+    kinds={"relation_weight": "weight", "ss_weight": "weight"},
+    tune="relation_weight",
+    grid=(0.1, 1.0),
+    needs=SAMPLING,
+    modules=_projector(lambda b: 4),  # the rotation head: 4 quarter turns
+)

@@ -1,4 +1,8 @@
-"""Factor transfer's trainable parts (Kim et al. 2018, RepDistiller's `Paraphraser` / `Translator`): 3x3 conv
+"""Factor transfer (Kim et al. 2018) as RepDistiller runs it, on the last segments: a paraphraser learns to
+reconstruct the teacher's map in an init stage; then KD + the factor transfer loss between the student's
+translator and the frozen paraphraser's code.
+
+Factor transfer's trainable parts (Kim et al. 2018, RepDistiller's `Paraphraser` / `Translator`): 3x3 conv
 stacks with LeakyReLU(0.1) that turn a feature map into a "factor" with `rate` x the teacher's channels.
 
 Choice (ours): the paraphraser's convs have no bias. It is trained in the init stage and then frozen (no gradient),
@@ -14,6 +18,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from extkd_jax import losses
+from extkd_jax.methods.base import Build, Method
+from extkd_jax.methods.context import Context
 from extkd_jax.models.common import batch_norm, conv, conv_transpose
 
 
@@ -74,3 +81,50 @@ class Translator(nnx.Module):
         for layer, bn in zip(self.convs, self.bns, strict=True):
             x = _leaky(bn(layer(x)))
         return x.astype(jnp.float32)
+
+
+def _ft(ctx: Context):
+    """For the first `loss.ft.init_epochs` epochs only the paraphraser learns, to reconstruct the teacher's map
+    (MSE); then KD + `loss.ft.weight` x the factor transfer loss between the translator's output and the
+    paraphraser's code, the paraphraser frozen (no gradient)."""
+    k = ctx.loss.ft
+    logits, segments = ctx.student()
+    teacher_logits, teacher_segments = ctx.teacher()
+    kd_total, kd_parts = ctx.base(logits, teacher_logits)
+    ((s, t),) = ctx.pairs
+    teacher_map = jax.lax.stop_gradient(teacher_segments[t].astype(jnp.float32))
+    code, reconstruction = ctx.module.projector(teacher_map)
+    rebuild = jnp.mean(jnp.square(reconstruction - teacher_map))
+    translator = nnx.view(ctx.module.connectors[0], use_running_average=False, raise_if_not_found=False)
+    ft = losses.factor_transfer(translator(segments[s]), jax.lax.stop_gradient(code))
+    total = jnp.where(ctx.epoch < k.init_epochs, rebuild, kd_total + k.weight * ft)
+    return total, {**kd_parts, "ft": ft, "reconstruction": rebuild}, logits
+
+
+def _modules(b: Build) -> dict:
+    ((s, t),) = b.pairs
+    if len(b.student_shapes[s]) != 4 or len(b.teacher_shapes[t]) != 4:
+        raise ValueError("loss.name='ft' needs feature maps (H, W, C): a segment of student or teacher is a vector")
+    rate, (student, teacher) = b.knobs.rate, (b.student_shapes[s][-1], b.teacher_shapes[t][-1])
+    return {
+        "connectors": [Translator(student, teacher, rate, rngs=b.rngs, dtype=b.dtype)],
+        "projector": Paraphraser(teacher, rate, rngs=b.rngs, dtype=b.dtype),
+    }
+
+
+FT = Method(
+    "ft",
+    "factor transfer (Kim et al. 2018): KD + factors of a translator against a paraphraser's",
+    family="zoo",
+    objective=_ft,
+    # weight: after its init stage (the paraphraser's, init_epochs); rate: the factor's channels, as a fraction of
+    # the teacher's last segment's
+    knobs={"weight": 200.0, "rate": 0.5, "init_epochs": 1.0},
+    kinds={"weight": "weight", "rate": "positive", "init_epochs": "nonnegative"},
+    tune="weight",
+    grid=(20.0, 200.0),
+    needs=frozenset({"teacher", "feature_maps"}),
+    pairing="last",
+    modules=_modules,
+    zoo=True,
+)

@@ -1,0 +1,88 @@
+"""The method registry (extkd_jax/methods): every built-in method is one registered object; the engine and
+`reproduce` name none of them; a method registered outside the package trains through `extkd reproduce`; each
+method's objective is unchanged by the move (values recomputed from the losses themselves)."""
+
+from __future__ import annotations
+
+import ast
+import pathlib
+
+import pytest
+
+from extkd_jax.methods import Method, get_method, loss_names, method_names, register_method, role_names
+from extkd_jax.methods.registry import builtin_names
+from tests.tiny import REPO_ROOT
+
+NOT_METHODS = {("metrics.py", "ab")}  # open()'s append mode, not the method
+ENGINE_FILES = [
+    *sorted((REPO_ROOT / "extkd_jax" / "train").glob("*.py")),
+    REPO_ROOT / "extkd_jax/experiment/reproduce.py",
+]
+
+
+def _strings(path: pathlib.Path):
+    """(line, value) of every string constant of a module that is not a docstring."""
+    tree = ast.parse(path.read_text())
+    docstrings = {
+        id(node.body[0].value)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Module | ast.FunctionDef | ast.ClassDef | ast.AsyncFunctionDef)
+        and node.body
+        and isinstance(node.body[0], ast.Expr)
+        and isinstance(node.body[0].value, ast.Constant)
+    }
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+            yield node.lineno, node.value
+
+
+@pytest.mark.parametrize("path", ENGINE_FILES, ids=lambda p: p.name)
+def test_the_engine_and_reproduce_name_no_method(path):
+    names = set(builtin_names())
+    found = []
+    for line, value in _strings(path):
+        quoted = [n for n in names if f"'{n}'" in value or f'"{n}"' in value]
+        if (value in names and (path.name, value) not in NOT_METHODS) or quoted:
+            found.append(f"{path.name}:{line}: {value!r}")
+    assert not found, "method names in the engine (ask the registry instead): " + "; ".join(found)
+
+
+def test_the_check_would_catch_a_method_name():
+    """The scan above sees a plain literal and a quoted name inside a message, and leaves docstrings alone."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = pathlib.Path(tmp) / "m.py"
+        path.write_text('"""crd"""\nif x == "crd":\n    raise ValueError("loss.name=\'dkd\' needs")\n')
+        assert [v for _, v in _strings(path)] == ["crd", "loss.name='dkd' needs"]
+
+
+def test_registry_names_and_errors():
+    assert len(role_names()) == 33 and {"ce", "purf"} <= set(loss_names()) - set(role_names())
+    assert set(builtin_names()) <= set(method_names())
+    with pytest.raises(ValueError, match=r"unknown method 'dkdd' \(did you mean 'dkd'\?\)"):
+        get_method("dkdd")
+    with pytest.raises(ValueError, match="already registered"):
+        register_method(get_method("kd"))
+    with pytest.raises(ValueError, match="neither 'temperature' nor one of its knobs"):
+        Method("x_bad", "bad", objective=lambda ctx: None, tune="weight")
+    with pytest.raises(ValueError, match="unknown need 'gpu'"):
+        Method("x_bad", "bad", objective=lambda ctx: None, needs=frozenset({"gpu"}))
+
+
+def test_every_method_owns_its_knobs_in_its_namespace():
+    """Each method's knobs are `loss.<name>.<knob>` in base's config, at its Method's defaults; the tuned knob and
+    the grid fit together; the shared KD terms stay shared."""
+    from extkd_jax.configs import base
+
+    c = base.get_config()
+    for name in method_names():
+        m = get_method(name)
+        if m.knobs:
+            assert dict(c.loss[name]) == dict(m.knobs), name
+        assert set(m.kinds) <= set(m.knobs)
+        if m.role and m.distils:
+            assert m.tune is not None and (m.grid in ("temperature", "init_stage") or len(m.grid) == 2), name
+    for shared in ("temperature", "ce_weight", "kd_weight", "label_smoothing", "segments", "teacher_segments"):
+        assert shared in c.loss
+    assert not [k for k in c.loss if k.endswith("_weight") and k not in ("ce_weight", "kd_weight")]
