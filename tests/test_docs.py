@@ -183,6 +183,34 @@ def method_row(name: str, method) -> str:
     return f"| `{name}` | {method.description} | {recipe} |"
 
 
+def loss_name_row() -> str:
+    """docs/config.md's `loss.name` row: every value the config check accepts (the registry's loss_names)."""
+    from extkd_jax.methods import get_method, loss_names
+
+    alone = [n for n in loss_names() if "teacher" not in get_method(n).needs]
+    names = ", ".join(f"`{n}`" for n in loss_names())
+    return (
+        f"| `loss.name` | ce | {names}: {', '.join(alone)} train from labels (a teacher, or a student without one), "
+        "the others distil ([methods](methods.md)) |"
+    )
+
+
+def knob_rows() -> list[str]:
+    """docs/config.md's table of each method's own knobs (`loss.<method>.<knob>`), its tuned knob and its grid."""
+    from extkd_jax.methods import get_method, method_names
+
+    rows = []
+    for name in method_names():
+        m = get_method(name)
+        if m.objective is None:
+            continue
+        knobs = ", ".join(f"`loss.{name}.{k}={v!r}`" for k, v in m.knobs.items()) or "-"
+        grid = {"temperature": "the preset's KD grid", "init_stage": "(0.1, 0.25) x num_epochs"}.get(m.grid, m.grid)
+        tuned = f"`loss.{m.knob}` over {grid}" if m.knob else "-"
+        rows.append(f"| `{name}` | {knobs} | {tuned} |")
+    return rows
+
+
 def _readme_methods() -> list[str]:
     return [m.group(1) for line in README.read_text().splitlines() if (m := METHOD_ROW.match(line))]
 
@@ -279,25 +307,30 @@ def test_claim_cells_recompute_from_the_runs():
 
 
 def test_the_readme_method_table_is_the_method_list():
-    """One row per method of `extkd reproduce` (extkd_jax.methods.roles.METHODS), in its order, each with its
-    description and a link to its reference recipe."""
-    from extkd_jax.methods.roles import METHODS
+    """One row per method of `extkd reproduce` (the registry's role_names, built-in ones), in its order, each with
+    its description and a link to its reference recipe."""
+    from extkd_jax.methods import get_method
+    from extkd_jax.methods.registry import builtin_names, role_names
 
-    assert _readme_methods() == list(METHODS)
+    roles = [n for n in role_names() if n in builtin_names()]
+    assert _readme_methods() == roles
     text = README.read_text()
-    for name, method in METHODS.items():
-        assert method_row(name, method) in text.splitlines(), name
+    for name in roles:
+        assert method_row(name, get_method(name)) in text.splitlines(), name
 
 
-def test_the_loss_name_list_is_the_engine_list():
-    """docs/config.md's `loss.name` row names every loss the config check accepts, and nothing else."""
-    from extkd_jax.train.objectives import LOSS_NAMES
+def test_the_loss_name_list_is_the_registry_list():
+    """docs/config.md's `loss.name` row names every loss the config check accepts (the registry's), and nothing
+    else; its knob table is each method's own knobs, defaults, tuned knob and grid."""
+    from extkd_jax.methods import loss_names
 
-    row = next(
-        line for line in (REPO_ROOT / "docs" / "config.md").read_text().splitlines() if "| `loss.name` |" in line
-    )
+    lines = (REPO_ROOT / "docs" / "config.md").read_text().splitlines()
+    row = next(line for line in lines if "| `loss.name` |" in line)
     listed = re.findall(r"`(\w+)`", row.split("|")[3])
-    assert listed == list(LOSS_NAMES), (listed, LOSS_NAMES)
+    assert listed == list(loss_names()), (listed, loss_names())
+    assert row == loss_name_row()
+    for knob_row in knob_rows():
+        assert knob_row in lines, knob_row
 
 
 def test_the_readme_quotes_the_number_of_fault_tests():
@@ -319,7 +352,9 @@ if __name__ == "__main__":  # the generated lines, to paste: the index rows, the
     print(index_table())
     for line, _ in _claim_rows():
         print(claim_cells(line))
-    from extkd_jax.methods.roles import METHODS
+    from extkd_jax.methods import get_method, role_names
 
-    for name, method in METHODS.items():
-        print(method_row(name, method))
+    print(loss_name_row())
+    print("\n".join(knob_rows()))
+    for name in role_names():
+        print(method_row(name, get_method(name)))
