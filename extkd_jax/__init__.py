@@ -7,6 +7,8 @@ The Python API (the training extras; imported when first used):
     extkd_jax.train(config, workdir)      trains (loss.name 'ce') or distils (a teacher loss) one model
     extkd_jax.reproduce(config, workdir)  the dark-knowledge experiment of an experiment preset
     extkd_jax.load(workdir)               the trained model, callable on raw images; `model.apply` is pure
+    extkd_jax.register_method(method)     adds a KD method of one's own (an extkd_jax.methods.Method; see
+                                          examples/custom_method.py); `config.imports` names its module
 """
 
 from __future__ import annotations
@@ -34,6 +36,10 @@ def __getattr__(name: str):
 
     if name in ("train", "configs"):  # subpackages; `extkd_jax.train` is callable (extkd_jax/train/__init__.py)
         return importlib.import_module(f"{__name__}.{name}")
+    if name in ("register_method", "Method"):  # the method registry (extkd_jax/methods): a plug-in's entry point
+        from extkd_jax import methods
+
+        return getattr(methods, name)
     if name == "reproduce":
         from extkd_jax.api import reproduce
 

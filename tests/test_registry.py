@@ -5,7 +5,12 @@ method's objective is unchanged by the move (values recomputed from the losses t
 from __future__ import annotations
 
 import ast
+import json
+import os
 import pathlib
+import shutil
+import subprocess
+import sys
 
 import pytest
 
@@ -86,3 +91,59 @@ def test_every_method_owns_its_knobs_in_its_namespace():
     for shared in ("temperature", "ce_weight", "kd_weight", "label_smoothing", "segments", "teacher_segments"):
         assert shared in c.loss
     assert not [k for k in c.loss if k.endswith("_weight") and k not in ("ce_weight", "kd_weight")]
+
+
+@pytest.mark.slow
+def test_a_method_defined_outside_the_package_runs_through_reproduce(tmp_path):
+    """examples/custom_method.py, copied to a folder outside the checkout, is named in config.imports of an
+    `extkd reproduce` started from there: its method is tuned on its own grid and reported in results.json, and the
+    workdir records the import for a rerun (which then finds every run done)."""
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    shutil.copy(REPO_ROOT / "examples" / "custom_method.py", plugins / "custom_method.py")
+    workdir = tmp_path / "experiment"
+    paths = [str(plugins), str(REPO_ROOT), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join(paths))
+    args = [
+        sys.executable,
+        "-m",
+        "extkd_jax.cli",
+        "reproduce",
+        "--config=smoke",
+        f"--workdir={workdir}",
+        "--config.imports=('custom_method',)",
+        "--config.reproduce.methods=('kd', 'cosine_kd')",
+        "--config.reproduce.primary=('cosine_kd', 'kd')",
+        "--config.seeds=1",
+    ]
+    run = subprocess.run(args, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = json.loads((workdir / "results.json").read_text())
+    assert set(results["methods"]) == {"kd", "cosine_kd"}
+    method = results["methods"]["cosine_kd"]
+    assert method["knob"] == "cosine_kd.weight" and sorted(g["value"] for g in method["grid"]) == [0.5, 2.0], method
+    assert method["chosen"] in (0.5, 2.0)
+    assert json.loads((workdir / "config.json").read_text())["config"]["imports"] == ["custom_method"]
+    # a rerun in a new process: the recorded import registers the method again; nothing trains twice
+    rerun = subprocess.run(args, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    again = json.loads((workdir / "results.json").read_text())["methods"]["cosine_kd"]
+    assert again["chosen"] == method["chosen"] and again["runs"] == method["runs"]
+
+
+def test_a_tuned_knob_set_on_the_command_line_is_refused_while_a_grid_would_override_it():
+    from extkd_jax.configs import base
+    from extkd_jax.experiment.runs import check_explicit_knobs
+
+    config = base.get_config()
+    config.reproduce.grid.dkd = (2.0, 8.0)
+    line = "extkd reproduce --config=smoke --config.loss.dkd.beta=2"
+    with pytest.raises(ValueError, match=r"--config.loss.dkd.beta sets the knob .* reproduce.grid.dkd=\(2.0, 8.0\)"):
+        check_explicit_knobs(config, ("kd", "dkd"), line)
+    check_explicit_knobs(config, ("kd", "dkd"), "extkd reproduce --config.loss.dkd.alpha=2")  # not the tuned knob
+    check_explicit_knobs(config, ("kd", "fitnet"), line)  # dkd is not compared
+    config.reproduce.grid.dkd = ()  # no grid: the flag's value is the one run
+    check_explicit_knobs(config, ("kd", "dkd"), line)
+    config.reproduce.grid.kd = (2.0, 4.0)  # the shared temperature is KD's tuned knob
+    with pytest.raises(ValueError, match="loss.temperature"):
+        check_explicit_knobs(config, ("kd",), "extkd reproduce '--config.loss.temperature=3'")

@@ -68,6 +68,7 @@ from extkd_jax.experiment.runs import (
 from extkd_jax.experiment.scoring import Scorer
 from extkd_jax.experiment.selection import SELECTION_KEYS, SelectionPlan, kd_temperature
 from extkd_jax.experiment.selection import choose as _choose
+from extkd_jax.methods.registry import with_method_knobs
 from extkd_jax.models.registry import import_modules
 from extkd_jax.train.config_checks import check_config
 from extkd_jax.train.lock import WorkdirLock
@@ -94,6 +95,7 @@ def check_experiment(config: ml_collections.ConfigDict, command_line: str = "") 
     """The experiment's own checks, before anything runs; returns its methods. `command_line`: the flags it was
     started with (a tuned knob set there is refused while a grid would override it)."""
     import_modules(config.get("imports", ()), "imports")  # plug-ins register their methods (and models) first
+    with_method_knobs(config.loss)
     methods = methods_of(config)
     if not methods:
         raise ValueError(f"reproduce.methods is empty; expected some of {tuple(METHODS)}")

@@ -3,7 +3,7 @@
 
 Every distilling method has one main knob, tuned on validation images of the seen classes over a grid of the
 same size for every method (`reproduce.grid.<method>`); scratch students have none. Every distilling objective has
-KD's temperature in its KL (train/objectives.py reads `loss.temperature` in each): the methods that do not tune it
+KD's temperature in its KL (each method's objective reads `loss.temperature`): the methods that do not tune it
 run at the temperature chosen for KD (`uses_kd_temperature`), so that no method is held to the preset's while KD
 tunes it. With `reproduce.teacher_seeds` >= 2 each teacher k has its own seed and its own students.
 """

@@ -2,7 +2,7 @@
 against a memory bank, the NCE loss on them, the momentum update of the bank and the sampling of negatives.
 
 The memory banks, embedding heads and normalisation constants are the caller's state (extkd_jax keeps them in the
-student-side state, `models.ContrastMemory`); these functions only compute. RepDistiller's `crd` (its
+student-side state, `methods.crd.ContrastMemory`); these functions only compute. RepDistiller's `crd` (its
 `ContrastMemory` and `ContrastLoss`) is the reference read; the formulas are the paper's. The loss, crd_nce, takes
 ``where`` / ``weights`` / ``reduction``; every function computes and returns float32 whatever the input dtype.
 """

@@ -76,3 +76,13 @@ def builtin_names() -> tuple[str, ...]:
     """The methods of the package itself (not plug-ins)."""
     _load_builtins()
     return tuple(n for n in _METHODS if n in _BUILTIN)
+
+
+def with_method_knobs(loss_config) -> None:
+    """Adds to a `loss` config block the namespace `loss.<name>` of every registered method that has knobs and
+    lacks it (a plug-in's, registered after the config was made), at the method's defaults."""
+    for name in method_names():
+        method = _METHODS[name]
+        if method.knobs and name not in loss_config:
+            with loss_config.unlocked():
+                loss_config[name] = {**method.knobs}

@@ -7,6 +7,7 @@ import numbers
 
 from extkd_jax.data.augment import parse_augment
 from extkd_jax.methods import get_method, loss_names, method_names
+from extkd_jax.methods.registry import with_method_knobs
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
 SCHEDULES = ("cosine", "step", "constant")
@@ -65,13 +66,9 @@ def loss_weights(loss) -> dict[str, float]:
 def _knobs(loss) -> None:
     """Each registered method's knobs (`loss.<method>.<knob>`) by the kind its method declares; a plug-in's
     namespace, absent from the config, takes its method's defaults."""
+    with_method_knobs(loss)
     for name in method_names():
         method = get_method(name)
-        if not method.knobs:
-            continue
-        if name not in loss:
-            with loss.unlocked():
-                loss[name] = {**method.knobs}
         for key, kind in method.kinds.items():
             value, where = loss[name][key], f"loss.{name}.{key}"
             if kind == "weight":
