@@ -292,7 +292,7 @@ def test_the_kd_zoo_in_one_smoke_experiment(tmp_path, capsys):
         m = results["methods"][name]
         assert len(m["grid"]) == 2 and np.isfinite(m["runs"][0]["test_acc"])
         config = json.loads((tmp_path / "runs" / name / "seed_0" / "config.json").read_text())["config"]
-        assert config["loss"]["name"] == METHODS[name].loss
+        assert config["loss"]["name"] == METHODS[name].loss_name
     assert {(c["method"], c["baseline"]) for c in results["comparisons"]} >= {(m, "kd") for m in zoo}
 
 

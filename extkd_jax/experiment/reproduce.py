@@ -309,7 +309,15 @@ def _reproduce(config, workdir, preset, command_line, methods, data_for, dataset
             continue
         run_configs[method] = finals[0][1]
         results_by_method[method] = MethodResult(
-            method, spec.loss, spec.description, spec.knob, chosen, tie, points, [r for r, _ in finals], diverged_grid
+            method,
+            spec.loss_name,
+            spec.description,
+            spec.knob,
+            chosen,
+            tie,
+            points,
+            [r for r, _ in finals],
+            diverged_grid,
         )
     curve = _curve(config, results_by_method, run, diverged, shared_t)
     drop = [int(c) for c in datasets.drop_classes]
