@@ -15,16 +15,13 @@ _BUILTIN: set[str] = set()
 
 
 def _load_builtins() -> None:
-    """Registers the package's methods (methods/builtin.py), before any plug-in's."""
+    """Registers the package's methods (methods/builtin.py) on first use: before any plug-in's, since
+    `register_method` calls this first."""
     if not _LOADED:
         _LOADED.append(True)
-        plugins = dict(_METHODS)
-        _METHODS.clear()
         for method in importlib.import_module("extkd_jax.methods.builtin").BUILTIN:
             _METHODS[method.name] = method
         _BUILTIN.update(_METHODS)
-        for method in plugins.values():
-            register_method(method)
 
 
 def register_method(method: Method, *, replace: bool = False) -> Method:
