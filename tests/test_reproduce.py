@@ -342,17 +342,17 @@ def test_a_diverging_method_is_reported_and_the_others_go_on(tmp_path, capsys, m
     kd_t = results["temperature"]["value"]  # KD's choice: named in the runs' paths where not the preset's (8)
     at_t = "" if kd_t == 8.0 else f"temperature={kd_t:g}/"
     assert ext["diverged_grid"]["1e+12"].startswith(
-        f"selection/extended_kd/{at_t}segment_weight=1e+12/seed_1: non-finite"
+        f"selection/extended_kd/{at_t}extended_kd.weight=1e+12/seed_1: non-finite"
     )
     assert list(results["diverged"]) == ["fitnet"]
     error = results["diverged"]["fitnet"]
-    assert error.startswith(f"every grid value: selection/fitnet/{at_t}segment_weight=1e+12/seed_1: non-finite loss")
-    assert f"selection/fitnet/{at_t}segment_weight=5e+11/seed_1: non-finite" in error
-    assert (tmp_path / f"selection/fitnet/{at_t}segment_weight=5e+11/seed_1/diverged.txt").read_text() in error
+    assert error.startswith(f"every grid value: selection/fitnet/{at_t}fitnet.weight=1e+12/seed_1: non-finite loss")
+    assert f"selection/fitnet/{at_t}fitnet.weight=5e+11/seed_1: non-finite" in error
+    assert (tmp_path / f"selection/fitnet/{at_t}fitnet.weight=5e+11/seed_1/diverged.txt").read_text() in error
     assert {(c["method"], c["baseline"]) for c in results["comparisons"]} == {("extended_kd", "kd")}
     report = (tmp_path / "report.md").read_text()
     assert "- **fitnet**: diverged" in report and "no figures): fitnet." in report
-    assert "| 1e+12 | diverged | - | - |  |" in report and "segment_weight=1e+12 diverged: selection/" in report
+    assert "| 1e+12 | diverged | - | - |  |" in report and "extended_kd.weight=1e+12 diverged: selection/" in report
     assert readme_table_of(tmp_path).splitlines()[-3] == "| fitnet | diverged | - | - | - |"
 
     trained = []
