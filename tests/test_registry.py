@@ -67,6 +67,13 @@ def test_registry_names_and_errors():
     assert set(builtin_names()) <= set(method_names())
     with pytest.raises(ValueError, match=r"unknown method 'dkdd' \(did you mean 'dkd'\?\)"):
         get_method("dkdd")
+    from extkd_jax.configs import base
+    from extkd_jax.train.config_checks import ConfigError, check_config
+
+    config = base.get_config()
+    config.loss.name = "dkdd"
+    with pytest.raises(ConfigError, match=r"loss.name='dkdd' \(did you mean 'dkd'\?\): expected one of"):
+        check_config(config, "distill")
     with pytest.raises(ValueError, match="already registered"):
         register_method(get_method("kd"))
     with pytest.raises(ValueError, match="neither 'temperature' nor one of its knobs"):

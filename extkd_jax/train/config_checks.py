@@ -7,7 +7,7 @@ import numbers
 
 from extkd_jax.data.augment import parse_augment
 from extkd_jax.methods import get_method, loss_names, method_names
-from extkd_jax.methods.registry import with_method_knobs
+from extkd_jax.methods.registry import did_you_mean, with_method_knobs
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
 SCHEDULES = ("cosine", "step", "constant")
@@ -129,7 +129,8 @@ def _leaves(value):
 
 def _choice(value, name: str, choices) -> None:
     if value not in choices:
-        raise ConfigError(f"{name}={value!r}: expected one of {tuple(choices)}")
+        hint = did_you_mean(value, choices) if isinstance(value, str) else ""
+        raise ConfigError(f"{name}={value!r}{hint}: expected one of {tuple(choices)}")
 
 
 def check_config(config, mode: str) -> None:
