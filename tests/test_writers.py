@@ -1,15 +1,18 @@
 """Metric writers: per-step scalars at the global step in TensorBoard's event files (read back with tensorboard's
 own EventAccumulator) equal to scalars.jsonl and to the epoch means of metrics.jsonl; the hparams record; the resume
-cut; Weights & Biases through a fake `wandb` module (the package is not installed here)."""
+cut; Weights & Biases through a fake `wandb` module (what the engine calls), and the real package in its offline
+mode (the test extra installs it), read back from its run file."""
 
 from __future__ import annotations
 
 import json
+import struct
 import sys
 import types
 
 import numpy as np
 import pytest
+from etils import epath
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
@@ -185,3 +188,53 @@ def test_jsonl_and_tensorboard_writers_are_metric_writers(tmp_path):
     assert isinstance(JsonlWriter(tmp_path), MetricWriter)
     assert isinstance(TensorBoardWriter(tmp_path / "tb"), MetricWriter)
     assert loop.metric_settings(tiny_config(tmp_path))[:2] == (("jsonl", "tensorboard"), 50)
+
+
+def _wandb_records(path) -> list[bytes]:
+    """The records of a `.wandb` file: a 7-byte header (":W&B", magic, version), then LevelDB-log chunks in 32 KiB
+    blocks (crc32c, little-endian length, type FULL=1 / FIRST=2 / MIDDLE=3 / LAST=4)."""
+    data, pos, out, part = path.read_bytes(), 7, [], b""
+    assert data[:4] == b":W&B", data[:7]
+    while pos + 7 <= len(data):
+        left = 32768 - pos % 32768
+        if left < 7:  # the block's tail is padding
+            pos += left
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        part += data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):
+            out.append(part)
+            part = b""
+    return out
+
+
+def test_the_wandb_writer_logs_offline_into_a_run_file_of_its_workdir(tmp_path, monkeypatch):
+    """The real wandb package in its offline mode: the scalars at their steps and the hparams, read back from the
+    run's `.wandb` file (the records `wandb sync` would upload)."""
+    pytest.importorskip("wandb")
+    from wandb.proto import wandb_internal_pb2
+
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    workdir = epath.Path(tmp_path / "w")
+    workdir.mkdir()
+    writers = make_writers(("wandb",), workdir, settings={"wandb_mode": "offline", "wandb_project": "extkd_test"})
+    writers.write_hparams({"loss.name": "kd", "optim.learning_rate": 0.1})
+    for step in (1, 2, 5):
+        writers.write_scalars(step, {"train_step/loss": 1.0 / step})
+    writers.close()
+
+    (run_file,) = (tmp_path / "w" / "wandb").glob("offline-run-*/run-*.wandb")
+    assert run_file.name == f"run-{(workdir / 'wandb_run_id').read_text().strip()}.wandb"
+    history, config = {}, {}
+    for data in _wandb_records(run_file):
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(data)
+        kind = record.WhichOneof("record_type")
+        if kind == "history":
+            items = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item}
+            history[items["_step"]] = items
+        elif kind == "config":
+            config.update({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.config.update})
+    assert {s: h["train_step/loss"] for s, h in history.items()} == pytest.approx({1: 1.0, 2: 0.5, 5: 0.2})
+    assert config["loss.name"] == "kd" and config["optim.learning_rate"] == 0.1
