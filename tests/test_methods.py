@@ -219,7 +219,8 @@ PARTS = {
 
 @pytest.mark.parametrize("loss", list(PARTS))
 def test_every_method_trains_through_the_engine(loss):
-    ramp_free = {"loss.reviewkd.warmup_epochs": 0.0} if loss == "reviewkd" else {}  # a rising weight raises the loss
+    # a rising weight raises the loss
+    ramp_free = {f"loss.{loss}.warmup_fraction": 0.0} if loss in ("reviewkd", "dkd") else {}
     metrics, program = _train(loss, **ramp_free)
     assert np.all(np.isfinite(metrics["loss"])) and metrics["loss"][-1] < metrics["loss"][0]
     for part in PARTS[loss]:
@@ -303,11 +304,10 @@ def test_ofd_reads_pre_activation_taps_and_the_teachers_bn_margins():
 
 def test_reviewkd_fuses_into_the_teachers_shapes_and_ramps_in():
     """The ABF chain maps resnet8's three stages and pooled features to resnet14's shapes; the review term's weight
-    grows linearly over review_warmup_epochs."""
-    metrics, program = _train(
-        "reviewkd", steps=4, **{"loss.reviewkd.warmup_epochs": 1.0, "loss.ce_weight": 0.3, "loss.kd_weight": 0.7}
-    )
-    ramp = np.arange(4) / 4.0  # epoch = step / 4: the 4 steps are one epoch here
+    grows linearly over the first `warmup_fraction` of the run."""
+    overrides = {"num_epochs": 2, "loss.reviewkd.warmup_fraction": 0.5, "loss.ce_weight": 0.3, "loss.kd_weight": 0.7}
+    metrics, program = _train("reviewkd", steps=4, **overrides)
+    ramp = np.arange(4) / 4.0  # epoch = step / 4 (4 steps per epoch here), warm-up over 0.5 x 2 = 1 epoch
     want = 0.3 * metrics["ce"] + 0.7 * metrics["kd"] + ramp * metrics["review"]
     np.testing.assert_allclose(metrics["loss"], want, rtol=1e-5)
     fusion = program.student.graph.merge(program.variables).projector

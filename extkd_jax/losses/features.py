@@ -172,6 +172,10 @@ def attention_transfer(
       where, weights, reduction: see the module docstring.
 
     Per example: ``sum over pairs of mean over positions of (a_s - a_t)^2``, ``a`` the L2-normalised map.
+
+    Deviation, declared: RepDistiller and the authors' code raise the signed map, ``f.pow(p)``; ours raises
+    ``|f|``. The two agree for p = 2 (the default), for every even p and on non-negative maps (post-ReLU
+    segments); for odd or fractional p on signed maps theirs changes sign or is NaN, ours is defined.
     """
     fn = "attention_transfer"
     _check_positive(fn, "p", p)

@@ -281,8 +281,10 @@ def ofd(
     """OFD's partial L2 (Heo et al. 2019, mdistiller's form) between the student's pre-activation (through a
     connector) and the teacher's, the teacher's negative values raised to the per-channel `margin`: per example,
     the sum over positions and channels of ``(s - m)^2`` where ``s > m >= t``, ``(s - t)^2`` where ``s > t`` and
-    ``m < t <= 0``, and ``(s - t)^2`` where ``t > 0``. The larger map is pooled to the smaller.
-    Takes ``where``, ``weights``, ``reduction``."""
+    ``m < t <= 0``, and ``(s - t)^2`` where ``t > 0``. The larger map is pooled to the smaller. Deviation,
+    declared: when the student's map is the larger, mdistiller resizes the teacher's map up to the student's
+    (`F.interpolate`); ours pools the student's down, as RepDistiller's FSP and VID do. Equal sizes, the
+    model pairs of our presets, are unaffected. Takes ``where``, ``weights``, ``reduction``."""
     fn = "ofd"
     s = _features(fn, "student_feat", student_feat, where)
     t = jax.lax.stop_gradient(_features(fn, "teacher_feat", teacher_feat, where))

@@ -79,6 +79,7 @@ class Method:
     augment: str = ""  # reproduce: appended to data.augment, e.g. "+mixup"
     teacher: str = "teacher"  # reproduce: the experiment's teacher run it distils from
     zoo: bool = False  # one of the standard KD baselines (RepDistiller / mdistiller), compared by `with_zoo`
+    reads_temperature: bool = True  # its objective reads the shared `loss.temperature` (LS-KD has its own)
 
     def __post_init__(self):
         if not self.name.isidentifier():
@@ -127,5 +128,6 @@ class Method:
 
     @property
     def uses_kd_temperature(self) -> bool:
-        """A distilling method that does not tune the temperature runs at the one chosen for KD (issue 22)."""
-        return self.distils and self.tune != "temperature"
+        """A distilling method that reads the shared temperature and does not tune it runs at the one chosen for KD
+        (issue 22)."""
+        return self.distils and self.tune != "temperature" and self.reads_temperature

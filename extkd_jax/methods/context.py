@@ -37,6 +37,7 @@ class Context:
     run_teacher: Callable | None  # pixel images -> (logits, segments), frozen
     teacher_logits_fn: Callable | None  # pixel images -> logits (differentiable in the images: attacks)
     indices: jax.Array | None = None  # the batch's positions in the transfer set (device pipeline), for crd
+    num_epochs: float = 0.0  # the run's length, for warm-ups given as a share of it (0: unknown, no warm-up)
     _cache: dict = dataclasses.field(default_factory=dict)
 
     def student(self, images: jax.Array | None = None):
@@ -60,6 +61,13 @@ class Context:
         """ce_weight * CE + kd_weight * T^2 KL, and the two parts."""
         ce, kd = self.ce(logits), losses.kd_kl(logits, teacher_logits, self.loss.temperature)
         return self.loss.ce_weight * ce + self.loss.kd_weight * kd, {"ce": ce, "kd": kd}
+
+    def warmup(self, fraction: float) -> jax.Array | float:
+        """A weight that rises linearly from 0 to 1 over the first `fraction` of the run (mdistiller's
+        `min(epoch / warmup, 1)` with warmup = 20 of 240 epochs is `fraction` 1/12), then stays at 1."""
+        if fraction <= 0 or self.num_epochs <= 0:
+            return 1.0
+        return jnp.minimum(1.0, self.epoch / (fraction * self.num_epochs))
 
     def mapped(self, segments) -> list[jax.Array]:
         """The paired student segments, through their connectors when the method has them."""

@@ -62,10 +62,12 @@ AT = Method(
     "attention transfer (Zagoruyko & Komodakis 2017) + KD",
     family="features",
     objective=_at,
-    knobs={"weight": 1.0, "p": 2.0},  # AT's beta; the exponent of the attention maps
+    # AT's beta at RepDistiller's `-b 1000` (our per-example mean over positions is its `.pow(2).mean()`), its
+    # tenth in the grid; the exponent of the attention maps
+    knobs={"weight": 1000.0, "p": 2.0},
     kinds={"weight": "weight", "p": "positive"},
     tune="weight",
-    grid=SEGMENT_GRID,
+    grid=(100.0, 1000.0),
     needs=frozenset({"teacher", "feature_maps"}),
     pairing="all",
 )

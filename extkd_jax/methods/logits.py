@@ -40,13 +40,13 @@ def _kd(ctx: Context):
 
 
 def _dkd(ctx: Context):
-    """CE + min(1, epoch / warmup_epochs) x DKD(alpha, beta, T) (no plain KL)."""
+    """`loss.dkd.ce_weight` x CE + (a warm-up over `loss.dkd.warmup_fraction` of the run) x DKD(alpha, beta, T),
+    no plain KL: mdistiller's DKD, whose CE weight is its own (1.0), not KD's."""
     logits, _ = ctx.student()
-    c, k = ctx.loss, ctx.loss.dkd
-    decoupled = losses.dkd(logits, ctx.teacher()[0], ctx.labels, k.alpha, k.beta, c.temperature)
-    ramp = jnp.minimum(1.0, ctx.epoch / k.warmup_epochs) if k.warmup_epochs > 0 else 1.0
+    k = ctx.loss.dkd
+    decoupled = losses.dkd(logits, ctx.teacher()[0], ctx.labels, k.alpha, k.beta, ctx.loss.temperature)
     ce = ctx.ce(logits)
-    return c.ce_weight * ce + ramp * decoupled, {"ce": ce, "dkd": decoupled}, logits
+    return k.ce_weight * ce + ctx.warmup(k.warmup_fraction) * decoupled, {"ce": ce, "dkd": decoupled}, logits
 
 
 def _mkd(ctx: Context):
@@ -82,15 +82,19 @@ def _pfkd_modules(b: Build) -> dict:
 
 
 def _instead_of_kl(loss_fn):
-    """CE + kd_weight x `loss_fn(ctx, logits, teacher_logits)` in place of the KL (DIST, LS-KD, MLKD)."""
+    """CE + kd_weight x `loss_fn(ctx, logits, teacher_logits)` in place of the KL (DIST, LS-KD, MLKD); a method
+    with its own `ce_weight` / `kd_weight` knobs (its reference recipe's) uses them instead of KD's."""
 
     def objective(ctx: Context):
         c = ctx.loss
+        own = c.get(c.name) or {}
+        ce_weight = own.get("ce_weight", c.ce_weight)
+        kd_weight = own.get("kd_weight", c.kd_weight)
         logits, _ = ctx.student()
         teacher_logits, _ = ctx.teacher()
         ce = ctx.ce(logits)
         kd = loss_fn(ctx, logits, teacher_logits)
-        return c.ce_weight * ce + c.kd_weight * kd, {"ce": ce, c.name: kd}, logits
+        return ce_weight * ce + kd_weight * kd, {"ce": ce, c.name: kd}, logits
 
     objective.__doc__ = loss_fn.__doc__
     return objective
@@ -103,8 +107,9 @@ def _dist(ctx: Context, logits, teacher_logits):
 
 
 def _ls_kd(ctx: Context, logits, teacher_logits):
-    """Logit-standardised KD: the KL between z-scored logits at T."""
-    return losses.logit_standardized_kd(logits, teacher_logits, ctx.loss.temperature)
+    """Logit-standardised KD: the KL between z-scored logits at its own `base_temperature` (z-scored logits have
+    unit spread, so KD's temperatures for raw logits do not carry over)."""
+    return losses.logit_standardized_kd(logits, teacher_logits, ctx.loss.ls_kd.base_temperature)
 
 
 def _mlkd(ctx: Context, logits, teacher_logits):
@@ -135,8 +140,9 @@ DKD = Method(
     "dkd",
     "decoupled knowledge distillation (Zhao et al. 2022)",
     objective=_dkd,
-    knobs={"alpha": 1.0, "beta": 8.0, "warmup_epochs": 0},
-    kinds={"alpha": "weight", "beta": "weight", "warmup_epochs": "nonnegative"},
+    # mdistiller's CFG.DKD (engine/cfg.py 163-167): CE 1.0, alpha 1, beta 8, warm-up 20 of 240 epochs
+    knobs={"alpha": 1.0, "beta": 8.0, "ce_weight": 1.0, "warmup_fraction": 20 / 240},
+    kinds={"alpha": "weight", "beta": "weight", "ce_weight": "weight", "warmup_fraction": "fraction"},
     tune="beta",
     grid=(2.0, 8.0),
     needs=TEACHER,
@@ -167,8 +173,10 @@ DIST = Method(
     "DIST (Huang et al. 2022): inter- and intra-class Pearson relations instead of KL",
     family="zoo",
     objective=_instead_of_kl(_dist),
-    knobs={"beta": 1.0, "gamma": 1.0},  # inter-class and intra-class relation (in place of the KL, x kd_weight)
-    kinds={"beta": "weight", "gamma": "weight"},
+    # inter-class (beta) and intra-class (gamma) relations in place of the KL; DIST's CIFAR recipe
+    # (configs/strategies/distill/dist_cifar.yaml): CE x 1 (ori_loss_weight), DIST x 2 (kd_loss_weight)
+    knobs={"beta": 1.0, "gamma": 1.0, "ce_weight": 1.0, "kd_weight": 2.0},
+    kinds={"beta": "weight", "gamma": "weight", "ce_weight": "weight", "kd_weight": "weight"},
     tune="temperature",
     grid="temperature",
     needs=TEACHER,
@@ -179,8 +187,12 @@ LS_KD = Method(
     "logit-standardised KD (Sun et al. 2024): KL between z-scored logits",
     family="zoo",
     objective=_instead_of_kl(_ls_kd),
-    tune="temperature",
-    grid="temperature",
+    # the reference's `--kd-weight 9` and `--base-temp 2` (3 for some pairs), CE 0.1 (mdistiller's KD config)
+    knobs={"ce_weight": 0.1, "kd_weight": 9.0, "base_temperature": 2.0},
+    kinds={"ce_weight": "weight", "kd_weight": "weight", "base_temperature": "positive"},
+    tune="base_temperature",
+    grid=(2.0, 3.0),
+    reads_temperature=False,
     needs=TEACHER,
     zoo=True,
 )

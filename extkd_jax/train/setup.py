@@ -175,6 +175,7 @@ def build(
         skip_nonfinite=config.on_nonfinite == "skip",
         mix=mix,
         num_classes=num_classes,
+        num_epochs=float(config.num_epochs),
     )
     return TrainSetup(
         student,

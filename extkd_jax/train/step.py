@@ -128,9 +128,11 @@ def make_train_step(
     skip_nonfinite: bool = False,
     mix: str = "none",
     num_classes: int = 0,
+    num_epochs: float = 0.0,
 ) -> StepFn:
     """The pure step; without a teacher the objective must be `ce` or `purf`. `pairs`: (student, teacher)
-    segments; `mix`: "none", "mixup" or "cutmix" (with `loss.mix_alpha`)."""
+    segments; `mix`: "none", "mixup" or "cutmix" (with `loss.mix_alpha`); `num_epochs`: the run's length, for the
+    warm-ups that methods give as a share of it."""
     mixers = {"mixup": mixup, "cutmix": cutmix}
     needs = get_method(loss_config.name).needs
     taps = "preact" if "preact" in needs else "segments"
@@ -167,6 +169,7 @@ def make_train_step(
                 run_teacher,
                 teacher_logits_fn,
                 indices,
+                num_epochs,
             )
             total, parts, logits = objectives.objective(ctx)
             return total, (parts, nnx.to_pure_dict(nnx.state(module, STATE)), logits)
