@@ -9,6 +9,7 @@ extkd report     --workdir=/tmp/omit3
 
 from __future__ import annotations
 
+import ast
 import importlib.resources
 import json
 import logging
@@ -106,6 +107,28 @@ def usage(command: str | None = None) -> str:
     return "\n".join(lines)
 
 
+def _import_plugins(args: list[str]) -> None:
+    """Imports the modules named by `--config.imports=...` before the config is built, so that the methods they
+    register own config keys (`loss.<method>.<knob>`, `reproduce.grid.<method>`) that later flags can set."""
+    from extkd_jax.models.registry import import_modules
+
+    for arg in args:
+        if not arg.startswith("--config.imports="):
+            continue
+        value = arg.split("=", 1)[1]
+        try:
+            modules = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            modules = value
+        modules = (modules,) if isinstance(modules, str) else modules
+        if not isinstance(modules, tuple | list) or not all(isinstance(m, str) for m in modules):
+            raise UsageError(f"{arg}: expected a module name or a tuple of them, e.g. \"('my_methods',)\"")
+        try:
+            import_modules(modules, "--config.imports")
+        except ValueError as err:
+            raise UsageError(str(err)) from None
+
+
 def parse_flags(command: str, args: list[str]):
     """(config or None, workdir, weights or None) from `--config=... --config.key=value --workdir=...`."""
     from absl import flags
@@ -119,6 +142,7 @@ def parse_flags(command: str, args: list[str]):
         raise UsageError(f"`extkd {command}` needs {needs}; presets: {', '.join(preset_names())}")
     args = [f"--config={config_file(a.split('=', 1)[1])}" if a.startswith("--config=") else a for a in args]
     argv = [f"extkd {command}"] + args
+    _import_plugins(args)
     flag_values = flags.FlagValues()  # one per call: the CLI is also called in-process (tests, notebooks)
     flags.DEFINE_string("workdir", None, "directory of the run", flag_values=flag_values)
     flags.DEFINE_string("weights", None, "import-torch: a torchvision ResNet state_dict file", flag_values=flag_values)

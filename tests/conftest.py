@@ -71,3 +71,22 @@ def copy_of_finished(finished, tmp_path) -> pathlib.Path:
     workdir = tmp_path / "run"
     shutil.copytree(finished, workdir)
     return workdir
+
+
+@pytest.fixture
+def examples_plugins(monkeypatch):
+    """examples/ on sys.path for a test that imports a plug-in in-process; the methods it registers and the modules
+    it imports are removed afterwards, so no other test of this worker sees them."""
+    import sys
+
+    from extkd_jax.methods import registry
+
+    registry.method_names()  # the built-ins load on first use: load them before the snapshot
+    saved, modules = dict(registry._METHODS), set(sys.modules)
+    monkeypatch.syspath_prepend(str(pathlib.Path(__file__).resolve().parents[1] / "examples"))
+    yield
+    registry._METHODS.clear()
+    registry._METHODS.update(saved)
+    for name in set(sys.modules) - modules:
+        if name in ("custom_method", "mlkd_ablation"):
+            del sys.modules[name]

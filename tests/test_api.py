@@ -100,6 +100,26 @@ def test_configs_get_names_what_is_wrong(call, fragments):
         assert fragment in str(err.value)
 
 
+def test_a_plugins_knobs_and_grid_are_config_keys_on_the_command_line(capsys, examples_plugins):
+    """`--config.imports` is imported before the config is built: the plug-in's `loss.<method>.<knob>` and
+    `reproduce.grid.<method>` can be set by the flags that follow; an unimportable module is a usage error."""
+    status, out, err = _cli(
+        [
+            "config",
+            "smoke",
+            "--config.imports=('custom_method',)",
+            "--config.loss.cosine_kd.weight=3.0",
+            "--config.reproduce.grid.cosine_kd=(1.0, 4.0)",
+        ],
+        capsys,
+    )
+    assert status == 0, err
+    printed = json.loads(out)
+    assert printed["loss"]["cosine_kd"]["weight"] == 3.0 and printed["reproduce"]["grid"]["cosine_kd"] == [1.0, 4.0]
+    status, out, err = _cli(["config", "smoke", "--config.imports=('no_such_plugin_module',)"], capsys)
+    assert status == 2 and not out and "cannot import the module 'no_such_plugin_module'" in err
+
+
 @pytest.mark.parametrize(
     "args,fragments",
     [

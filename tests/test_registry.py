@@ -154,3 +154,33 @@ def test_a_tuned_knob_set_on_the_command_line_is_refused_while_a_grid_would_over
     config.reproduce.grid.kd = (2.0, 4.0)  # the shared temperature is KD's tuned knob
     with pytest.raises(ValueError, match="loss.temperature"):
         check_explicit_knobs(config, ("kd",), "extkd reproduce '--config.loss.temperature=3'")
+
+
+def test_the_mlkd_ablation_plugins_keep_only_their_levels(examples_plugins):
+    """examples/mlkd_ablation.py: each variant's objective is CE + kd_weight x `losses.mlkd` with only its levels
+    (checked against the loss itself), tuned like the built-in MLKD (the temperature)."""
+    import importlib
+
+    import numpy as np
+
+    from extkd_jax import losses
+    from extkd_jax.configs import get as get_preset
+    from extkd_jax.methods import Context
+
+    module = importlib.import_module("mlkd_ablation")
+    config = get_preset("mnist_omit3")
+    rng = np.random.default_rng(0)
+    logits, teacher = rng.normal(size=(6, 10)).astype(np.float32), rng.normal(size=(6, 10)).astype(np.float32) * 3
+    labels = rng.integers(0, 10, 6)
+    targets = np.eye(10, dtype=np.float32)[labels]
+    values = set()
+    for name, (levels, invariant, _) in module.VARIANTS.items():
+        assert get_method(name).knob == get_method("mlkd").knob == "temperature"
+        student, frozen = (lambda x: (logits, [])), (lambda x: (teacher, []))
+        ctx = Context(config.loss, None, labels, targets, None, 0.0, None, (), student, frozen, None)
+        total, parts, _ = get_method(name).objective(ctx)
+        want = losses.mlkd(logits, teacher, (20.0, 2.0, 3.0, 5.0, 6.0), batch_invariant=invariant, level_weights=levels)
+        np.testing.assert_allclose(parts["mlkd"], want, rtol=1e-6)
+        np.testing.assert_allclose(total, 0.1 * parts["ce"] + 0.9 * want, rtol=1e-6)
+        values.add(round(float(want), 4))
+    assert len(values) == 4  # the four variants differ

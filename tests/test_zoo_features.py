@@ -74,7 +74,7 @@ def ref_ab(s, t, margin=1.0):
     return total / len(s)
 
 
-def ref_mlkd(zs, zt, temperatures=(4.0, 2.0, 3.0, 5.0, 6.0), batch_invariant=False):
+def ref_mlkd(zs, zt, temperatures=(4.0, 2.0, 3.0, 5.0, 6.0), batch_invariant=False, levels=(1.0, 1.0, 1.0)):
     n, c = zs.shape
     total = 0.0
     for temp in temperatures:
@@ -86,7 +86,8 @@ def ref_mlkd(zs, zt, temperatures=(4.0, 2.0, 3.0, 5.0, 6.0), batch_invariant=Fal
             for b in range(c)
         )
         batch = sum((pt[i] @ pt[j] - ps[i] @ ps[j]) ** 2 for i in range(n) for j in range(n))
-        total += instance + ((classes + batch) * c / n**2 if batch_invariant else classes / c + batch / n)
+        classes, batch = (classes * c / n**2, batch * c / n**2) if batch_invariant else (classes / c, batch / n)
+        total += levels[0] * instance + levels[1] * classes + levels[2] * batch
     return total
 
 
@@ -337,6 +338,27 @@ def test_mlkd_batch_invariant_equals_the_reference_at_n_equal_c_and_stays_bounde
         losses.mlkd(z[:, :3], t[:, :3], (4.0,), batch_invariant=True),
     )
     assert float(same[0]) == pytest.approx(float(same[1]), rel=1e-5)
+
+
+@pytest.mark.parametrize("levels", [(1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0), (0.5, 2.0, 0.0)])
+@pytest.mark.parametrize("batch_invariant", [False, True])
+def test_mlkd_level_weights_select_the_levels_of_the_float64_reference(rng, levels, batch_invariant):
+    """The ablation's levels (instance, class, batch), each against the float64 reference's own term."""
+    s, t = rng.normal(size=(5, 4)) * 2, rng.normal(size=(5, 4)) * 3
+    got = float(losses.mlkd(s, t, batch_invariant=batch_invariant, level_weights=levels))
+    assert got == pytest.approx(ref_mlkd(s, t, batch_invariant=batch_invariant, levels=levels), rel=1e-5, abs=1e-7)
+
+
+def test_mlkd_instance_level_alone_is_the_sum_of_kd_kls():
+    z, t = np.linspace(-2, 2, 12).reshape(3, 4), np.linspace(3, -1, 12).reshape(3, 4)
+    want = sum(float(losses.kd_kl(z, t, temperature)) for temperature in (4.0, 2.0))
+    assert float(losses.mlkd(z, t, (4.0, 2.0), level_weights=(1, 0, 0))) == pytest.approx(want, rel=1e-6)
+
+
+@pytest.mark.parametrize("levels", [(1.0, 1.0), (1.0, -1.0, 0.0), (1.0, float("nan"), 1.0)])
+def test_mlkd_refuses_bad_level_weights(levels):
+    with pytest.raises(ValueError, match="level_weights"):
+        losses.mlkd(np.zeros((2, 3)), np.zeros((2, 3)), level_weights=levels)
 
 
 def test_mlkd_extreme_logits_stay_finite(rng):

@@ -271,6 +271,7 @@ def mlkd(
     temperatures: Sequence[float] = (4.0, *MLKD_TEMPERATURES),
     *,
     batch_invariant: bool = False,
+    level_weights: Sequence[float] = (1.0, 1.0, 1.0),
     where: Array | None = None,
 ) -> Array:
     """Multi-level logit distillation (Jin et al., CVPR 2023) on one view of the batch (N, C): for each temperature
@@ -281,9 +282,15 @@ def mlkd(
 
     The class level grows as (N / C)^2 and the batch level as N / C; the reference ran with N <= C (CIFAR-100,
     ImageNet). `batch_invariant=True` scales both by ``C / N^2`` instead: the same value at N = C, and no growth
-    with the batch (at N = 256, C = 10 the reference's terms diverge an MNIST student). Takes ``where`` only
-    (batch-relational: see the module docstring); no ``axis``: the inputs are (N, C)."""
+    with the batch (at N = 256, C = 10 the reference's terms diverge an MNIST student). `level_weights`
+    (instance, class, batch) scale the three levels, for ablations; the reference is (1, 1, 1). Takes ``where``
+    only (batch-relational: see the module docstring); no ``axis``: the inputs are (N, C)."""
     fn = "mlkd"
+    if len(level_weights) != 3 or any(not w >= 0 for w in level_weights):
+        raise ValueError(
+            f"{fn}: level_weights={tuple(level_weights)!r}, expected 3 weights >= 0 (instance, class, batch)"
+        )
+    w_instance, w_class, w_batch = (float(w) for w in level_weights)
     s, t = _f32(student_logits), jax.lax.stop_gradient(_f32(teacher_logits))
     if s.ndim != 2 or s.shape != t.shape:
         raise ValueError(
@@ -307,5 +314,5 @@ def mlkd(
             classes, batch = classes * s.shape[-1] / count**2, batch * s.shape[-1] / count**2
         else:
             classes, batch = classes / s.shape[-1], batch / count
-        total = total + instance + classes + batch
+        total = total + w_instance * instance + w_class * classes + w_batch * batch
     return total
