@@ -10,6 +10,7 @@ verdict from that file. Run this module as a script to print the generated rows 
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import shlex
@@ -358,3 +359,30 @@ if __name__ == "__main__":  # the generated lines, to paste: the index rows, the
     print("\n".join(knob_rows()))
     for name in role_names():
         print(method_row(name, get_method(name)))
+
+
+def _ratio_range(path: str, label: str, key: str, batches=None) -> str:
+    """'lo-hi' of a committed throughput JSON's ratios for `label` (2 decimals), over `batches` (all when None)."""
+    ratios = json.loads((REPO_ROOT / "benchmarks" / "results" / path).read_text())["ratios"][label][key]
+    values = [v for b, v in ratios.items() if batches is None or int(b) in batches]
+    return f"{min(values):.2f}-{max(values):.2f}"
+
+
+def test_the_readme_performance_figures_are_the_committed_benchmarks():
+    """The README's Performance paragraph quotes the committed throughput JSONs: the H100 ratios against
+    torch.compile and rates at batch 1024, and the CPU ratios against torch eager fp32 at batch 32-128."""
+    text = " ".join(README.read_text().split("## Performance", 1)[1].split("\n## ", 1)[0].split())
+    gpu = [
+        json.loads((REPO_ROOT / "benchmarks/results" / run / "throughput.json").read_text())
+        for run in ("device_check_h100_20261126", "device_check_h100_20261127_run2")
+    ]
+    rates = {round(g["jax"]["bf16_fold"]["1024"]["scan"]["img_per_s"], -3) for g in gpu}
+    assert rates == {102000.0} and "ran 102k img/s at batch 1024" in text
+    compiled = sorted(
+        next(v for k, v in g["ratios"]["jax scan bf16_fold"].items() if "compile" in k)["1024"] for g in gpu
+    )
+    assert f"{compiled[0]:.2f}x and {compiled[1]:.2f}x `torch.compile` AMP" in text
+    label, key, batches = "jax dispatch f32_nofold", "vs_torch_eager_fp32", (32, 64, 128)
+    one = _ratio_range("throughput_cpu_20261202_1dev.json", label, key, batches)
+    two = _ratio_range("throughput_cpu_20261202_2dev.json", label, key, batches)
+    assert f"ours is {one}x PyTorch eager fp32 at batch 32-128, {two}x with one JAX device per core" in text
