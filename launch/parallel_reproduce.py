@@ -17,6 +17,9 @@ What it does, with W the --workdir:
    copy of the teacher once it is finished;
    (`--teacher-from=DIR`: a finished teacher run, e.g. `extkd train --config=PRESET:teacher`, is copied into every
    job that uses `teacher` and none waits);
+   a job whose method runs at KD's chosen temperature (fitnet, extended_kd, dkd, ...: `uses_kd_temperature`)
+   also waits until the experiment's kd job has finished its selection runs, and starts with a copy of them, so
+   that KD's grid is trained once, not once per such method;
 3. each experiment's runs are gathered into W/<name> and `extkd reproduce` is run there on all its methods: every
    run is found finished, so it only scores them and writes the report. Jobs that did not finish by --deadline
    are left out of the report and named in W/parallel_summary.json. Rerunning the command resumes every part.
@@ -58,6 +61,7 @@ class Job:
     teacher: str | None  # the teacher run it distils from (None: trains without one)
     settings: str  # the experiment's settings apart from `reproduce` (runs that share them share teachers)
     experiments: list[str] = field(default_factory=list)
+    after_kd: Job | None = None  # the kd job whose selection runs it reuses (it runs at KD's chosen temperature)
     returncode: int | None = None
     seconds: float = 0.0
 
@@ -137,6 +141,15 @@ def _teacher_ready(trainer: Job) -> bool:
     log = trainer.workdir / "part.log"
     text = log.read_text() if log.exists() else ""
     return "reproduce: runs/" in text or "reproduce: selection/" in text
+
+
+def _kd_selection_ready(kd_job: Job) -> bool:
+    """Whether the kd job's selection runs are all finished: its reproduce trains them before its reported runs
+    (`runs/...`), and does not write to them again."""
+    if _finished(kd_job):
+        return True
+    log = kd_job.workdir / "part.log"
+    return "reproduce: runs/" in (log.read_text() if log.exists() else "")
 
 
 def _copy_tree(source: Path, target: Path) -> None:
@@ -226,7 +239,7 @@ def _checked_experiments(parser: argparse.ArgumentParser, args) -> dict[str, tup
 
 def _launch(args, configs: dict[str, tuple[str, object]]) -> int:
     """The jobs, then the reports, with --workdir held."""
-    from extkd_jax.experiment.runs import METHODS
+    from extkd_jax.experiment.runs import METHODS, grid_of
 
     experiments: dict[str, tuple[str, list[str]]] = {}
     jobs: dict[str, Job] = {}
@@ -246,6 +259,15 @@ def _launch(args, configs: dict[str, tuple[str, object]]) -> int:
                 ),
             )
             job.experiments.append(name)
+        kd_key = _job_key(config, "kd")
+        for method in methods:  # the methods at KD's chosen temperature reuse the kd job's selection runs
+            if (
+                method != "kd"
+                and "kd" in methods
+                and METHODS[method].uses_kd_temperature
+                and len(grid_of(config, "kd")) > 1
+            ):
+                jobs[_job_key(config, method)].after_kd = jobs[kd_key]
     deadline = time.time() + args.deadline if args.deadline > 0 else float("inf")
     env = {**os.environ, "XLA_PYTHON_CLIENT_PREALLOCATE": "false", "PYTHONUNBUFFERED": "1"}
     env.setdefault("JAX_COMPILATION_CACHE_DIR", str(args.workdir / "xla_cache"))
@@ -261,34 +283,43 @@ def _launch(args, configs: dict[str, tuple[str, object]]) -> int:
         if job.teacher is not None:
             teacher_jobs.setdefault((job.teacher, job.settings), job)
     trainers = set(map(id, teacher_jobs.values()))
+    for job in teacher_jobs.values():
+        job.after_kd = None  # a teacher's trainer starts at once (and trains KD's grid itself if it needs it)
     waiting = sorted(
-        (j for j in jobs.values() if j.teacher is not None and id(j) not in trainers),
+        (j for j in jobs.values() if (j.teacher is not None and id(j) not in trainers) or j.after_kd is not None),
         key=lambda j: -COST.get(j.method, 1),
     )
     print(
         f"[parallel] {len(jobs)} jobs, {args.workers} at a time; teachers trained by "
-        f"{[j.method for j in teacher_jobs.values()]}",
+        f"{[j.method for j in teacher_jobs.values()]}; after kd's selection: "
+        f"{[j.method for j in waiting if j.after_kd is not None]}",
         flush=True,
     )
     with futures.ThreadPoolExecutor(args.workers) as pool:
         running = {
             pool.submit(_run, j, args.overrides, deadline, env)
             for j in sorted(jobs.values(), key=lambda j: -COST.get(j.method, 1))
-            if j.teacher is None or id(j) in trainers
+            if j not in waiting
         }
         while running or waiting:
             _, running = futures.wait(running, timeout=2.0, return_when=futures.FIRST_COMPLETED)
-            for key, trainer in teacher_jobs.items():
-                ready, failed = _teacher_ready(trainer), trainer.returncode is not None and not _finished(trainer)
-                if not (ready or failed):
-                    continue
-                for other in [w for w in waiting if (w.teacher, w.settings) == key]:
+            for other in list(waiting):
+                trainer = teacher_jobs.get((other.teacher, other.settings)) if id(other) not in trainers else None
+                teacher_ok = trainer is None or _teacher_ready(trainer)
+                teacher_failed = trainer is not None and trainer.returncode is not None and not _finished(trainer)
+                kd = other.after_kd
+                kd_ok = kd is None or _kd_selection_ready(kd) or (kd.returncode is not None and not _finished(kd))
+                if teacher_failed:
                     waiting.remove(other)
-                    if ready:
+                    other.returncode = trainer.returncode  # its teacher is missing
+                elif teacher_ok and kd_ok:
+                    waiting.remove(other)
+                    if trainer is not None:
                         _copy_tree(trainer.workdir / other.teacher, other.workdir / other.teacher)
-                        running.add(pool.submit(_run, other, args.overrides, deadline, env))
-                    else:
-                        other.returncode = trainer.returncode  # its teacher is missing
+                    if kd is not None and (kd.workdir / "selection" / "kd").is_dir():
+                        # a failed kd job's finished selection runs are reused too; the rest are trained again
+                        _copy_tree(kd.workdir / "selection" / "kd", other.workdir / "selection" / "kd")
+                    running.add(pool.submit(_run, other, args.overrides, deadline, env))
     summary = {
         "jobs": {
             k: {"method": j.method, "experiments": j.experiments, "exit": j.returncode, "seconds": round(j.seconds, 1)}

@@ -48,6 +48,28 @@ def test_parallel_runs_give_the_serial_results(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
+def test_methods_at_kds_temperature_reuse_the_kd_jobs_selection_runs(tmp_path, monkeypatch):
+    """extended_kd runs at KD's chosen temperature: its job starts once the kd job has trained KD's grid, with a
+    copy of those runs, and trains none of them again; the results equal the serial experiment's."""
+    from extkd_jax.cli import main
+
+    monkeypatch.chdir(REPO_ROOT)
+    methods = "--config.reproduce.methods=('kd','extended_kd')"
+    rc = _driver().main([f"--workdir={tmp_path / 'par'}", "--workers=2", "--experiment=smoke=smoke", "--", methods])
+    assert rc == 0
+    parts = {p.name.split("-")[0]: p for p in (tmp_path / "par" / "parts").iterdir()}
+    ours, theirs = (sorted((parts[m] / "selection" / "kd").glob("*/*/metrics.jsonl")) for m in ("extended_kd", "kd"))
+    assert len(ours) == len(theirs) == 2  # KD's grid (4, 8) at the selection seed
+    # byte-identical, wall times included: copied from the kd job and reused, not trained a second time
+    assert [f.read_bytes() for f in ours] == [f.read_bytes() for f in theirs]
+    assert main(["reproduce", "--config=smoke", methods, f"--workdir={tmp_path / 'serial'}"]) == 0
+    parallel = json.loads((tmp_path / "par" / "smoke" / "results.json").read_text())
+    serial = json.loads((tmp_path / "serial" / "results.json").read_text())
+    assert _per_run(parallel) == _per_run(serial) and len(_per_run(serial)) == 4
+    assert parallel["temperature"] == serial["temperature"] and parallel["temperature"]["methods"] == ["extended_kd"]
+
+
+@pytest.mark.slow
 def test_a_deadline_leaves_unfinished_methods_out_by_name(tmp_path, monkeypatch):
     monkeypatch.chdir(REPO_ROOT)
     rc = _driver().main(
