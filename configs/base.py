@@ -123,8 +123,9 @@ def get_config() -> ml_collections.ConfigDict:
     # the knob grid tried on validation per distilling method (its Method's `tune`: kd: loss.temperature; fitnet:
     # loss.fitnet.weight; dkd: loss.dkd.beta); every distilling method needs a grid of the same size
     c.reproduce.grid = ml_collections.ConfigDict()
-    for method in DISTILLING_METHODS + ZOO_METHODS:
-        c.reproduce.grid[method] = ()  # () = no tuning: the configured loss value
+    for method in role_names():  # at call time: a plug-in registered since this module's import has a grid too
+        if get_method(method).distils:
+            c.reproduce.grid[method] = ()  # () = no tuning: the configured loss value
     c.reproduce.selection_seed = -1  # seed of the grid runs; -1 = seed + seeds (never a reported seed)
     c.reproduce.shared_shift = False  # one correction shift for all dropped classes instead of one per class
     c.reproduce.oracle_correction = False  # also report the label-using correction (an upper bound, apart)

@@ -103,6 +103,9 @@ def test_configs_get_names_what_is_wrong(call, fragments):
 def test_a_plugins_knobs_and_grid_are_config_keys_on_the_command_line(capsys, examples_plugins):
     """`--config.imports` is imported before the config is built: the plug-in's `loss.<method>.<knob>` and
     `reproduce.grid.<method>` can be set by the flags that follow; an unimportable module is a usage error."""
+    from extkd_jax.configs import base  # imported before the plug-in, as in a long-lived process
+
+    assert "cosine_kd" not in base.get_config().reproduce.grid
     status, out, err = _cli(
         [
             "config",
