@@ -16,6 +16,7 @@ from collections.abc import Callable
 import ml_collections
 
 from extkd_jax.methods import get_method, method_names, role_names
+from extkd_jax.methods.registry import builtin_names
 
 # extkd_jax.methods.roles.METHODS that distil (each tunes one knob on validation), the KD zoo apart
 DISTILLING_METHODS = tuple(m for m in role_names() if get_method(m).distils and not get_method(m).zoo)
@@ -124,8 +125,10 @@ def get_config() -> ml_collections.ConfigDict:
     # loss.fitnet.weight; dkd: loss.dkd.beta); every distilling method needs a grid of the same size
     c.reproduce.grid = ml_collections.ConfigDict()
     for method in role_names():  # at call time: a plug-in registered since this module's import has a grid too
-        if get_method(method).distils:
-            c.reproduce.grid[method] = ()  # () = no tuning: the configured loss value
+        spec = get_method(method)
+        if spec.distils:  # () = no tuning: the configured loss value; a plug-in starts from the grid it declares
+            plugin = method not in builtin_names() and isinstance(spec.grid, tuple)
+            c.reproduce.grid[method] = tuple(spec.grid) if plugin else ()
     c.reproduce.selection_seed = -1  # seed of the grid runs; -1 = seed + seeds (never a reported seed)
     c.reproduce.shared_shift = False  # one correction shift for all dropped classes instead of one per class
     c.reproduce.oracle_correction = False  # also report the label-using correction (an upper bound, apart)

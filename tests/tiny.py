@@ -66,7 +66,7 @@ def tiny_config(data_dir: pathlib.Path, **overrides):
         *path, last = key.split(".")
         for p in path:
             target = target[p]
-        if last not in target and path[:2] != ["model", "kwargs"]:  # a renamed key must not pass silently
+        if last not in target and path[1:2] != ["kwargs"]:  # a renamed key must not pass silently
             raise KeyError(f"tiny_config: {key!r} is not a config key")
         target[last] = value
     return c

@@ -283,8 +283,8 @@ def mlkd(
     The class level grows as (N / C)^2 and the batch level as N / C; the reference ran with N <= C (CIFAR-100,
     ImageNet). `batch_invariant=True` scales both by ``C / N^2`` instead: the same value at N = C, and no growth
     with the batch (at N = 256, C = 10 the reference's terms diverge an MNIST student). `level_weights`
-    (instance, class, batch) scale the three levels, for ablations; the reference is (1, 1, 1). Takes ``where``
-    only (batch-relational: see the module docstring); no ``axis``: the inputs are (N, C)."""
+    (instance, class, batch) scale the three levels, for ablations; the reference is (1, 1, 1).
+    Takes ``where`` only (batch-relational: see the module docstring); no ``axis``: the inputs are (N, C)."""
     fn = "mlkd"
     if len(level_weights) != 3 or any(not w >= 0 for w in level_weights):
         raise ValueError(
