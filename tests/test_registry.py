@@ -184,3 +184,10 @@ def test_the_mlkd_ablation_plugins_keep_only_their_levels(examples_plugins):
         np.testing.assert_allclose(total, 0.1 * parts["ce"] + 0.9 * want, rtol=1e-6)
         values.add(round(float(want), 4))
     assert len(values) == 4  # the four variants differ
+    # mlkd_invariant is the built-in MLKD with loss.mlkd.batch_invariant=True (docs/results/README.md says so)
+    config.loss.name, config.loss.mlkd.batch_invariant = "mlkd", True
+    ctx = Context(config.loss, None, labels, targets, None, 0.0, None, (), student, frozen, None)
+    builtin_total, _, _ = get_method("mlkd").objective(ctx)
+    config.loss.name = "mlkd_invariant"
+    ctx = Context(config.loss, None, labels, targets, None, 0.0, None, (), student, frozen, None)
+    np.testing.assert_allclose(get_method("mlkd_invariant").objective(ctx)[0], builtin_total, rtol=1e-6)
