@@ -330,6 +330,40 @@ def test_prepare_writes_a_gs_folder_that_a_run_reads(tmp_path):
     )
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    assert result["rc"] == 0 and result["files"] == ["test.npz", "train_0.npz", "train_1.npz"], result  # no .tmp
+    assert result["rc"] == 0 and result["files"] == ["README.md", "test.npz", "train_0.npz", "train_1.npz"], result  # no .tmp
     assert result["train"] == 50 and result["origin"] == "npz folder gs://bucket/data/mnist"
     np.testing.assert_array_equal(np.load(tmp_path / "test.npy"), x[50:, :, :, None])
+
+
+def test_a_folder_says_what_its_pixels_are_and_reports_quote_it(tmp_path):
+    """The data note in results.json comes from the npz folder's README (its first line), not from the dataset's
+    name: a prepared folder says it holds the source's pixels, a folder whose README says its pixels were decoded from
+    JPEG gives that note, and a folder without README gives none."""
+    import types
+
+    from extkd_jax.data import npz
+    from extkd_jax.experiment.describe import dataset_info
+
+    x, y = _sample("cifar10", 12, (32, 32, 3), 10, seed=0)
+    xt, yt = _sample("cifar10", 4, (32, 32, 3), 10, seed=1)
+    raw = _cifar10_tarball(tmp_path, x, y, xt, yt)
+    assert cli.main(["data", "prepare", "cifar10", f"--from={raw}", f"--out={tmp_path / 'data'}"]) == 0
+    note = npz.folder_note("cifar10", tmp_path / "data")
+    assert note.startswith("cifar10, written by `extkd data prepare` from") and "unchanged" in note, note
+    assert not list((tmp_path / "data" / "cifar10").glob("*.tmp"))
+
+    lossy = tmp_path / "lossy" / "cifar10"
+    lossy.mkdir(parents=True)
+    (lossy / "README.md").write_text("\n# CIFAR-10: decoded from lossy JPEG\n\nmore\n")
+    assert npz.folder_note("cifar10", tmp_path / "lossy") == "CIFAR-10: decoded from lossy JPEG"
+    (lossy / "README.md").unlink()
+    assert npz.folder_note("cifar10", tmp_path / "lossy") == ""
+    assert npz.folder_note("cifar10", tmp_path / "nowhere") == ""
+
+    config = types.SimpleNamespace(data=types.SimpleNamespace(name="cifar10", source="npz", dir=str(tmp_path / "data")))
+    datasets = types.SimpleNamespace(
+        num_classes=10, class_names=[], train_size=12, transfer_size=12, val=[], test=[0] * 4
+    )
+    assert dataset_info(config, datasets)["note"] == note
+    config.data.source = "tfds"  # not read from a folder: no folder's note
+    assert dataset_info(config, datasets)["note"] == ""

@@ -65,6 +65,17 @@ def npz_folder(name: str, data_dir=None) -> epath.Path:
     return folder
 
 
+def folder_note(name: str, data_dir=None) -> str:
+    """What the folder of npz dataset `name` says about itself: the first line of its README.md, without the
+    heading marks (e.g. that its pixels were decoded from JPEG); "" when there is no such folder or README."""
+    folder, _ = locate(name, data_dir)
+    readme = folder / "README.md" if folder is not None else None
+    if readme is None or not readme.is_file():
+        return ""
+    lines = [line.strip() for line in readme.read_text().splitlines() if line.strip()]
+    return lines[0].lstrip("#").strip() if lines else ""
+
+
 def _has_npz_files(folder: epath.Path) -> bool:
     return (folder / "test.npz").is_file() or (folder / "train.npz").is_file() or bool(_train_parts(folder))
 

@@ -278,6 +278,14 @@ def prepare(
     root = epath.Path(out).expanduser()
     folder = root if root.name == name else root / name
     files = write_npz_folder(folder, arrays, part_size)
+    origin = f"`{source}`" if source else "tensorflow-datasets"
+    readme = folder / "README.md"  # its first line is the note reports quote about the data (npz.folder_note)
+    (tmp := folder / "README.md.tmp").write_text(
+        f"# {name}, written by `extkd data prepare` from {origin}: the source's pixels, unchanged\n\n"
+        f"{len(arrays['x_train'])} train images in {', '.join(files[:-1])}; {len(arrays['x_test'])} test images "
+        "in test.npz (uint8 NHWC).\n"
+    )
+    tmp.replace(readme)
     x = arrays["x_train"]
     print(
         f"wrote {folder}: {len(x)} train images in {', '.join(files[:-1])}, {len(arrays['x_test'])} test images in "

@@ -9,20 +9,17 @@ import socket
 import jax
 from etils import epath
 
-from extkd_jax.data import Datasets
+from extkd_jax.data import Datasets, npz
 from extkd_jax.train.metrics import read_metrics
-
-DATASET_NOTES = {
-    ("cifar10", "npz"): "CIFAR-10 copy decoded from JPEG (quality about 75, PSNR 30 dB); accuracies run 1-3 points "
-    "below published CIFAR-10 figures",
-}
 
 
 def dataset_info(config, datasets: Datasets) -> dict:
+    """The data of an experiment; its note is what the npz folder's README says of itself (e.g. lossy pixels)."""
+    note = npz.folder_note(config.data.name, config.data.dir or None) if config.data.source == "npz" else ""
     return {
         "name": config.data.name,
         "source": config.data.source,
-        "note": DATASET_NOTES.get((config.data.name, config.data.source), ""),
+        "note": note,
         "num_classes": datasets.num_classes,
         "class_names": datasets.class_names,
         "train_size": datasets.train_size,
