@@ -13,10 +13,11 @@ accelerator and the host's cores; compilation, the main cost of such small runs,
 What it does, with W the --workdir:
 1. each method of each experiment is a job `extkd reproduce --config.reproduce.methods=(METHOD,)` in
    W/parts/<method>-<key> (a method shared by experiments with the same settings runs once);
-2. the cheapest job of each teacher trains it (beside the jobs that need no teacher); the other jobs start with a
-   copy of the teacher once it is finished;
+2. one job of each teacher trains it, every one of its `reproduce.teacher_seeds` runs (`teacher`, `teacher_1`,
+   ...); the other jobs, the scratch students' included (they are scored against it), start with a copy of those
+   runs once they are finished, so that no teacher is trained twice;
    (`--teacher-from=DIR`: a finished teacher run, e.g. `extkd train --config=PRESET:teacher`, is copied into every
-   job that uses `teacher` and none waits);
+   job that uses `teacher`, and none waits unless `reproduce.teacher_seeds` asks for more teachers);
    a job whose method runs at KD's chosen temperature (fitnet, extended_kd, dkd, ...: `uses_kd_temperature`)
    also waits until the experiment's kd job has finished its selection runs, and starts with a copy of them, so
    that KD's grid is trained once, not once per such method;
@@ -58,10 +59,11 @@ class Job:
     method: str
     preset: str
     workdir: Path
-    teacher: str | None  # the teacher run it distils from (None: trains without one)
+    teacher: str | None  # the teacher run it distils from, or is scored against (None: has a copy already)
     settings: str  # the experiment's settings apart from `reproduce` (runs that share them share teachers)
     experiments: list[str] = field(default_factory=list)
     after_kd: Job | None = None  # the kd job whose selection runs it reuses (it runs at KD's chosen temperature)
+    teachers: int = 1  # reproduce.teacher_seeds: its teacher runs are `teacher`, `teacher_1`, ...
     returncode: int | None = None
     seconds: float = 0.0
 
@@ -239,7 +241,7 @@ def _checked_experiments(parser: argparse.ArgumentParser, args) -> dict[str, tup
 
 def _launch(args, configs: dict[str, tuple[str, object]]) -> int:
     """The jobs, then the reports, with --workdir held."""
-    from extkd_jax.experiment.runs import METHODS, grid_of
+    from extkd_jax.experiment.runs import METHODS, grid_of, teacher_run
 
     experiments: dict[str, tuple[str, list[str]]] = {}
     jobs: dict[str, Job] = {}
@@ -254,8 +256,9 @@ def _launch(args, configs: dict[str, tuple[str, object]]) -> int:
                     method,
                     preset,
                     args.workdir / "parts" / key,
-                    spec_.teacher if spec_.distils else None,
+                    spec_.teacher if spec_.distils else "teacher",  # scratch: scored against `teacher`
                     _settings(config),
+                    teachers=int(config.reproduce.teacher_seeds),
                 ),
             )
             job.experiments.append(name)
@@ -276,7 +279,8 @@ def _launch(args, configs: dict[str, tuple[str, object]]) -> int:
         for job in jobs.values():  # students too: they are scored against it, and would otherwise train one)
             if job.teacher in ("teacher", None):
                 _copy_tree(args.teacher_from, job.workdir / "teacher")
-                job.teacher = None
+                if job.teachers == 1:  # otherwise one job still trains teacher_1, ... for all (step 2)
+                    job.teacher = None
     # the cheapest job of each teacher trains it; the others start as soon as it has begun its first student run
     teacher_jobs: dict[tuple[str, str], Job] = {}
     for job in sorted(jobs.values(), key=lambda j: COST.get(j.method, 1)):
@@ -314,8 +318,11 @@ def _launch(args, configs: dict[str, tuple[str, object]]) -> int:
                     other.returncode = trainer.returncode  # its teacher is missing
                 elif teacher_ok and kd_ok:
                     waiting.remove(other)
-                    if trainer is not None:
-                        _copy_tree(trainer.workdir / other.teacher, other.workdir / other.teacher)
+                    if trainer is not None:  # every teacher seed's run: the trainer trained them all first
+                        for k in range(other.teachers):
+                            run = teacher_run(other.teacher, k)
+                            if (trainer.workdir / run).is_dir():
+                                _copy_tree(trainer.workdir / run, other.workdir / run)
                     if kd is not None and (kd.workdir / "selection" / "kd").is_dir():
                         # a failed kd job's finished selection runs are reused too; the rest are trained again
                         _copy_tree(kd.workdir / "selection" / "kd", other.workdir / "selection" / "kd")

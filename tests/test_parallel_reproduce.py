@@ -24,7 +24,7 @@ def _driver():
 
 def _per_run(results: dict) -> dict:
     return {
-        (name, run["seed"]): (run["test_acc"], run["unseen_acc_corrected"])
+        (name, run["seed"], run.get("teacher_index", 0)): (run["test_acc"], run["unseen_acc_corrected"])
         for name, method in results["methods"].items()
         for run in method["runs"]
     }
@@ -67,6 +67,29 @@ def test_methods_at_kds_temperature_reuse_the_kd_jobs_selection_runs(tmp_path, m
     serial = json.loads((tmp_path / "serial" / "results.json").read_text())
     assert _per_run(parallel) == _per_run(serial) and len(_per_run(serial)) == 4
     assert parallel["temperature"] == serial["temperature"] and parallel["temperature"]["methods"] == ["extended_kd"]
+
+
+@pytest.mark.slow
+def test_every_teacher_is_trained_once_and_copied_to_the_other_jobs(tmp_path, monkeypatch):
+    """With two teachers, one job trains both; every other job (the scratch student's too) starts with copies of
+    them, byte-identical (wall times included), and the results equal the serial experiment's."""
+    from extkd_jax.cli import main
+
+    monkeypatch.chdir(REPO_ROOT)
+    teachers = "--config.reproduce.teacher_seeds=2"
+    rc = _driver().main(
+        [f"--workdir={tmp_path / 'par'}", "--workers=2", "--experiment=smoke=smoke", "--", METHODS, teachers]
+    )
+    assert rc == 0
+    parts = sorted((tmp_path / "par" / "parts").iterdir())
+    assert len(parts) == 2
+    for run in ("teacher", "teacher_1"):
+        logs = [(part / run / "metrics.jsonl").read_bytes() for part in parts]
+        assert logs[0] and logs[0] == logs[1], run
+    assert main(["reproduce", "--config=smoke", METHODS, teachers, f"--workdir={tmp_path / 'serial'}"]) == 0
+    parallel = json.loads((tmp_path / "par" / "smoke" / "results.json").read_text())
+    serial = json.loads((tmp_path / "serial" / "results.json").read_text())
+    assert _per_run(parallel) == _per_run(serial) and len(_per_run(serial)) == 6  # scratch: 2 seeds; kd: 2 x 2 teachers
 
 
 @pytest.mark.slow

@@ -330,7 +330,8 @@ def test_prepare_writes_a_gs_folder_that_a_run_reads(tmp_path):
     )
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    assert result["rc"] == 0 and result["files"] == ["README.md", "test.npz", "train_0.npz", "train_1.npz"], result  # no .tmp
+    files = ["README.md", "test.npz", "train_0.npz", "train_1.npz"]
+    assert result["rc"] == 0 and result["files"] == files, result  # no .tmp
     assert result["train"] == 50 and result["origin"] == "npz folder gs://bucket/data/mnist"
     np.testing.assert_array_equal(np.load(tmp_path / "test.npy"), x[50:, :, :, None])
 
