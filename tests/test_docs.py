@@ -68,18 +68,20 @@ def _machine(hardware: dict) -> str:
 
 def index_row(name: str) -> str:
     """One line of docs/results/README.md's index: the report, its preset and overrides, its students, the machine,
-    seeds × teachers, and the training time of every run behind it, summed (what a rerun from scratch costs)."""
+    seeds × teachers, the protocol it ran under, and the training time of every run behind it, summed (what a rerun
+    from scratch costs)."""
     r = _load(f"docs/results/{name}/results.json")
     students = list(r.methods) + list(r.diverged)
     return (
         f"| [{name}]({name}/report.md) | {_preset(r.command)} | {len(students)}: {', '.join(students)} | "
-        f"{_machine(r.hardware)} | {len(r.seeds)} × {r.teachers} | {r.training_time_s / 60:.1f} |"
+        f"{_machine(r.hardware)} | {len(r.seeds)} × {r.teachers} | {'older' if r.older_protocol else 'current'} | "
+        f"{r.training_time_s / 60:.1f} |"
     )
 
 
 def index_table() -> str:
-    header = "| report | preset and overrides | students | machine | seeds × teachers | training (min) |"
-    return "\n".join([header, "|---|---|---|---|---|---:|", *(index_row(name) for name in report_folders())])
+    header = "| report | preset and overrides | students | machine | seeds × teachers | protocol | training (min) |"
+    return "\n".join([header, "|---|---|---|---|---|---|---:|", *(index_row(name) for name in report_folders())])
 
 
 CURVE = re.compile(r"<!-- curve: (\S+) -->\n(.*?)\n<!-- /curve -->", re.S)
