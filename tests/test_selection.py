@@ -12,7 +12,7 @@ from extkd_jax.data import prepare_datasets
 from extkd_jax.data.splits import selection_indices
 from extkd_jax.experiment import bias_correction as bc
 from extkd_jax.experiment.results import GridPoint, RunResult
-from extkd_jax.experiment.selection import SelectionPlan, choose, criterion, criterion_of_plan
+from extkd_jax.experiment.selection import SelectionPlan, choose, criterion, criterion_of_plan, kd_temperature
 from tests.tiny import tiny_config, write_tiny_npz
 
 C, DROPPED, N = 4, 2, 600
@@ -139,3 +139,26 @@ def test_the_experiments_plan_keeps_dropped_classes_out_of_the_labelled_set(tmp_
     # the summary is computed from the sets: a plan that leaks says so
     leaky = SelectionPlan(plan.labelled, plan.labelled[:3], np.full(len(plan.labelled), 3), (3,))
     assert leaky.summary()["overlap"] == 3 and leaky.summary()["dropped_in_labelled"] == len(plan.labelled)
+
+
+def test_every_method_runs_at_kds_temperature_whatever_the_size_of_kds_grid(tmp_path):
+    """Found in the `mnist_omit3:long` re-run: with KD's grid narrowed to one value (10), KD ran at 10 and Extended-KD
+    at the preset's 20. One value is KD's temperature; a longer grid is decided by KD's selection runs."""
+    config = tiny_config(tmp_path, **{"loss.temperature": 20.0})
+    config.reproduce.methods = ("kd", "extended_kd")
+    calls = []
+
+    def select(method, temperature):
+        calls.append((method, temperature))
+        return [], {}  # every grid value diverged
+
+    config.reproduce.grid.kd = (10.0,)
+    one = kd_temperature(config, config.reproduce.methods, select)
+    assert (one["value"], one["methods"], calls) == (10.0, ["extended_kd"], [])
+    config.reproduce.grid.kd = ()  # no grid: the configured temperature, the one KD runs at
+    assert kd_temperature(config, config.reproduce.methods, select)["value"] == 20.0
+    config.reproduce.grid.kd = (2.0, 4.0)  # every grid value diverged: the configured one, said so
+    longer = kd_temperature(config, config.reproduce.methods, select)
+    assert (longer["value"], calls) == (20.0, [("kd", None)]) and "diverged" in longer["source"]
+    config.reproduce.methods = ("kd",)
+    assert kd_temperature(config, ("kd",), select) == {}

@@ -104,15 +104,17 @@ KD_TEMPERATURE_REASON = (
 
 def kd_temperature(config, methods: tuple[str, ...], select) -> dict:
     """The temperature of the methods that `uses_kd_temperature`: KD's choice on its grid (its selection runs first,
-    trained even when kd is not reported), else the configured one; {} when no such method runs."""
+    trained even when kd is not reported), its one value where the grid has one (so that no method runs at another
+    temperature than KD), else the configured one; {} when no such method runs."""
     users = [m for m in methods if uses_kd_temperature(m)]
     if not users:
         return {}
-    value, source = float(config.loss.temperature), "the configured temperature: KD's grid has one value"
-    if len(grid_of(config, "kd")) > 1:
+    grid = grid_of(config, "kd")  # (loss.temperature,) where none is configured
+    value, source = float(grid[0]), "KD's grid has one value, the one KD runs at"
+    if len(grid) > 1:
         points, _ = select("kd", None)
         if points:
             value, source = choose(points, float(config.loss.temperature))[0], "chosen for KD on its grid"
         else:
-            source = "the configured temperature: every KD grid value diverged"
+            value, source = float(config.loss.temperature), "the configured temperature: every KD grid value diverged"
     return {"value": value, "source": source, "methods": users, "reason": KD_TEMPERATURE_REASON}
