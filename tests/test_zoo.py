@@ -241,3 +241,20 @@ def test_zoo_losses_run_under_jit_and_in_bfloat16(rng):
     for fn in (losses.pkt, losses.rkd, losses.similarity_preserving, losses.correlation_congruence, losses.nst):
         value = jax.jit(fn)(s, t)
         assert value.dtype == jnp.float32 and np.isfinite(float(value)), fn.__name__
+
+
+def test_dists_gradient_grows_as_t_squared_where_kds_does_not():
+    """Why DIST tunes its own temperature (docs/methods.md): T^2 (1 - Pearson(softmax(z / T), ...)) tends to
+    T^2 (1 - Pearson(z_s, z_t)) as T grows, so its logit gradient grows as T^2; KD's T^2 KL only offsets the
+    1/T^2 its gradient loses. Doubling T from 10 to 20 multiplies DIST's gradient by about 4 and KD's by about 1."""
+    rng = np.random.default_rng(0)
+    s, t = jnp.asarray(rng.normal(size=(64, 10))), jnp.asarray(rng.normal(size=(64, 10)) * 3)
+
+    def grad_norm(fn, temperature):
+        return float(jnp.linalg.norm(jax.grad(lambda z: fn(z, t, temperature))(s)))
+
+    dist = lambda z, t, T: losses.dist(z, t, temperature=T)  # noqa: E731
+    kd = lambda z, t, T: losses.kd_kl(z, t, temperature=T).mean()  # noqa: E731
+    assert grad_norm(dist, 20.0) / grad_norm(dist, 10.0) == pytest.approx(4.0, rel=0.05)
+    assert grad_norm(kd, 20.0) / grad_norm(kd, 10.0) == pytest.approx(1.0, rel=0.1)
+    assert grad_norm(dist, 10.0) / grad_norm(kd, 10.0) > 10 * grad_norm(dist, 1.0) / grad_norm(kd, 1.0)
