@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import struct
 import sys
+import time
 import types
 
 import numpy as np
@@ -209,6 +210,27 @@ def _wandb_records(path) -> list[bytes]:
     return out
 
 
+def _finished_wandb_records(path, record_type, timeout_s: float = 60.0) -> list:
+    """The parsed records of a `.wandb` file once its `exit` record is there. `run.finish()` returns when wandb's
+    service has handled the exit, which can be before that service has written the file out (measured: a 7-byte
+    file, the header only, for up to 0.1 s after `finish()` under load), so wait for it."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        records = []
+        try:
+            for data in _wandb_records(path):
+                record = record_type()
+                record.ParseFromString(data)
+                records.append(record)
+        except Exception:  # a record caught half-written: read the file again
+            if time.monotonic() > deadline:
+                raise
+            records = []
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
+            return records
+        time.sleep(0.05)
+
+
 def test_the_wandb_writer_logs_offline_into_a_run_file_of_its_workdir(tmp_path, monkeypatch):
     """The real wandb package in its offline mode: the scalars at their steps and the hparams, read back from the
     run's `.wandb` file (the records `wandb sync` would upload)."""
@@ -226,10 +248,9 @@ def test_the_wandb_writer_logs_offline_into_a_run_file_of_its_workdir(tmp_path, 
 
     (run_file,) = (tmp_path / "w" / "wandb").glob("offline-run-*/run-*.wandb")
     assert run_file.name == f"run-{(workdir / 'wandb_run_id').read_text().strip()}.wandb"
+    records = _finished_wandb_records(run_file, wandb_internal_pb2.Record)
     history, config = {}, {}
-    for data in _wandb_records(run_file):
-        record = wandb_internal_pb2.Record()
-        record.ParseFromString(data)
+    for record in records:
         kind = record.WhichOneof("record_type")
         if kind == "history":
             items = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item}

@@ -207,6 +207,8 @@ class WandbWriter:
         pass  # wandb streams on its own
 
     def close(self) -> None:
+        """Finish the run. wandb's service may write an offline run's file out shortly after this returns; the file
+        is complete once the process exits (or after ``wandb.teardown()``)."""
         self._run.finish()
 
 
