@@ -20,7 +20,7 @@ import sys
 import pytest
 
 from extkd_jax.experiment import stats
-from extkd_jax.experiment.report import p_text, pct, readme_table_of
+from extkd_jax.experiment.report import linked_figures, p_text, pct, readme_table_of, render_report
 from extkd_jax.experiment.results import Comparison, Results, metric_resolution, t95
 from tests.tiny import REPO_ROOT
 
@@ -245,6 +245,19 @@ def test_the_results_index_lists_every_committed_report():
         assert f"({name}/report.md)" in text
     linked = set(re.findall(r"\]\((\w+)/report\.md\)", text))
     assert linked <= set(folders), f"links to reports that are not committed: {sorted(linked - set(folders))}"
+
+
+def _current_reports() -> list[str]:
+    return [n for n in report_folders() if not _load(f"docs/results/{n}/results.json").older_protocol]
+
+
+@pytest.mark.parametrize("name", _current_reports())
+def test_each_current_report_md_is_rendered_from_its_results_json(name):
+    """Each committed report of the current protocol reads what `render_report` writes from its results.json (and
+    its figures): no hand edit, no text left from older code. The older-protocol reports were written by older code."""
+    folder = REPO_ROOT / "docs" / "results" / name
+    text = (folder / "report.md").read_text()
+    assert text == render_report(_load(f"docs/results/{name}/results.json"), linked_figures(text))
 
 
 @pytest.mark.parametrize("path,table", CURVE.findall(RESULTS_INDEX.read_text()) if RESULTS_INDEX.exists() else [])

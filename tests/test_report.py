@@ -188,6 +188,10 @@ def test_verdicts_read_the_adjusted_p_and_none_below_three_seeds(tmp_path):
     report = write_report(results, tmp_path, {}).read_text()
     assert "2 comparison(s) in this report" in report and "The other 1 are exploratory" in report
     assert "every interval and verdict is conditional on this teacher" in report
+    assert "Every comparison has at least 3 paired values." in report and "fewer than 3" not in report
+    report = write_report(_results(seeds=(0, 1)), tmp_path, {}).read_text()
+    assert f"{len(two)} comparison(s) with fewer than 3 paired values" in report
+    assert f"{two[0].method} - {two[0].baseline} (" in report and "n = 2)" in report
 
 
 @pytest.mark.parametrize("name", ["zoo_cifar10", "methods_mnist"])

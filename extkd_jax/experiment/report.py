@@ -80,6 +80,18 @@ def verdict(c: Comparison) -> str:
     return f"{label}{c.method} is {side} {c.baseline} {by} {what} ({interval}, {which})"
 
 
+def _few_pairs(results: Results) -> str:
+    """The sentence on comparisons with fewer than `stats.MIN_SEEDS` paired values: how many, named, or none."""
+    few = [c for c in results.comparisons if c.n < stats.MIN_SEEDS]
+    if not few:
+        return f" Every comparison has at least {stats.MIN_SEEDS} paired values."
+    names = ", ".join(f"{c.method} - {c.baseline} ({METRIC_WORDS[c.metric]}, n = {c.n})" for c in few)
+    return (
+        f" {len(few)} comparison(s) with fewer than {stats.MIN_SEEDS} paired values show their interval and draw no "
+        f"verdict: {names}."
+    )
+
+
 def protocol(results: Results) -> list[str]:
     """How many comparisons, which one is primary, how the verdicts are drawn, and what they are conditional on."""
     n = len(results.comparisons)
@@ -99,7 +111,7 @@ def protocol(results: Results) -> list[str]:
             else f"No primary comparison ({' - '.join(results.primary) or 'none declared'} not run): all "
             "exploratory, judged by Holm-adjusted p within this report."
         )
-        + f" Fewer than {stats.MIN_SEEDS} paired values: the interval is shown and no verdict is drawn."
+        + _few_pairs(results)
     ]
     if results.teachers < 2:
         lines.append(
