@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from extkd_jax import losses
+from extkd_jax.losses.zoo import MLKD_TEMPERATURES
 from tests.test_losses import fd_grad, np_softmax
 
 RTOL = 2e-5
@@ -257,3 +258,20 @@ def test_dists_gradient_grows_as_t_squared_where_kds_does_not():
     assert grad_norm(dist, 20.0) / grad_norm(dist, 10.0) == pytest.approx(4.0, rel=0.05)
     assert grad_norm(kd, 20.0) / grad_norm(kd, 10.0) == pytest.approx(1.0, rel=0.1)
     assert grad_norm(dist, 10.0) / grad_norm(kd, 10.0) > 10 * grad_norm(dist, 1.0) / grad_norm(kd, 1.0)
+
+
+def test_mlkds_gradient_does_not_grow_with_the_tuned_temperature():
+    """Why MLKD, unlike DIST, may tune its temperature over KD's grid (docs/methods.md): its tuned T enters as one KL
+    (T^2 offsets the 1/T^2 its gradient loses) and as relation terms of softmax(z / T) that flatten as T grows, beside
+    the four fixed temperatures; doubling T from 10 to 20 leaves its logit gradient within 10%, either scaling."""
+    rng = np.random.default_rng(0)
+    s, t = jnp.asarray(rng.normal(size=(64, 10))), jnp.asarray(rng.normal(size=(64, 10)) * 3)
+
+    def grad_norm(temperature, batch_invariant):
+        temperatures = (temperature, *MLKD_TEMPERATURES)
+        loss = lambda z: losses.mlkd(z, t, temperatures, batch_invariant=batch_invariant)  # noqa: E731
+        return float(jnp.linalg.norm(jax.grad(loss)(s)))
+
+    for batch_invariant in (False, True):
+        assert grad_norm(20.0, batch_invariant) / grad_norm(10.0, batch_invariant) == pytest.approx(1.0, rel=0.1)
+        assert grad_norm(40.0, batch_invariant) / grad_norm(2.0, batch_invariant) == pytest.approx(1.0, rel=0.1)
