@@ -269,11 +269,12 @@ PROSE_CI = re.compile(r"CI ([+-]\d+\.\d)\.\.([+-]\d+\.\d)")
 
 
 def _all_intervals() -> set[str]:
-    """Every paired 95% interval the committed reports hold or give (each pair of their methods, headline metrics)."""
+    """Every paired 95% interval the committed reports hold or give (each pair of their methods, headline metrics,
+    the primary comparison per teacher)."""
     out = set()
     for name in report_folders():
         results = _load(f"docs/results/{name}/results.json")
-        found = list(results.comparisons)
+        found = list(results.comparisons) + list(results.primary_by_teacher)
         resolution = metric_resolution(results.methods, results.drop_classes)
         for a in results.methods.values():
             for b in results.methods.values():
@@ -290,6 +291,13 @@ def test_every_interval_in_the_results_prose_is_in_a_results_json():
     assert len(quoted) >= 10
     assert quoted <= _all_intervals(), sorted(quoted - _all_intervals())
     assert "FitNet (+1.1 points against KD, 95% CI -1.2..+3.4)" not in prose  # the stale interval once quoted
+
+
+def test_every_interval_in_the_readme_is_in_a_results_json():
+    """The README's prose and claim rows quote no interval that no committed report gives."""
+    quoted = {f"{lo}..{hi}" for lo, hi in PROSE_CI.findall(README.read_text())}
+    assert len(quoted) >= 10
+    assert quoted <= _all_intervals(), sorted(quoted - _all_intervals())
 
 
 def test_the_readme_links_the_results_index():
