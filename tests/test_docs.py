@@ -284,20 +284,22 @@ def _all_intervals() -> set[str]:
     return out
 
 
+def _assert_every_quoted_interval_is_committed(text: str) -> None:
+    quoted = {f"{lo}..{hi}" for lo, hi in PROSE_CI.findall(text)}
+    assert len(quoted) >= 10
+    assert quoted <= _all_intervals(), sorted(quoted - _all_intervals())
+
+
 def test_every_interval_in_the_results_prose_is_in_a_results_json():
     """The prose around the tables quotes no interval that no committed report gives (a stale one fails)."""
     prose = CURVE.sub("", BLOCK.sub("", RESULTS_INDEX.read_text()))
-    quoted = {f"{lo}..{hi}" for lo, hi in PROSE_CI.findall(prose)}
-    assert len(quoted) >= 10
-    assert quoted <= _all_intervals(), sorted(quoted - _all_intervals())
+    _assert_every_quoted_interval_is_committed(prose)
     assert "FitNet (+1.1 points against KD, 95% CI -1.2..+3.4)" not in prose  # the stale interval once quoted
 
 
 def test_every_interval_in_the_readme_is_in_a_results_json():
     """The README's prose and claim rows quote no interval that no committed report gives."""
-    quoted = {f"{lo}..{hi}" for lo, hi in PROSE_CI.findall(README.read_text())}
-    assert len(quoted) >= 10
-    assert quoted <= _all_intervals(), sorted(quoted - _all_intervals())
+    _assert_every_quoted_interval_is_committed(README.read_text())
 
 
 def test_the_readme_links_the_results_index():
