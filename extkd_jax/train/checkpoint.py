@@ -144,6 +144,9 @@ class Checkpointer:
                 has_digest = (step_dir / "digest").exists()
                 if not has_digest:
                     self._check_undigested(step)
+                for item, target in present.items():
+                    if item not in JSON_ITEMS and target is not None:
+                        _check_stored_shapes(step_dir / item, target)
                 restored = self.manager.restore(
                     step, args=_restore_args({**present, **({"digest": None} if has_digest else {})})
                 )
@@ -195,6 +198,30 @@ def _deleted(step_dir: epath.Path) -> bool:
         return True
     time.sleep(_DELETION_WAIT_S)
     return not step_dir.exists()
+
+
+def _key_names(path: tuple) -> tuple[str, ...]:
+    """A key path as plain names, whichever pytree node (dict, attribute, sequence) each step went through."""
+    return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def _check_stored_shapes(item_dir: epath.Path, target: Any) -> None:
+    """Raises ValueError when an array of `target` has another shape than the same-named array stored in
+    `item_dir`, before any array is read: Orbax's own check fails midway through its concurrent reads, whose
+    abandoned coroutines then warn "Event loop is closed" at exit. Arrays only one side has are left to Orbax."""
+    stored_tree = ocp.StandardCheckpointHandler().metadata(item_dir)
+    stored = {
+        _key_names(path): tuple(leaf.shape)
+        for path, leaf in jax.tree_util.tree_flatten_with_path(stored_tree)[0]
+        if getattr(leaf, "shape", None) is not None
+    }
+    for path, leaf in jax.tree_util.tree_flatten_with_path(target)[0]:
+        name, wanted = _key_names(path), tuple(np.shape(leaf))
+        if name in stored and stored[name] != wanted:
+            raise ValueError(
+                f"the requested shape {wanted} of {'.'.join(name)} is not compatible with the stored shape "
+                f"{stored[name]} in {item_dir}"
+            )
 
 
 def _verify(restored, present: dict[str, Any], step: int) -> None:
