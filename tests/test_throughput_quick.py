@@ -93,3 +93,34 @@ def test_device_check_cpu_rehearsal(tmp_path):
     assert summary["throughput"]["breakdown"]["teacher_forward_ms"] > 0
     assert set(summary["cifar10"]["students"]) == {"kd", "extended_kd"}
     assert len(list(out_dir.iterdir())) <= 8  # the device tool brings back at most 8 files
+
+
+def test_conv_layout_benchmark_times_the_same_gradients_in_every_layout():
+    """benchmarks/conv_layout.py compares layouts only if each computes the same thing: the gradients of JAX's
+    NHWC and NCHW forms and of PyTorch's NCHW and channels_last forms agree on the same kernels and batch."""
+    pytest.importorskip("torch", reason=NO_TORCH)
+    import conv_layout
+    import numpy as np
+
+    kernels, x = conv_layout.inputs(batch=2)
+    grads = {}
+    for layout in ("NHWC", "NCHW"):
+        step, args = conv_layout.jax_step(layout, kernels, x)
+        g_kernels, g_x = step(*args)
+        if layout == "NHWC":  # back to OIHW kernels and NCHW images
+            g_kernels, g_x = (
+                [np.asarray(k).transpose(3, 2, 0, 1) for k in g_kernels],
+                np.asarray(g_x).transpose(0, 3, 1, 2),
+            )
+        grads[f"jax_{layout}"] = [np.asarray(g) for g in [*g_kernels, g_x]]
+    for layout in ("NCHW", "channels_last"):
+        step, (weights, inp) = conv_layout.torch_step(layout, kernels, x)
+        step()
+        grads[f"torch_{layout}"] = [t.grad.numpy() for t in [*weights, inp]]
+    reference = grads.pop("torch_NCHW")
+    assert len(reference) == len(conv_layout.RESNET20_CONVS) + 1
+    for name, values in grads.items():
+        for i, (got, want) in enumerate(zip(values, reference)):
+            scale = np.abs(want).max()
+            assert scale > 0
+            np.testing.assert_allclose(got / scale, want / scale, atol=1e-4, err_msg=f"{name}, gradient {i}")

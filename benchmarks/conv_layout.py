@@ -1,0 +1,142 @@
+#!/usr/bin/env python
+"""Convolutions alone, JAX against PyTorch on CPU, in both memory layouts: where the CPU step's gap comes from.
+
+    python benchmarks/conv_layout.py --batch 64 --reps 5 --out benchmarks/results/conv_layout_cpu_<date>.json
+
+Times the forward and backward pass (gradients of the input and the kernels) of the 3x3 convolutions of a CIFAR
+resnet20 student (widths 16/32/64 at 32/16/8 pixels, stride-2 transitions), no BatchNorm and no ReLU, so that the
+figure is the convolutions' alone: JAX with NHWC (Flax's layout) and with NCHW dimension numbers, PyTorch with NCHW
+(its default) and channels_last. Median of `--reps` repetitions of `--steps` calls each, float32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import pathlib
+import platform
+import statistics
+import time
+
+import numpy as np
+
+# (in channels, out channels, stride) of resnet20's 19 convolutions after the stem, the stem first
+RESNET20_CONVS = [(3, 16, 1)] + [
+    (c_in if i == 0 else c_out, c_out, 2 if (i == 0 and c_in != c_out) else 1)
+    for c_in, c_out in ((16, 16), (16, 32), (32, 64))
+    for i in range(6)
+]
+
+
+def _median_seconds(fn, steps: int, reps: int) -> float:
+    fn()  # compile / warm up
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        times.append((time.perf_counter() - start) / steps)
+    return statistics.median(times)
+
+
+def inputs(batch: int, seed: int = 0) -> tuple[list[np.ndarray], np.ndarray]:
+    """He-initialised kernels (OIHW, PyTorch's layout) and an NCHW batch, shared by every variant."""
+    rng = np.random.default_rng(seed)
+    kernels = [
+        (rng.standard_normal((c_out, c_in, 3, 3)) * (2.0 / (9 * c_in)) ** 0.5).astype(np.float32)
+        for c_in, c_out, _ in RESNET20_CONVS
+    ]
+    return kernels, rng.standard_normal((batch, 3, 32, 32)).astype(np.float32)
+
+
+def jax_step(layout: str, kernels: list[np.ndarray], x: np.ndarray):
+    """(jitted step, its arguments): the gradients of mean(output^2) in `layout` (NHWC or NCHW)."""
+    import jax
+    import jax.numpy as jnp
+
+    if layout == "NHWC":
+        numbers = ("NHWC", "HWIO", "NHWC")
+        kernels, x = [k.transpose(2, 3, 1, 0) for k in kernels], x.transpose(0, 2, 3, 1)
+    else:
+        numbers = ("NCHW", "OIHW", "NCHW")
+
+    def loss(kernels, x):
+        for k, (_, _, stride) in zip(kernels, RESNET20_CONVS):
+            x = jax.lax.conv_general_dilated(x, k, (stride, stride), ((1, 1), (1, 1)), dimension_numbers=numbers)
+        return jnp.mean(x**2)
+
+    return jax.jit(jax.grad(loss, argnums=(0, 1))), ([jnp.asarray(k) for k in kernels], jnp.asarray(x))
+
+
+def torch_step(layout: str, kernels: list[np.ndarray], x: np.ndarray):
+    """A step computing the same gradients with torch (NCHW or channels_last); returns (step, leaves)."""
+    import torch
+
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    weights = [torch.from_numpy(k).to(memory_format=fmt).requires_grad_() for k in kernels]
+    inp = torch.from_numpy(x).to(memory_format=fmt).requires_grad_()
+
+    def step():
+        for leaf in [*weights, inp]:
+            leaf.grad = None
+        y = inp
+        for w, (_, _, stride) in zip(weights, RESNET20_CONVS):
+            y = torch.nn.functional.conv2d(y, w, stride=stride, padding=1)
+        (y**2).mean().backward()
+
+    return step, (weights, inp)
+
+
+def time_jax(layout: str, batch: int, steps: int, reps: int) -> float:
+    import jax
+
+    step, args = jax_step(layout, *inputs(batch))
+    return _median_seconds(lambda: jax.block_until_ready(step(*args)), steps, reps)
+
+
+def time_torch(layout: str, batch: int, steps: int, reps: int, threads: int) -> float:
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    step, _ = torch_step(layout, *inputs(batch))
+    return _median_seconds(step, steps, reps)
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--torch-threads", type=int, default=2)
+    p.add_argument("--out", help="JSON path (printed only when not given)")
+    args = p.parse_args(argv)
+    seconds = {f"jax_{layout}": time_jax(layout, args.batch, args.steps, args.reps) for layout in ("NHWC", "NCHW")}
+    for layout in ("NCHW", "channels_last"):
+        seconds[f"torch_{layout}"] = time_torch(layout, args.batch, args.steps, args.reps, args.torch_threads)
+    import jax
+    import torch
+
+    result = {
+        "what": "resnet20's 3x3 convolutions, forward + backward (input and kernel gradients), float32",
+        "date": datetime.date.today().isoformat(),
+        "host": {"cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count()},
+        "versions": {"jax": jax.__version__, "torch": torch.__version__},
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "batch": args.batch,
+        "steps": args.steps,
+        "reps": args.reps,
+        "ms_per_step": {k: v * 1e3 for k, v in seconds.items()},
+        "img_per_s": {k: args.batch / v for k, v in seconds.items()},
+    }
+    text = json.dumps(result, indent=1)
+    if args.out:
+        pathlib.Path(args.out).write_text(text + "\n")
+    print(text)
+    return result
+
+
+if __name__ == "__main__":
+    main()
