@@ -219,3 +219,24 @@ def test_committed_results_of_older_versions_load_with_p_and_adjustments(name):
     assert [c.p_holm for c in family] == pytest.approx(holm([c.p for c in family]))
     assert [c.q_bh for c in family] == pytest.approx(benjamini_hochberg([c.p for c in family]))
     assert all(c.p_holm >= c.p and c.q_bh >= c.p for c in family)
+
+
+def test_two_teachers_without_the_primary_method_list_no_per_teacher_primary(tmp_path):
+    """Two teachers and no Extended-KD run (a method-against-KD report): the teachers sentence ends there, with no
+    announced per-teacher list left empty; with the primary comparison the list follows, one line per teacher."""
+    results = _results()
+    results.teachers = 2
+    results.methods["dkd"] = results.methods.pop("extended_kd")
+    results.comparisons = compare_all(results.methods)
+    report = write_report(results, tmp_path, {}).read_text()
+    assert (
+        "2 teachers, each with its own students over the reported seeds: comparisons pair (teacher, seed).\n" in report
+    )
+    assert "per teacher" not in report
+    results = _results()
+    results.teachers = 2
+    results.primary_by_teacher = [c for c in results.comparisons if c.primary] * 2
+    for i, c in enumerate(results.primary_by_teacher):
+        results.primary_by_teacher[i] = type(c)(**{**c.__dict__, "teacher": i})
+    report = write_report(results, tmp_path, {}).read_text()
+    assert "(teacher, seed); the primary comparison per teacher:\n- teacher 0: " in report and "- teacher 1: " in report

@@ -119,9 +119,10 @@ def protocol(results: Results) -> list[str]:
             "recipe may give another result)."
         )
     else:
+        per_teacher = "; the primary comparison per teacher:" if results.primary_by_teacher else "."
         lines.append(
             f"{results.teachers} teachers, each with its own students over the reported seeds: comparisons pair "
-            "(teacher, seed); the primary comparison per teacher:"
+            f"(teacher, seed){per_teacher}"
         )
         lines += [f"- teacher {c.teacher}: {verdict(c)}." for c in results.primary_by_teacher]
     t = results.temperature
