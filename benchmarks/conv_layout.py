@@ -14,13 +14,14 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import pathlib
-import platform
 import statistics
+import sys
 import time
 
 import numpy as np
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 # (in channels, out channels, stride) of resnet20's 19 convolutions after the stem, the stem first
 RESNET20_CONVS = [(3, 16, 1)] + [
@@ -113,18 +114,16 @@ def main(argv=None) -> dict:
     p.add_argument("--torch-threads", type=int, default=2)
     p.add_argument("--out", help="JSON path (printed only when not given)")
     args = p.parse_args(argv)
+    import timing  # imports jax and the project: after the arguments are checked
+
+    host = timing.host_info()  # before the timings: its load average says whether the machine was idle
     seconds = {f"jax_{layout}": time_jax(layout, args.batch, args.steps, args.reps) for layout in ("NHWC", "NCHW")}
     for layout in ("NCHW", "channels_last"):
         seconds[f"torch_{layout}"] = time_torch(layout, args.batch, args.steps, args.reps, args.torch_threads)
-    import jax
-    import torch
-
     result = {
         "what": "resnet20's 3x3 convolutions, forward + backward (input and kernel gradients), float32",
         "date": datetime.date.today().isoformat(),
-        "host": {"cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count()},
-        "versions": {"jax": jax.__version__, "torch": torch.__version__},
-        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "host": host,
         "batch": args.batch,
         "steps": args.steps,
         "reps": args.reps,
