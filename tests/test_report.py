@@ -4,6 +4,8 @@ bar, results.json round-trips, and the committed results of older versions load 
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from extkd_jax.experiment.plots import write_plots
@@ -235,8 +237,7 @@ def test_two_teachers_without_the_primary_method_list_no_per_teacher_primary(tmp
     assert "per teacher" not in report
     results = _results()
     results.teachers = 2
-    results.primary_by_teacher = [c for c in results.comparisons if c.primary] * 2
-    for i, c in enumerate(results.primary_by_teacher):
-        results.primary_by_teacher[i] = type(c)(**{**c.__dict__, "teacher": i})
+    (primary,) = [c for c in results.comparisons if c.primary]
+    results.primary_by_teacher = [dataclasses.replace(primary, teacher=i) for i in (0, 1)]
     report = write_report(results, tmp_path, {}).read_text()
     assert "(teacher, seed); the primary comparison per teacher:\n- teacher 0: " in report and "- teacher 1: " in report
