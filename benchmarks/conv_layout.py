@@ -5,8 +5,10 @@
 
 Times the forward and backward pass (gradients of the input and the kernels) of the 3x3 convolutions of a CIFAR
 resnet20 student (widths 16/32/64 at 32/16/8 pixels, stride-2 transitions), no BatchNorm and no ReLU, so that the
-figure is the convolutions' alone: JAX with NHWC (Flax's layout) and with NCHW dimension numbers, PyTorch with NCHW
-(its default) and channels_last. Median of `--reps` repetitions of `--steps` calls each, float32.
+figure is the convolutions' alone: JAX with NHWC (Flax's layout) and with NCHW dimension numbers, JAX with each
+convolution written as one matrix product of its 3x3 patches (`im2col`, NHWC: whether XLA:CPU's matmul beats its
+convolution kernels), PyTorch with NCHW (its default) and channels_last. Median of `--reps` repetitions of `--steps`
+calls each, float32.
 """
 
 from __future__ import annotations
@@ -52,20 +54,48 @@ def inputs(batch: int, seed: int = 0) -> tuple[list[np.ndarray], np.ndarray]:
     return kernels, rng.standard_normal((batch, 3, 32, 32)).astype(np.float32)
 
 
-def jax_step(layout: str, kernels: list[np.ndarray], x: np.ndarray):
-    """(jitted step, its arguments): the gradients of mean(output^2) in `layout` (NHWC or NCHW)."""
+JAX_FORMS = ("NHWC", "NCHW", "im2col")
+
+
+def conv3x3_im2col(x, kernel, stride: int):
+    """A 3x3 convolution, padding 1, as one matrix product: the nine shifted (strided) views of the NHWC input
+    side by side on the channel axis, times the HWIO kernel flattened to (9 * C_in, C_out)."""
+    import jax.numpy as jnp
+
+    _, height, width, channels = x.shape
+    padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    out_h, out_w = (height - 1) // stride + 1, (width - 1) // stride + 1
+    views = [
+        padded[:, i : i + stride * (out_h - 1) + 1 : stride, j : j + stride * (out_w - 1) + 1 : stride, :]
+        for i in range(3)
+        for j in range(3)
+    ]
+    patches = jnp.concatenate(views, axis=-1)
+    return jnp.einsum("nhwk,ko->nhwo", patches, kernel.reshape(9 * channels, -1))
+
+
+def jax_step(form: str, kernels: list[np.ndarray], x: np.ndarray):
+    """(jitted step, its arguments): the gradients of mean(output^2) in `form` (one of JAX_FORMS; im2col and NHWC
+    take NHWC images and HWIO kernels, NCHW takes NCHW and OIHW)."""
     import jax
     import jax.numpy as jnp
 
-    if layout == "NHWC":
+    if form not in JAX_FORMS:
+        raise ValueError(f"form {form!r}: expected one of {JAX_FORMS}")
+    if form == "NCHW":
+        numbers = ("NCHW", "OIHW", "NCHW")
+    else:
         numbers = ("NHWC", "HWIO", "NHWC")
         kernels, x = [k.transpose(2, 3, 1, 0) for k in kernels], x.transpose(0, 2, 3, 1)
-    else:
-        numbers = ("NCHW", "OIHW", "NCHW")
+
+    def conv(x, k, stride):
+        if form == "im2col":
+            return conv3x3_im2col(x, k, stride)
+        return jax.lax.conv_general_dilated(x, k, (stride, stride), ((1, 1), (1, 1)), dimension_numbers=numbers)
 
     def loss(kernels, x):
         for k, (_, _, stride) in zip(kernels, RESNET20_CONVS):
-            x = jax.lax.conv_general_dilated(x, k, (stride, stride), ((1, 1), (1, 1)), dimension_numbers=numbers)
+            x = conv(x, k, stride)
         return jnp.mean(x**2)
 
     return jax.jit(jax.grad(loss, argnums=(0, 1))), ([jnp.asarray(k) for k in kernels], jnp.asarray(x))
@@ -90,10 +120,10 @@ def torch_step(layout: str, kernels: list[np.ndarray], x: np.ndarray):
     return step, (weights, inp)
 
 
-def time_jax(layout: str, batch: int, steps: int, reps: int) -> float:
+def time_jax(form: str, batch: int, steps: int, reps: int) -> float:
     import jax
 
-    step, args = jax_step(layout, *inputs(batch))
+    step, args = jax_step(form, *inputs(batch))
     return _median_seconds(lambda: jax.block_until_ready(step(*args)), steps, reps)
 
 
@@ -117,7 +147,7 @@ def main(argv=None) -> dict:
     import timing  # imports jax and the project: after the arguments are checked
 
     host = timing.host_info()  # before the timings: its load average says whether the machine was idle
-    seconds = {f"jax_{layout}": time_jax(layout, args.batch, args.steps, args.reps) for layout in ("NHWC", "NCHW")}
+    seconds = {f"jax_{form}": time_jax(form, args.batch, args.steps, args.reps) for form in JAX_FORMS}
     for layout in ("NCHW", "channels_last"):
         seconds[f"torch_{layout}"] = time_torch(layout, args.batch, args.steps, args.reps, args.torch_threads)
     result = {

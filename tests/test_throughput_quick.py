@@ -97,17 +97,17 @@ def test_device_check_cpu_rehearsal(tmp_path):
 
 def test_conv_layout_benchmark_times_the_same_gradients_in_every_layout():
     """benchmarks/conv_layout.py compares layouts only if each computes the same thing: the gradients of JAX's
-    NHWC and NCHW forms and of PyTorch's NCHW and channels_last forms agree on the same kernels and batch."""
+    NHWC, NCHW and im2col forms and of PyTorch's NCHW and channels_last forms agree on the same kernels and batch."""
     pytest.importorskip("torch", reason=NO_TORCH)
     import conv_layout
     import numpy as np
 
     kernels, x = conv_layout.inputs(batch=2)
     grads = {}
-    for layout in ("NHWC", "NCHW"):
+    for layout in conv_layout.JAX_FORMS:
         step, args = conv_layout.jax_step(layout, kernels, x)
         g_kernels, g_x = step(*args)
-        if layout == "NHWC":  # back to OIHW kernels and NCHW images
+        if layout != "NCHW":  # back to OIHW kernels and NCHW images
             g_kernels, g_x = (
                 [np.asarray(k).transpose(3, 2, 0, 1) for k in g_kernels],
                 np.asarray(g_x).transpose(0, 3, 1, 2),
@@ -118,6 +118,7 @@ def test_conv_layout_benchmark_times_the_same_gradients_in_every_layout():
         step()
         grads[f"torch_{layout}"] = [t.grad.numpy() for t in [*weights, inp]]
     reference = grads.pop("torch_NCHW")
+    assert set(grads) == {"jax_NHWC", "jax_NCHW", "jax_im2col", "torch_channels_last"}
     assert len(reference) == len(conv_layout.RESNET20_CONVS) + 1
     for name, values in grads.items():
         for i, (got, want) in enumerate(zip(values, reference)):
