@@ -18,6 +18,7 @@ from jax.sharding import Mesh
 
 from extkd_jax.data import prepare_datasets
 from extkd_jax.train import sharding
+from extkd_jax.train.checkpoint import Checkpointer
 from extkd_jax.train.config_checks import ConfigError, check_config
 from extkd_jax.train.epoch import epoch_permutation, make_run_steps
 from extkd_jax.train.loop import NonFiniteLossError, train_and_evaluate
@@ -434,3 +435,15 @@ def test_a_users_model_distils_through_the_engine(data_dir, tmp_path):
     back.model.kwargs = {"input_size": 64}
     train_and_evaluate(back, tmp_path / "back", mode="distill")
     assert read_metrics(tmp_path / "back")[0]["train_segment"] > 0
+
+
+def test_a_fresh_listing_sees_another_writers_steps_without_orbaxs_deprecation(tmp_path, caplog):
+    """`all_steps(read=True)` (what a loader uses while a trainer writes) lists a step saved by another
+    Checkpointer after this one was opened, through orbax's `reload`: no "`read` option is deprecated" line in every
+    run's log."""
+    reader = Checkpointer(tmp_path)
+    Checkpointer(tmp_path).save(5, {"state": {"w": np.arange(3.0)}})
+    assert reader.all_steps() == []  # the cached listing predates the save
+    with caplog.at_level("WARNING"):
+        assert reader.all_steps(read=True) == [5]
+    assert "deprecated" not in caplog.text

@@ -105,6 +105,9 @@ class Checkpointer:
 
     def all_steps(self, read: bool = False) -> list[int]:
         """The steps on disk; `read=True` lists them again (another process may have written or deleted some)."""
+        if read and hasattr(self.manager, "reload"):  # orbax's spelling since `all_steps(read=True)` was deprecated
+            self.manager.reload()
+            read = False
         return sorted(self.manager.all_steps(read=read))
 
     def save(self, step: int, items: dict[str, Any]) -> None:
