@@ -346,7 +346,7 @@ def test_boundary_and_sampled_images_do_what_they_claim():
         tiny_config(".").loss,
         images,
         jnp.zeros(16, jnp.int32),
-        jax.nn.one_hot(jnp.zeros(16), 10),
+        jax.nn.one_hot(jnp.zeros(16, jnp.int32), 10),
         jax.random.key(0),
         0.0,
         None,
