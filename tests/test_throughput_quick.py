@@ -104,15 +104,15 @@ def test_conv_layout_benchmark_times_the_same_gradients_in_every_layout():
 
     kernels, x = conv_layout.inputs(batch=2)
     grads = {}
-    for layout in conv_layout.JAX_FORMS:
-        step, args = conv_layout.jax_step(layout, kernels, x)
+    for form in conv_layout.JAX_FORMS:
+        step, args = conv_layout.jax_step(form, kernels, x)
         g_kernels, g_x = step(*args)
-        if layout != "NCHW":  # back to OIHW kernels and NCHW images
+        if form != "NCHW":  # back to OIHW kernels and NCHW images
             g_kernels, g_x = (
                 [np.asarray(k).transpose(3, 2, 0, 1) for k in g_kernels],
                 np.asarray(g_x).transpose(0, 3, 1, 2),
             )
-        grads[f"jax_{layout}"] = [np.asarray(g) for g in [*g_kernels, g_x]]
+        grads[f"jax_{form}"] = [np.asarray(g) for g in [*g_kernels, g_x]]
     for layout in ("NCHW", "channels_last"):
         step, (weights, inp) = conv_layout.torch_step(layout, kernels, x)
         step()
